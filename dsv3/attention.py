@@ -1,0 +1,104 @@
+"""Multi-head Latent Attention (MLA), paper-V3 §2.1.1 eqs. (1)-(11), in its two equivalent forms.
+
+Shapes: B batch, T new tokens, S attended tokens (cache length), H heads, D hidden,
+d_n = qk_nope_head_dim, d_r = qk_rope_head_dim, d_v = v_head_dim, d_c = kv_lora_rank.
+
+- naive ("MHA mode"): expand the cached latent through kv_b_proj into per-head keys and values, then ordinary
+  attention. Cheapest when many queries share the keys (training, prefill).
+- absorbed ("MQA mode"): fold W_UK into the query and W_UV into the output (paper-V2 §2.1.2), so scores are taken
+  directly against the d_c-dim latent shared by all heads. Cheapest for decoding: nothing per-head is materialised
+  for the S cached tokens. DeepSeek's inference/model.py carries both (attn_impl "naive" / "absorb").
+The cache holds only kv_a_layernorm(c_kv) and the roped shared key k_pe, whichever form runs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig
+from .layers import RMSNorm
+from .rope import apply_rope
+
+AttnImpl = Literal["auto", "naive", "absorb"]
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.n_heads, self.d_nope, self.d_rope, self.d_v = (c.num_attention_heads, c.qk_nope_head_dim,
+                                                             c.qk_rope_head_dim, c.v_head_dim)
+        self.kv_lora_rank = c.kv_lora_rank
+        self.interleave = c.rope_interleave
+        self.softmax_scale = c.softmax_scale
+        q_out = c.num_attention_heads * c.qk_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, q_out, bias=False)
+        else:  # low-rank query compression: c_q = W_DQ h, q = W_UQ norm(c_q)
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
+        # one projection gives the latent c_kv (d_c) and the single shared rope key k_pe (d_r): "with MQA"
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim),
+                                   bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D] -> q: [B, T, H, d_n + d_r] (nope first, rope last, as the checkpoints lay it out)."""
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.view(*x.shape[:2], self.n_heads, self.d_nope + self.d_rope)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                positions: torch.Tensor, cache: KVCache | None = None, layer: int = 0, length: int | None = None,
+                impl: AttnImpl = "auto") -> torch.Tensor:
+        """x: [B, T, D]; cos/sin: [B, T, d_r/2]; mask: [B, T, S] bool (True = may attend); positions: [B, T].
+
+        With a cache, the new latents are written at `positions` and attention runs over its first `length` slots
+        (S = length); without one, S = T. impl "auto": absorbed for single-token decoding, naive otherwise.
+        """
+        q = self.query(x)
+        q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, self.interleave)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.d_rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # [B, T, d_c]
+        k_pe = apply_rope(k_pe, cos, sin, self.interleave)  # [B, T, d_r]
+        if cache is not None:
+            c_kv, k_pe = cache.update(layer, positions, c_kv, k_pe, length)  # -> [B, S, d_c], [B, S, d_r]
+        if impl == "auto":
+            impl = "absorb" if x.shape[1] == 1 else "naive"
+        attend = self._absorbed if impl == "absorb" else self._naive
+        out = attend(q_nope, q_pe, c_kv.to(x.dtype), k_pe.to(x.dtype), mask)  # [B, T, H, d_v]
+        return self.o_proj(out.flatten(2))
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """Expand keys/values per head: k = [W_UK c ; k_pe], v = W_UV c; then softmax(q·k·scale) v."""
+        B, S, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.d_nope + self.d_v)
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)), dim=-1)  # [B, S, H, d_n+d_r]
+        q = torch.cat((q_nope, q_pe), dim=-1)  # [B, T, H, d_n+d_r]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask[:, None], scale=self.softmax_scale)
+        return out.transpose(1, 2)  # [B, T, H, d_v]
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """Scores against the latent: (W_UKᵀ q_nope)·c + q_pe·k_pe; output W_UV (Σ p c)."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.d_nope + self.d_v, self.kv_lora_rank)
+        w_uk, w_uv = w[:, :self.d_nope], w[:, self.d_nope:]  # [H, d_n, d_c], [H, d_v, d_c]
+        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk.to(q_nope.dtype))  # [B, T, H, d_c]
+        scores = (torch.einsum("bthc,bsc->bhts", q_lat, c_kv)
+                  + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)) * self.softmax_scale
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_nope.dtype)  # softmax in fp32 (official)
+        o_lat = torch.einsum("bhts,bsc->bthc", probs, c_kv)  # [B, T, H, d_c]
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv.to(o_lat.dtype))
