@@ -1,0 +1,258 @@
+"""The inference engine: continuous batching over one static latent cache, with a prefix cache, in its own thread.
+
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=8)).start()
+    handle = engine.submit(Request(prompt_ids, SamplingParams(max_new_tokens=32), stop=("\\n",)))
+    for delta in handle: print(delta.text, end="")      # or `async for` inside an event loop
+    engine.shutdown()
+
+Each step (see scheduler.py): drop cancelled requests, prefill newcomers one by one into their rows (after copying
+whatever prompt prefix the prefix cache holds), then decode one token for all running rows in one batched forward
+with per-row positions (`start_pos` LongTensor[R]). Prefill uses the naive MLA form and decoding the absorbed one
+(dsv3/attention.py), the split DeepSeek's inference code makes. Sampling is per row (dsv3/sampling.py: each row
+its own temperature, top-p/k, penalties, seed); text and stop strings come from dsv3/generation.py's
+StopStringStreamer, so a stop string is never streamed out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from ..generation import StopStringStreamer
+from ..sampling import make_generator, sample, token_logprobs
+from .prefix_cache import PrefixCache
+from .request import ContextLengthError, Delta, Request, RequestHandle, TokenLogprob, Usage
+from .scheduler import Scheduler, Sequence
+
+log = logging.getLogger("dsv3.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """max_batch: cache rows = requests decoded together; max_seq_len: tokens per row (prompt + output);
+    max_waiting: queued requests beyond which submit raises QueueFullError; max_prefill_tokens: prompt tokens
+    prefilled per step (the token budget; one newcomer is always admitted so a long prompt cannot starve);
+    block_size / prefix_cache_bytes: prefix-cache block length and pool cap (0 disables the prefix cache)."""
+
+    max_batch: int = 8
+    max_seq_len: int = 2048
+    max_waiting: int = 256
+    max_prefill_tokens: int = 2048
+    block_size: int = 16
+    prefix_cache_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_seq_len", "max_waiting", "max_prefill_tokens", "block_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.prefix_cache_bytes < 0:
+            raise ValueError(f"EngineConfig.prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
+
+
+class Engine:
+    """Serves many requests on one model. Thread-safe: `submit` from any thread; steps run in the engine thread
+    after `start()` (or call `step()` yourself without starting it)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        c = self.config
+        self.max_seq_len = min(c.max_seq_len, model.config.max_position_embeddings)
+        self.vocab_size = model.config.vocab_size
+        self.device = model.lm_head.weight.device
+        self.cache = model.new_cache(c.max_batch, self.max_seq_len)
+        self.prefix = PrefixCache(self.cache, c.block_size, c.prefix_cache_bytes)
+        # per-row token history for the penalties (dsv3/sampling.py layout): generated counts, prompt membership
+        self.counts = torch.zeros(c.max_batch, self.vocab_size, dtype=torch.long, device=self.device)
+        self.prompt_mask = torch.zeros(c.max_batch, self.vocab_size, dtype=torch.bool, device=self.device)
+        self.scheduler = Scheduler(c.max_batch, c.max_waiting)
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # ------------------------------------------------------------------ public API
+    def submit(self, request: Request) -> RequestHandle:
+        """Queue a request; raises ContextLengthError / ValueError for bad input, QueueFullError when full."""
+        ids = request.prompt_ids
+        if not ids:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        need = len(ids) + request.params.max_new_tokens
+        if need > self.max_seq_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested {need} "
+                f"tokens ({len(ids)} in the prompt, {request.params.max_new_tokens} for the completion). Please "
+                "reduce the length of the prompt or the completion.")
+        handle = RequestHandle(request)
+        streamer = StopStringStreamer(self.tokenizer, request.stop)
+        seq = Sequence(handle, list(ids), streamer, make_generator(request.params.seed, self.device))
+        self.scheduler.add(seq)
+        return handle
+
+    def start(self) -> "Engine":
+        """Run steps in a daemon thread until `shutdown()`."""
+        if self._thread is None:
+            self._stopping.clear()
+            self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        """Stop the thread; requests still queued or running end with finish_reason "abort"."""
+        self._stopping.set()
+        with self.scheduler.lock:
+            self.scheduler.wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._end_all("abort")
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Drop cancelled requests, admit and prefill newcomers, then decode one token for every running row."""
+        for seq in self.scheduler.take_cancelled_waiting():
+            self._retire(seq, "abort")
+        for seq in self.scheduler.cancelled_running():
+            self._retire(seq, "abort")
+        self._admit()
+        if self.scheduler.running:
+            self._decode()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self.scheduler.wait_for_work(timeout=0.05)
+            if self._stopping.is_set() or not self.scheduler.has_work():
+                continue
+            try:
+                self.step()
+            except Exception as error:  # keep serving: fail the requests in flight, not the engine
+                log.exception("engine step failed")
+                self._end_all("error", f"the engine failed: {type(error).__name__}")
+
+    def _admit(self) -> None:
+        budget, admitted = self.config.max_prefill_tokens, 0
+        while (seq := self.scheduler.peek_waiting()) is not None:
+            wants_prompt_logprobs = seq.request.prompt_logprobs is not None
+            # keep at least the last prompt token to compute: its logits choose the first output token
+            blocks = [] if wants_prompt_logprobs else self.prefix.match(seq.tokens, len(seq.tokens) - 1)
+            cost = len(seq.tokens) - len(blocks) * self.prefix.block_size
+            if admitted and cost > budget:
+                self.prefix.release(blocks)
+                return
+            budget -= cost
+            admitted += 1
+            self.scheduler.start(seq)
+            self._prefill(seq, blocks)
+
+    def _prefill(self, seq: Sequence, blocks) -> None:
+        row = self.cache.rows(seq.row)
+        self.prefix.load(blocks, row)
+        seq.held = {b.key: b for b in blocks}
+        start = seq.cached_tokens = len(blocks) * self.prefix.block_size
+        ids = torch.tensor([seq.tokens[start:]], device=self.device)
+        logits = self.model(ids, row, start, impl="naive")[0]  # [T, V]
+        self.prefix.store(seq.tokens, row, seq.held)
+        self.counts[seq.row].zero_()
+        self.prompt_mask[seq.row].zero_()
+        self.prompt_mask[seq.row, ids[0]] = True
+        if start:
+            self.prompt_mask[seq.row, torch.tensor(seq.tokens[:start], device=self.device)] = True
+        prompt_lp = self._prompt_logprobs(seq, logits) if seq.request.prompt_logprobs is not None else None
+        self._sample([seq], logits[-1:], prompt_lp)
+
+    def _decode(self) -> None:
+        seqs = list(self.scheduler.running)
+        ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # [R, 1]
+        positions = torch.tensor([len(s.tokens) - 1 for s in seqs], device=self.device)  # [R]
+        logits = self.model(ids, self.cache.rows(slice(0, len(seqs))), positions)[:, -1]  # [R, V]
+        self._sample(seqs, logits)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, prompt_lp=None) -> None:
+        """Choose one token per sequence from logits [B, V] and hand each sequence its delta."""
+        rows = torch.tensor([s.row for s in seqs], device=self.device)
+        params = [s.request.params for s in seqs]
+        history = {}
+        if any(p.has_penalties for p in params):
+            history = dict(output_counts=self.counts[rows], prompt_mask=self.prompt_mask[rows])
+        tokens = sample(logits, params, [s.generator for s in seqs], **history)
+        self.counts[rows, tokens] += 1
+        wanted = [s.request.logprobs for s in seqs if s.request.logprobs is not None]
+        lp = token_logprobs(logits, tokens, max(wanted)) if wanted else None
+        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            k = seq.request.logprobs
+            logprob = None if k is None else [_token_logprob(token, lp.chosen[i], lp.top_ids[i, :k],
+                                                             lp.top_logprobs[i, :k])]
+            self._advance(seq, token, logprob, prompt_lp)
+
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob | None]:
+        """logits [T, V] of the whole prompt -> logprob of each prompt token given the ones before (first: None)."""
+        targets = torch.tensor(seq.tokens[1:], device=self.device)
+        lp = token_logprobs(logits[:-1], targets, seq.request.prompt_logprobs)
+        return [None] + [_token_logprob(t, lp.chosen[i], lp.top_ids[i], lp.top_logprobs[i])
+                         for i, t in enumerate(targets.tolist())]
+
+    def _advance(self, seq: Sequence, token: int, logprob, prompt_lp) -> None:
+        """Append a sampled token, release its text, and decide whether the sequence is done."""
+        seq.tokens.append(token)
+        params, reason, text = seq.request.params, None, ""
+        if (token == self.tokenizer.eos_token_id and not seq.request.ignore_eos) or token in params.stop_token_ids:
+            reason = "stop"
+        else:
+            text = seq.streamer.push(token)
+            if seq.streamer.stopped:
+                reason = "stop"
+        if reason is None and (seq.n_generated >= params.max_new_tokens or len(seq.tokens) >= self.max_seq_len):
+            reason = "length"
+        if reason is not None and not seq.streamer.stopped:
+            text += seq.streamer.flush()
+        delta = Delta(text=text, token_ids=[token], logprobs=logprob, prompt_logprobs=prompt_lp)
+        if reason is None:
+            seq.handle.put(delta)
+        else:
+            self._retire(seq, reason, delta)
+
+    # ------------------------------------------------------------------ leaving
+    def _retire(self, seq: Sequence, reason: str, delta: Delta | None = None, error: str | None = None) -> None:
+        """Finish a sequence: cache its blocks (finished normally), free its references and row, send the last delta."""
+        if seq.row >= 0:
+            if reason in ("stop", "length"):  # the output's blocks serve the next turn of a chat
+                self.prefix.store(seq.tokens[:-1], self.cache.rows(seq.row), seq.held)
+            last_row = len(self.scheduler.running) - 1
+            moved = self.scheduler.finish(seq)
+            if moved is not None:
+                self._move_row(last_row, moved.row, len(moved.tokens) - 1)
+            seq.row = -1
+        self.prefix.release(seq.held.values())
+        seq.held = {}
+        delta = delta or Delta()
+        delta.finish_reason, delta.error = reason, error
+        delta.usage = Usage(seq.n_prompt, seq.n_generated, seq.cached_tokens)
+        seq.handle.put(delta)
+
+    def _move_row(self, src: int, dst: int, length: int) -> None:
+        self.cache.kv[:, dst, :length] = self.cache.kv[:, src, :length]
+        self.cache.pe[:, dst, :length] = self.cache.pe[:, src, :length]
+        self.counts[dst] = self.counts[src]
+        self.prompt_mask[dst] = self.prompt_mask[src]
+
+    def _end_all(self, reason: str, error: str | None = None) -> None:
+        for seq in self.scheduler.take_all():
+            seq.row = -1  # the rows are all free now; nothing to move or cache
+            self._retire(seq, reason, error=error)
+
+
+def _token_logprob(token: int, chosen: torch.Tensor, top_ids: torch.Tensor, top_lps: torch.Tensor) -> TokenLogprob:
+    return TokenLogprob(token, float(chosen), list(zip(top_ids.tolist(), top_lps.tolist())))
