@@ -1,0 +1,499 @@
+"""Pre-training loop with DeepSeek-V3's MoE recipe: next-token loss + λ·MTP loss + α·sequence-wise balance loss,
+and auxiliary-loss-free balancing of the router bias after every step.
+
+Facts: ../shared/reference/architecture.md §3 (bias update, balance loss eqs. 17-20) and §5 (MTP loss eq. 25);
+paper-V3 §4.2 for the optimiser (AdamW β=(0.9, 0.95), weight decay 0.1, gradient clip 1.0, warm-up then cosine).
+
+    history = train(model, TrainConfig(steps=100, out_dir="runs/x"), tokens)   # tokens: 1-D token stream
+
+Each checkpoint `out_dir/checkpoint-{step:06d}/` is a hub-layout model directory (config.json + model.safetensors)
+plus `optimizer.pt` and `trainer_state.json`, written into a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import load_pretrained, save_pretrained
+from .data import EpochSampler, PackedSequences
+from .model import Transformer
+from .moe import MoE
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Training hyper-parameters. Defaults: paper-V3 §4.2 / §2.1.2 / §2.2 where the paper gives one, else noted."""
+
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per optimizer step
+    micro_batch_size: int | None = None  # sequences per forward (gradient accumulation); None = batch_size
+    steps: int = 1000
+    lr: float = 1e-3  # small-model value; the paper's 2.2e-4 is for 671B parameters
+    min_lr: float = 1e-4  # cosine floor; the paper decays to 10% of the peak (2.2e-5)
+    warmup_steps: int = 100  # paper: 2000 steps (for a 14.8T-token run)
+    weight_decay: float = 0.1  # paper §4.2; applied to matrices only, not to norm weights (1-D tensors)
+    betas: tuple[float, float] = (0.9, 0.95)  # paper §4.2
+    grad_clip: float = 1.0  # paper §4.2; 0 disables clipping (the norm is still logged)
+    bias_update_speed: float = 0.001  # γ, paper §2.1.2 (first 14.3T tokens); 0 disables aux-loss-free balancing
+    balance_loss_alpha: float = 0.0001  # α, paper §2.1.2 eq. 17; 0 disables the sequence-wise balance loss
+    mtp_loss_weight: float = 0.3  # λ, paper §2.2 (first 10T tokens); 0 disables the MTP loss
+    seed: int = 0
+    eval_every: int = 200  # 0: no periodic evaluation (the final step is still evaluated when eval data exists)
+    eval_batches: int = 20
+    save_every: int = 500  # 0: only the final checkpoint
+    keep_checkpoints: int = 2  # newest checkpoints kept in out_dir; 0 keeps all
+    log_every: int = 10
+    out_dir: str = "runs/train"
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    dtype: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "float32" / "bfloat16" (autocast)
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        positive = ("seq_len", "batch_size", "steps", "eval_batches", "log_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "bias_update_speed", "balance_loss_alpha",
+                     "mtp_loss_weight", "warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and (self.micro_batch_size <= 0
+                                                  or self.batch_size % self.micro_batch_size):
+            raise ValueError(f"TrainConfig.micro_batch_size={self.micro_batch_size} must divide "
+                             f"batch_size={self.batch_size}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"TrainConfig.dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TrainConfig":
+        """Read a JSON object of TrainConfig fields; an unknown key is an error naming it."""
+        data = json.loads(Path(path).read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in names:
+                raise ValueError(f"{path}: unknown TrainConfig key {key!r}; known keys: {sorted(names)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "betas": list(self.betas)}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up to lr, then cosine decay to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def moe_layers(model: Transformer) -> dict[str, MoE]:
+    """Every MoE module by name (main layers, then MTP layers)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
+
+
+def compute_loss(model: Transformer, batch: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """batch: [B, T+1] -> (total loss, parts). Total = CE(t+1) + λ·mean_k CE_mtp(t+k+2) + α·Σ_layers L_bal.
+
+    MTP depth k (paper §2.2): module k takes the previous depth's hidden states (depth 0: the main model's final
+    normed hidden states) and the embeddings of the tokens k+1 ahead; position i predicts token i+k+2.
+    """
+    x, y = batch[:, :-1], batch[:, 1:]
+    moes = moe_layers(model).values()
+    for m in moes:  # only MoE layers that run in this forward report (MTP layers are skipped when λ = 0)
+        m.last_balance_loss = m.last_load = None
+    use_mtp = cfg.mtp_loss_weight > 0 and len(model.mtp) > 0
+    logits, hidden = model(x, return_hidden=True)
+    lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    total = lm_loss
+    parts = {"lm_loss": lm_loss.detach()}
+    if use_mtp:
+        mtp_losses, ids = [], x
+        for k in range(len(model.mtp)):
+            hidden = model.mtp_hidden(hidden[:, :-1], ids, k)  # [B, T-k-1, D]
+            mtp_logits = model.lm_head(model.mtp[k].shared_head.norm(hidden))
+            mtp_losses.append(F.cross_entropy(mtp_logits.flatten(0, 1).float(), batch[:, k + 2:].flatten()))
+            ids = ids[:, 1:]
+        mtp_loss = torch.stack(mtp_losses).mean()
+        total = total + cfg.mtp_loss_weight * mtp_loss
+        parts["mtp_loss"] = mtp_loss.detach()
+    balance = [m.last_balance_loss for m in moes if m.last_balance_loss is not None]
+    if balance:
+        balance_sum = torch.stack(balance).sum()
+        if cfg.balance_loss_alpha > 0:
+            total = total + cfg.balance_loss_alpha * balance_sum
+        parts["balance_loss"] = balance_sum.detach() / len(balance)  # mean per layer: 1.0 = perfectly balanced
+    return total, parts
+
+
+@torch.no_grad()
+def update_router_bias(loads: dict[str, torch.Tensor], moes: dict[str, MoE], gamma: float) -> None:
+    """Aux-loss-free balancing (paper §2.1.2): b_i += γ·sign(mean load − load_i) — overloaded down, underloaded up."""
+    for name, load in loads.items():
+        bias = moes[name].gate.e_score_correction_bias
+        if bias is not None:
+            bias.add_(gamma * torch.sign(load.mean() - load).to(bias.dtype))
+
+
+def max_violation(load: torch.Tensor) -> float:
+    """MaxVio = (max_i load_i − mean load) / mean load (Wang et al. 2024, the aux-loss-free balancing paper)."""
+    mean = load.float().mean()
+    return float((load.float().max() - mean) / mean) if mean > 0 else 0.0
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, data: PackedSequences, cfg: TrainConfig, device, autocast) -> float:
+    """Mean next-token cross-entropy over the first eval_batches batches of `data`, in order."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=device), 0
+    micro = cfg.micro_batch_size or cfg.batch_size
+    for start in range(0, min(len(data), cfg.eval_batches * cfg.batch_size), micro):
+        batch = data[np.arange(start, min(start + micro, len(data)))].to(device)
+        with autocast:
+            logits = model(batch[:, :-1])
+        total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+        count += batch[:, 1:].numel()
+    model.train(was_training)
+    return float(total) / count
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _rng_state() -> dict:
+    def b64(t: torch.Tensor) -> str:
+        return base64.b64encode(t.numpy().tobytes()).decode()
+
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {"torch": b64(torch.get_rng_state()),
+            "cuda": [b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+
+
+def _set_rng_state(state: dict) -> None:
+    def tensor(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+
+
+def save_checkpoint(target: Path, model: Transformer, optimizer: torch.optim.Optimizer, state: dict,
+                    extra_files: Sequence[str | Path] = ()) -> None:
+    """Write the whole checkpoint into a temp dir beside `target`, then rename it: never a partial checkpoint."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        save_pretrained(model, tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+        for f in extra_files:
+            shutil.copy2(f, tmp / Path(f).name)
+        if target.exists():  # a directory cannot be os.replace'd over a non-empty one: move the old aside first
+            old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in out_dir, oldest first."""
+    found = [p for p in Path(out_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _load_checkpoint(path: Path, model: Transformer, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> dict:
+    state = json.loads((path / "trainer_state.json").read_text())
+    for key in ("seq_len", "batch_size", "seed"):  # these fix the data order: changing them breaks the curve
+        if state["train_config"][key] != getattr(cfg, key):
+            raise ValueError(f"--resume: {path} was trained with {key}={state['train_config'][key]}, "
+                             f"the config now says {getattr(cfg, key)}")
+    weights = load_pretrained(path, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(weights.state_dict())
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    _set_rng_state(state["rng"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+class MetricsLog:
+    """Appends one record per log step to metrics.jsonl (everything) and metrics.csv (scalars)."""
+
+    def __init__(self, out_dir: Path, layer_names: list[str], resume_step: int | None) -> None:
+        self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
+        self.fields = ["step", "loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s",
+                       "maxvio", *[f"maxvio/{n}" for n in layer_names], "eval_loss"]
+        kept = []
+        if resume_step is not None and self.jsonl.is_file():  # drop records past the checkpoint we resume from
+            kept = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= resume_step]
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        with self.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept)
+
+    def append(self, record: dict) -> None:
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        with self.csv.open("a", newline="") as f:
+            csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(record)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def _device_and_autocast(cfg: TrainConfig):
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return device, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (linears, embedding, router), none on 1-D tensors (RMSNorm weights)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=False, foreach=True)
+
+
+def train(model: Transformer, cfg: TrainConfig, train_data, eval_data=None, *, resume: bool = False,
+          stop_at: int | None = None, extra_files: Sequence[str | Path] = (), progress: bool = True) -> list[dict]:
+    """Train `model` in place; returns the logged records (also in out_dir/metrics.jsonl and .csv).
+
+    train_data / eval_data: 1-D token streams (numpy array, tensor or list; see dsv3.data) packed into seq_len + 1
+    windows. resume: continue from the newest checkpoint in out_dir (same data order, optimizer, RNG states).
+    stop_at: stop after this step (with a checkpoint), e.g. to train in slices; the schedule still spans cfg.steps.
+    extra_files: copied into every checkpoint (e.g. the tokenizer files, to make it a complete hub directory).
+    """
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device, autocast = _device_and_autocast(cfg)
+    model.to(device).train()
+    train_seqs = PackedSequences(train_data, cfg.seq_len)
+    eval_seqs = PackedSequences(eval_data, cfg.seq_len) if eval_data is not None else None
+    optimizer = make_optimizer(model, cfg)
+    moes = moe_layers(model)
+    step = position = 0  # optimizer steps done; sequences consumed (the sampler's position)
+    if resume:
+        found = checkpoints(out_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume: no checkpoint-* directory with trainer_state.json in {out_dir}")
+        state = _load_checkpoint(found[-1], model, optimizer, cfg)
+        step, position = state["step"], state["data_position"]
+    else:
+        random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    log = MetricsLog(out_dir, list(moes), step if resume else None)
+    sampler = EpochSampler(len(train_seqs), cfg.seed)
+    micro = cfg.micro_batch_size or cfg.batch_size
+    last = min(cfg.steps, stop_at or cfg.steps)
+    history: list[dict] = []
+    sums: dict[str, torch.Tensor] = {}
+    t0, n_since = time.perf_counter(), 0
+    bar = tqdm(total=last, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    while step < last:
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = train_seqs[sampler.indices(position, cfg.batch_size)].to(device, non_blocking=True)
+        position += cfg.batch_size
+        loads: dict[str, torch.Tensor] = {}
+        for mb in batch.split(micro):
+            with autocast:
+                loss, parts = compute_loss(model, mb, cfg)
+            (loss * (mb.shape[0] / cfg.batch_size)).backward()
+            parts["loss"] = loss.detach()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0) + v * (mb.shape[0] / cfg.batch_size)
+            for name, m in moes.items():
+                if m.last_load is not None:
+                    loads[name] = loads[name] + m.last_load if name in loads else m.last_load
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cfg.bias_update_speed > 0:
+            update_router_bias(loads, moes, cfg.bias_update_speed)
+        step += 1
+        n_since += 1
+        bar.update(1)
+        is_last = step == last
+        do_eval = eval_seqs is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps)
+        if step % cfg.log_every == 0 or is_last or do_eval:
+            elapsed = time.perf_counter() - t0  # .item() below syncs; measured first so eval time is excluded
+            record = {"step": step, **{k: float(v) / n_since for k, v in sums.items()}, "lr": lr,
+                      "tokens_per_s": n_since * cfg.batch_size * cfg.seq_len / elapsed}
+            vio = {name: max_violation(load) for name, load in loads.items()}
+            if vio:
+                record["maxvio"] = sum(vio.values()) / len(vio)
+                record.update({f"maxvio/{n}": v for n, v in vio.items()})
+                record["load"] = {n: load.tolist() for n, load in loads.items()}
+                record["bias"] = {n: moes[n].gate.e_score_correction_bias.tolist() for n in loads
+                                  if moes[n].gate.e_score_correction_bias is not None}
+            if do_eval:
+                record["eval_loss"] = evaluate(model, eval_seqs, cfg, device, autocast)
+            log.append(record)
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            **({"eval": f"{record['eval_loss']:.3f}"} if do_eval else {}))
+            sums, n_since = {}, 0
+            t0 = time.perf_counter()
+        if (cfg.save_every and step % cfg.save_every == 0) or is_last:
+            state = {"step": step, "data_position": position, "rng": _rng_state(),
+                     "train_config": cfg.to_dict()}
+            save_checkpoint(out_dir / f"checkpoint-{step:06d}", model, optimizer, state, extra_files)
+            if cfg.keep_checkpoints:
+                for old in checkpoints(out_dir)[:-cfg.keep_checkpoints]:
+                    shutil.rmtree(old)
+            t0 = time.perf_counter()
+    bar.close()
+    return history
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+_BUNDLED = Path(__file__).parent / "bundled"
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--config", help="HF config.json of a fresh, randomly initialised model")
+    model.add_argument("--model", help="checkpoint directory to start from (hub layout)")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="plain-text training files")
+    p.add_argument("--dataset", help="a `datasets` hub id or local .json/.jsonl/.csv/.parquet/.txt file")
+    p.add_argument("--dataset-config", help="configuration name of --dataset")
+    p.add_argument("--split", default="train", help="split of --dataset (default: train)")
+    p.add_argument("--text-column", default="text", help="text column of --dataset (default: text)")
+    p.add_argument("--doc-split", choices=["line", "paragraph", "file"], default="line",
+                   help="what one document is in the text files (default: each non-empty line)")
+    p.add_argument("--eval-data", nargs="+", metavar="FILE", help="held-out plain-text files")
+    p.add_argument("--eval-fraction", type=float, default=0.01,
+                   help="without --eval-data: hold out this fraction of the training tokens (default 0.01; 0: none)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --model's if it has one, else the bundled one)")
+    p.add_argument("--out", required=True, help="output directory: checkpoints, metrics, token cache")
+    p.add_argument("--train-config", help="JSON file of TrainConfig fields (flags below override it)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "out_dir":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "betas":
+            p.add_argument(flag, type=float, nargs=2, metavar=("B1", "B2"))
+        else:
+            kind = {"micro_batch_size": int}.get(f.name, type(f.default))
+            p.add_argument(flag, type=kind, help=f"TrainConfig.{f.name} (default {f.default})")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--stop-at", type=int, help="stop after this step (the schedule still spans --steps)")
+    p.add_argument("--no-bias-balance", action="store_true", help="γ = 0: no aux-loss-free bias updates")
+    p.add_argument("--no-balance-loss", action="store_true", help="α = 0: no sequence-wise balance loss")
+    p.add_argument("--no-mtp", action="store_true", help="λ = 0: no MTP loss")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    base = TrainConfig.from_json(args.train_config).to_dict() if args.train_config else {}
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "out_dir"]
+    base.update({n: getattr(args, n) for n in names if getattr(args, n) is not None})
+    base["out_dir"] = args.out
+    for flag, name in (("no_bias_balance", "bias_update_speed"), ("no_balance_loss", "balance_loss_alpha"),
+                       ("no_mtp", "mtp_loss_weight")):
+        if getattr(args, flag):
+            base[name] = 0.0
+    return TrainConfig(**base)
+
+
+def _tokens(args: argparse.Namespace, tokenizer, tokenizer_dir: Path, files, cache_dir: Path) -> np.ndarray:
+    from . import data
+
+    key = {"tokenizer": data.tokenizer_fingerprint(tokenizer_dir), "doc_split": args.doc_split}
+    if files:
+        key["files"] = [data.file_fingerprint(f) for f in files]
+        return data.cached_tokens(cache_dir, key, lambda: data.tokenize(data.read_documents(files, args.doc_split),
+                                                                        tokenizer))
+    key["dataset"] = [args.dataset, args.dataset_config, args.split, args.text_column]
+    docs = lambda: data.dataset_documents(args.dataset, args.split, args.text_column, args.dataset_config)
+    return data.cached_tokens(cache_dir, key, lambda: data.tokenize(docs(), tokenizer))
+
+
+def run(args: argparse.Namespace) -> int:
+    """`dsv3 train`: build or load the model, tokenize (cached), train, report where the checkpoint is."""
+    from . import data
+    from .config import ModelConfig
+    from .tokenizer import Tokenizer
+
+    if bool(args.data) == bool(args.dataset):
+        raise SystemExit("dsv3 train: give exactly one of --data FILE... or --dataset NAME")
+    cfg = _train_config(args)
+    out = Path(cfg.out_dir)
+    if args.config:
+        torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
+        model = Transformer(ModelConfig.from_hf(args.config))
+    elif args.model:
+        model = load_pretrained(args.model, dtype=torch.float32)
+    elif args.resume and checkpoints(out):
+        model = load_pretrained(checkpoints(out)[-1], dtype=torch.float32)
+    else:
+        raise SystemExit("dsv3 train: give --config CONFIG.json or --model DIR (or --resume with checkpoints in --out)")
+    tok_dir = Path(args.tokenizer or (args.model if args.model and Path(args.model, "tokenizer.json").is_file()
+                                      else _BUNDLED))
+    tokenizer = Tokenizer.from_pretrained(tok_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"dsv3 train: the tokenizer in {tok_dir} has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocab_size is {model.config.vocab_size}")
+    tokens = _tokens(args, tokenizer, tok_dir, args.data, out / "data")
+    eval_tokens = None
+    if args.eval_data:
+        eval_tokens = _tokens(args, tokenizer, tok_dir, args.eval_data, out / "data")
+    elif args.eval_fraction > 0:
+        tokens, eval_tokens = data.split_holdout(tokens, args.eval_fraction, cfg.seq_len)
+    n_params = model.num_parameters(include_mtp=True)
+    print(f"dsv3 train: {n_params / 1e6:.2f}M parameters, {len(tokens):,} training tokens"
+          + (f", {len(eval_tokens):,} held-out tokens" if eval_tokens is not None else ""))
+    tok_files = [tok_dir / n for n in ("tokenizer.json", "tokenizer_config.json") if (tok_dir / n).is_file()]
+    history = train(model, cfg, tokens, eval_tokens, resume=args.resume, stop_at=args.stop_at,
+                    extra_files=tok_files, progress=not args.no_progress)
+    final = checkpoints(out)[-1]
+    evals = [r["eval_loss"] for r in history if "eval_loss" in r]
+    print(f"dsv3 train: checkpoint {final}" + (f", eval loss {evals[-1]:.4f}" if evals else ""))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register `dsv3 train`."""
+    p = subparsers.add_parser("train", help="train a model (DeepSeek-V3 losses and balancing)",
+                              description=__doc__.split("\n\n")[0])
+    _add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dsv3.train ...` (the same arguments as `dsv3 train`)."""
+    parser = argparse.ArgumentParser(prog="dsv3 train")
+    _add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""Training loop: losses (LM, MTP, balance), aux-loss-free bias updates, schedule, checkpoints, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3 import ModelConfig, Transformer
+from dsv3 import data as data_mod
+from dsv3 import train as train_mod
+from dsv3.moe import MoE
+from dsv3.train import TrainConfig, compute_loss, lr_at, train, update_router_bias
+
+torch.set_num_threads(1)
+TOKENS = np.tile(np.arange(2, 34), 100)  # a repetitive corpus: 32 distinct tokens cycling
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.tiny(**{"vocab_size": 64, "num_nextn_predict_layers": 1, **overrides}))
+
+
+def config(tmp_path: Path, **overrides) -> TrainConfig:
+    base = dict(steps=6, seq_len=16, batch_size=4, lr=3e-3, warmup_steps=2, log_every=1, eval_every=0,
+                save_every=0, out_dir=str(tmp_path / "run"))
+    return TrainConfig(**{**base, **overrides})
+
+
+def biases(model: Transformer) -> torch.Tensor:
+    return torch.stack([m.gate.e_score_correction_bias.clone() for m in model.modules() if isinstance(m, MoE)])
+
+
+def test_loss_falls_and_metrics_are_written(tmp_path):
+    cfg = config(tmp_path, steps=12, eval_every=6, eval_batches=2)
+    history = train(tiny_model(), cfg, TOKENS, TOKENS[:500], progress=False)
+    losses = [r["lm_loss"] for r in history]
+    assert losses[-1] < 0.6 * losses[0]
+    assert [r["step"] for r in history] == list(range(1, 13))
+    assert "eval_loss" in history[5] and "eval_loss" in history[11] and "eval_loss" not in history[6]
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == list(range(1, 13))
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for name in ("step", "loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s",
+                 "maxvio", "maxvio/model.layers.1.mlp", "eval_loss"):
+        assert name in header
+    last = history[-1]
+    assert set(last["load"]) == {"model.layers.1.mlp", "model.layers.2.mlp", "mtp.0.mlp"}
+    assert sum(last["load"]["model.layers.1.mlp"]) == cfg.batch_size * cfg.seq_len * 2  # K = 2 experts per token
+
+
+def test_bias_update_sign_on_constructed_load():
+    model = tiny_model()
+    moes = train_mod.moe_layers(model)
+    name = "model.layers.1.mlp"
+    load = torch.tensor([10.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0, 0.0])  # mean 4: expert 0 over, 1 and 7 under
+    update_router_bias({name: load}, moes, 0.01)
+    assert moes[name].gate.e_score_correction_bias.tolist() == pytest.approx([-0.01, 0.01, 0, 0, 0, 0, 0, 0.01])
+    assert not moes["model.layers.2.mlp"].gate.e_score_correction_bias.any()  # no load given: untouched
+
+
+def test_gamma_zero_keeps_biases_and_gamma_moves_them(tmp_path):
+    off = tiny_model()
+    train(off, config(tmp_path / "a", steps=3, bias_update_speed=0.0), TOKENS, progress=False)
+    assert not biases(off).any()
+    on = tiny_model()
+    history = train(on, config(tmp_path / "b", steps=1, bias_update_speed=0.01), TOKENS, progress=False)
+    moes = train_mod.moe_layers(on)
+    for name, load in history[0]["load"].items():  # the step's load, summed over its batch
+        load = torch.tensor(load)
+        expected = 0.01 * torch.sign(load.mean() - load)
+        assert torch.allclose(moes[name].gate.e_score_correction_bias, expected)
+        assert history[0]["bias"][name] == pytest.approx(expected.tolist())
+
+
+def test_balance_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    cfg = ModelConfig.tiny(vocab_size=64, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1)
+    moe = MoE(cfg).train()
+    torch.nn.init.normal_(moe.gate.weight, std=0.5)
+    x = torch.randn(2, 5, cfg.hidden_size)  # B=2 sequences of T=5 tokens
+    moe(x)
+    E, K, T = 4, 2, 5
+    expected = []
+    for b in range(2):
+        s = torch.sigmoid(x[b] @ moe.gate.weight.T)  # [T, E]
+        chosen = torch.zeros(T, E).scatter_(1, s.topk(K, dim=-1).indices, 1.0)
+        f = E / (K * T) * chosen.sum(0)  # eq. 18
+        p = (s / s.sum(-1, keepdim=True)).mean(0)  # eqs. 19-20
+        expected.append((f * p).sum())
+    assert moe.last_balance_loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+
+
+def test_alpha_and_lambda_enter_the_total_loss():
+    model = tiny_model().train()
+    batch = torch.from_numpy(TOKENS[:2 * 17].reshape(2, 17).astype(np.int64))
+    total, parts = compute_loss(model, batch, TrainConfig(balance_loss_alpha=0.5, mtp_loss_weight=0.3))
+    n_moe = 3  # two main MoE layers + the MTP layer's
+    expected = parts["lm_loss"] + 0.3 * parts["mtp_loss"] + 0.5 * parts["balance_loss"] * n_moe
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    # MTP depth 0: the head on the main model's hidden states predicts token i + 2 (API: model.mtp_logits)
+    logits, hidden = model(batch[:, :-1], return_hidden=True)
+    mtp = model.mtp_logits(hidden[:, :-1], batch[:, :-1])
+    assert parts["mtp_loss"].item() == pytest.approx(
+        F.cross_entropy(mtp.flatten(0, 1), batch[:, 2:].flatten()).item(), rel=1e-6)
+
+    total, parts = compute_loss(model, batch, TrainConfig(balance_loss_alpha=0.0, mtp_loss_weight=0.0))
+    assert "mtp_loss" not in parts and total.item() == pytest.approx(parts["lm_loss"].item(), rel=1e-6)
+    total.backward()
+    assert all(p.grad is None for p in model.mtp.parameters())  # λ = 0: the MTP module is not even run
+    assert all(p.grad is not None for p in model.model.parameters() if p.ndim > 1)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=110, lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_deterministic_and_resume_equals_uninterrupted(tmp_path):
+    straight = train(tiny_model(), config(tmp_path / "a", save_every=3), TOKENS, progress=False)
+    again = train(tiny_model(), config(tmp_path / "b", save_every=3), TOKENS, progress=False)
+    assert [r["loss"] for r in straight] == [r["loss"] for r in again]
+
+    cfg = config(tmp_path / "c", save_every=3)
+    first = train(tiny_model(), cfg, TOKENS, stop_at=3, progress=False)
+    resumed = train(tiny_model(seed=123), cfg, TOKENS, resume=True, progress=False)  # weights come from disk
+    assert [r["step"] for r in first + resumed] == list(range(1, 7))
+    for a, b in zip(straight[3:], resumed):
+        assert abs(a["loss"] - b["loss"]) < 1e-6 and a["maxvio"] == b["maxvio"]
+    rows = (tmp_path / "c" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == list(range(1, 7))  # no duplicated steps after resume
+    with pytest.raises(ValueError, match="batch_size"):
+        train(tiny_model(), config(tmp_path / "c", batch_size=2), TOKENS, resume=True, progress=False)
+
+
+def test_checkpoint_is_atomic(tmp_path, monkeypatch):
+    cfg = config(tmp_path, steps=2, save_every=1, keep_checkpoints=0)
+    model = tiny_model()
+    train(model, cfg, TOKENS, stop_at=1, progress=False)
+    run = Path(cfg.out_dir)
+    assert [p.name for p in train_mod.checkpoints(run)] == ["checkpoint-000001"]
+    before = (run / "checkpoint-000001" / "model.safetensors").read_bytes()
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_mod.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(model, cfg, TOKENS, resume=True, progress=False)
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-000001"]  # no partial, no temp dir
+    assert (run / "checkpoint-000001" / "model.safetensors").read_bytes() == before
+
+
+def test_train_config_json_rejects_unknown_keys(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"steps": 5, "learning_rate": 1e-3}))
+    with pytest.raises(ValueError, match="learning_rate"):
+        TrainConfig.from_json(path)
+    path.write_text(json.dumps({"steps": 5, "betas": [0.9, 0.99]}))
+    assert TrainConfig.from_json(path).betas == (0.9, 0.99)
+
+
+def test_cli_trains_from_text_and_caches_tokens(tmp_path, monkeypatch, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(f"word {i % 7} means thing {i % 5}" for i in range(300)))
+    model_cfg = tmp_path / "config.json"
+    ModelConfig.tiny(vocab_size=8192, num_nextn_predict_layers=1).to_json(model_cfg)
+    out = tmp_path / "out"
+    args = ["--config", str(model_cfg), "--data", str(text), "--out", str(out), "--steps", "2", "--seq-len", "16",
+            "--batch-size", "2", "--eval-fraction", "0.1", "--eval-every", "2", "--eval-batches", "1",
+            "--no-bias-balance", "--no-progress"]
+    assert train_mod.main(args) == 0
+    final = out / "checkpoint-000002"
+    assert {"config.json", "model.safetensors", "optimizer.pt", "trainer_state.json", "tokenizer.json"} <= {
+        p.name for p in final.iterdir()}
+    assert json.loads((out / "train_config.json").read_text())["bias_update_speed"] == 0.0
+    assert "eval loss" in capsys.readouterr().out
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("tokenized again despite the cache")
+
+    monkeypatch.setattr(data_mod, "tokenize", no_tokenizing)
+    assert train_mod.main([*args, "--steps", "3", "--resume"]) == 0
+    assert train_mod.checkpoints(out)[-1].name == "checkpoint-000003"
