@@ -41,11 +41,13 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(c.hidden_size, q_out, bias=False)
         else:  # low-rank query compression: c_q = W_DQ h, q = W_UQ norm(c_q)
             self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
-            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank)
             self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
         # one projection gives the latent c_kv (d_c) and the single shared rope key k_pe (d_r): "with MQA"
         self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
-        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        # The latent norms keep RMSNorm's default eps 1e-6 whatever rms_norm_eps says: DeepSeek's model.py and
+        # transformers both build them without it (it matters for Moonlight, whose rms_norm_eps is 1e-5).
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim),
                                    bias=False)
         self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)

@@ -7,9 +7,11 @@ and assigns each tensor as it is read, so the weights are never held twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -123,6 +125,16 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                                   f"expected {tuple(expected[name].shape)} from config.json")
         state[name] = tensor
     missing = set(expected) - set(state)
+    if config.num_nextn_predict_layers and all(k.startswith("mtp.") for k in expected if k not in state) \
+            and not any(k.startswith("mtp.") for k in state):
+        # transformers drops the MTP layer when it re-saves a checkpoint: keep the main model, say so.
+        warnings.warn(f"{path}: config.json declares {config.num_nextn_predict_layers} MTP layer(s) but the "
+                      "checkpoint has none (re-saved by transformers?); loading without the MTP head")
+        config = dataclasses.replace(config, num_nextn_predict_layers=0)
+        with torch.device("meta"):
+            model = Transformer(config)
+        expected = model.state_dict()
+        missing = set(expected) - set(state)
     if missing or unexpected:
         parts = ([f"missing keys: {_few(missing)}"] if missing else []) + (
             [f"unexpected keys: {_few(unexpected)}"] if unexpected else [])

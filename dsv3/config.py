@@ -209,9 +209,6 @@ class ModelConfig:
             if isinstance(kwargs.get(key), list):  # some configs list several ids; the first is the canonical one
                 kwargs[key] = kwargs[key][0]
         kwargs["rope_theta"], kwargs["rope_scaling"] = _rope_from_hf(hf, source)
-        if hf.get("num_key_value_heads") not in (None, hf.get("num_attention_heads")):
-            raise ValueError(f"{source}: num_key_value_heads={hf['num_key_value_heads']} must equal "
-                             f"num_attention_heads={hf.get('num_attention_heads')} (MLA has one latent per token)")
         try:
             return cls(**kwargs)
         except ValueError as e:
@@ -257,6 +254,7 @@ def _rope_from_hf(hf: dict[str, Any], source: str) -> tuple[float, dict[str, Any
         if not isinstance(legacy, dict):
             raise ValueError(f"{source}: rope_scaling must be an object or null, got {type(legacy).__name__}")
         scaling = dict(legacy)
+        theta = scaling.pop("rope_theta", theta)  # transformers 5 also writes the base into the dict
     else:
         scaling = {}
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
