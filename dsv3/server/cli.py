@@ -1,0 +1,166 @@
+"""`dsv3 serve` and `dsv3 token create`.
+
+    dsv3 serve [--model DIR] [--host H] [--port P] [--api-key KEY ...] [--config FILE] [--allow-cidr CIDR ...]
+               [--rate-limit N] [--ssl-certfile F --ssl-keyfile F] [--plugin module:Class ...] [engine sizes]
+    dsv3 token create --expires-in 3600 [--api-key KEY | $DSV3_API_KEY]
+
+Options come from (last wins) built-in defaults, the --config file (JSON, or TOML when it ends in .toml; keys are
+option names, with - or _), then the command line. API keys may also come from $DSV3_API_KEY (comma-separated).
+TLS: uvicorn's SSL context with TLS 1.3 as the minimum version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import tomllib
+from pathlib import Path
+
+DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000, api_key=[], allow_cidr=[],
+                rate_limit=100.0, rate_burst=None, ssl_certfile=None, ssl_keyfile=None, plugin=[], max_batch=8,
+                max_seq_len=2048, max_waiting=256, max_prefill_tokens=2048, block_size=16, prefix_cache_mb=64.0,
+                device="cpu", dtype=None, log_level="info")
+
+
+def _read_config(path: str) -> dict:
+    file = Path(path)
+    try:
+        text = file.read_text()
+        values = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
+    except FileNotFoundError:
+        raise SystemExit(f"--config: {file} does not exist") from None
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
+        raise SystemExit(f"--config: {file} is not valid {'TOML' if file.suffix == '.toml' else 'JSON'}: {error}")
+    if not isinstance(values, dict):
+        raise SystemExit(f"--config: {file} must hold an object of option names to values")
+    out = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in DEFAULTS or name == "config":
+            raise SystemExit(f"--config: {file}: unknown option {key!r}; known: {', '.join(sorted(DEFAULTS))}")
+        out[name] = value
+    return out
+
+
+def resolve_options(args) -> dict:
+    """defaults <- config file <- explicit command-line flags (argparse defaults are None / empty)."""
+    options = dict(DEFAULTS)
+    if getattr(args, "config", None):
+        options.update(_read_config(args.config))
+    for name in DEFAULTS:
+        value = getattr(args, name, None)
+        if value is not None and value != []:
+            options[name] = value
+    env_keys = [k for k in os.environ.get("DSV3_API_KEY", "").split(",") if k]
+    options["api_key"] = list(options["api_key"]) + env_keys
+    return options
+
+
+def _model_dir(options: dict) -> Path:
+    if options["model"]:
+        path = Path(options["model"])
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"--model {path}: no config.json there; expected a directory in the hub layout "
+                             "(config.json, model.safetensors, tokenizer.json, tokenizer_config.json)")
+        return path
+    import dsv3
+
+    finder = getattr(dsv3, "bundled_model_path", None)
+    path = Path(finder()) if finder else None
+    if path is None or not (path / "model.safetensors").is_file():
+        raise SystemExit("no --model given and the bundled model is not available in this install "
+                         "(dsv3.bundled_model_path() has no trained model yet); pass --model DIR")
+    return path
+
+
+def build_app(options: dict):
+    """Load the model and tokenizer and return the ASGI app."""
+    import torch
+
+    from ..checkpoint import load_pretrained
+    from ..engine import Engine, EngineConfig
+    from ..tokenizer import Tokenizer
+    from .app import ServerSettings, create_app
+
+    path = _model_dir(options)
+    dtype = getattr(torch, options["dtype"]) if options["dtype"] else None
+    model = load_pretrained(path, dtype=dtype, device=options["device"])
+    tokenizer = Tokenizer.from_pretrained(path)
+    engine = Engine(model, tokenizer, EngineConfig(
+        max_batch=options["max_batch"], max_seq_len=options["max_seq_len"], max_waiting=options["max_waiting"],
+        max_prefill_tokens=options["max_prefill_tokens"], block_size=options["block_size"],
+        prefix_cache_bytes=int(options["prefix_cache_mb"] * (1 << 20))))
+    name = options["served_model_name"] or ("dsv3" if not options["model"] else path.resolve().name)
+    settings = ServerSettings(model_name=name, api_keys=options["api_key"], allow_cidrs=options["allow_cidr"],
+                              rate_limit=options["rate_limit"], rate_burst=options["rate_burst"],
+                              plugins=options["plugin"])
+    return create_app(engine, tokenizer, settings)
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    options = resolve_options(args)
+    logging.basicConfig(level=options["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if bool(options["ssl_certfile"]) != bool(options["ssl_keyfile"]):
+        raise SystemExit("--ssl-certfile and --ssl-keyfile go together")
+    app = build_app(options)
+    config = uvicorn.Config(app, host=options["host"], port=options["port"], log_level=options["log_level"],
+                            ssl_certfile=options["ssl_certfile"], ssl_keyfile=options["ssl_keyfile"])
+    config.load()
+    if config.ssl is not None:
+        config.ssl.minimum_version = ssl.TLSVersion.TLSv1_3
+    uvicorn.Server(config).run()
+    return 0
+
+
+def token_create(args) -> int:
+    from .security import create_token
+
+    keys = [args.api_key] if args.api_key else []
+    if not keys and args.config:
+        keys = list(_read_config(args.config).get("api_key", []))
+    keys += [k for k in os.environ.get("DSV3_API_KEY", "").split(",") if k]
+    if not keys:
+        raise SystemExit("token create: give --api-key KEY (or set DSV3_API_KEY, or api_key in --config)")
+    if args.expires_in <= 0:
+        raise SystemExit(f"--expires-in must be positive, got {args.expires_in}")
+    print(create_token(keys[0], args.expires_in))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    p.add_argument("--model", help="model directory (hub layout); default: the bundled model")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--api-key", action="append", help="accepted API key (repeatable; also $DSV3_API_KEY)")
+    p.add_argument("--config", help="JSON or TOML file of options (command-line flags win)")
+    p.add_argument("--allow-cidr", action="append", help="client network allowed, e.g. 10.0.0.0/8 (repeatable)")
+    p.add_argument("--rate-limit", type=float, help="requests per second per key (default 100; 0 = off)")
+    p.add_argument("--rate-burst", type=float, help="token-bucket size (default: the rate)")
+    p.add_argument("--ssl-certfile", help="TLS certificate (PEM); TLS 1.3 minimum")
+    p.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
+    p.add_argument("--plugin", action="append", help="module:Class with pre_process/post_process (repeatable)")
+    p.add_argument("--max-batch", type=int, help="requests decoded together (cache rows; default 8)")
+    p.add_argument("--max-seq-len", type=int, help="tokens per request, prompt + completion (default 2048)")
+    p.add_argument("--max-waiting", type=int, help="queued requests before 503 (default 256)")
+    p.add_argument("--max-prefill-tokens", type=int, help="prompt tokens prefilled per step (default 2048)")
+    p.add_argument("--block-size", type=int, help="prefix-cache block length in tokens (default 16)")
+    p.add_argument("--prefix-cache-mb", type=float, help="prefix-cache memory cap in MiB (default 64; 0 = off)")
+    p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: checkpoint)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=serve)
+
+    t = subparsers.add_parser("token", help="temporary API tokens")
+    tsub = t.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    c = tsub.add_parser("create", help="print a token signed with an API key (HMAC-SHA256 over key id + expiry)")
+    c.add_argument("--expires-in", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    c.add_argument("--api-key", help="the signing key (default: $DSV3_API_KEY or the --config file's)")
+    c.add_argument("--config", help="server config file to read api_key from")
+    c.set_defaults(func=token_create)
+

@@ -1,0 +1,62 @@
+"""Helpers for the engine and server tests: a tiny random model directory and a real uvicorn server in a thread."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import torch
+import uvicorn
+
+import dsv3
+from dsv3 import ModelConfig, Transformer, save_pretrained
+
+BUNDLED = Path(dsv3.__file__).parent / "bundled"
+MODEL_NAME = "tiny-test"
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    """A tiny random model on the bundled tokenizer's vocabulary. initializer_range=0.1 spreads the logits, so
+    greedy choices are not near-ties that float rounding between batch shapes could flip."""
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.tiny(vocab_size=8192, initializer_range=0.1)).eval()
+
+
+def make_model_dir(path: Path, seed: int = 0) -> Path:
+    """Save a tiny model beside a copy of the bundled tokenizer files (the layout `dsv3 serve --model` reads)."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_pretrained(tiny_model(seed), path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(BUNDLED / name, path / name)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving `app` on 127.0.0.1:<free port> in a daemon thread; `base_url` ends in /v1."""
+
+    def __init__(self, app, **config) -> None:
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    **config))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.base_url = self.url + "/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
