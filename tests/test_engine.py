@@ -1,0 +1,155 @@
+"""The inference engine: batching, prefix cache, LRU eviction, cancellation, sampling options, logprobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv3.engine import ContextLengthError, Engine, EngineConfig, QueueFullError, Request, Result
+from dsv3.generation import generate
+from dsv3.sampling import SamplingParams
+from dsv3.tokenizer import Tokenizer
+
+from server_utils import BUNDLED, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_pretrained(BUNDLED)
+
+
+def run(engine: Engine, requests: list[Request]) -> list[Result]:
+    """Submit everything, step until idle (no engine thread), collect."""
+    handles = [engine.submit(r) for r in requests]
+    while engine.scheduler.has_work():
+        engine.step()
+    return [Result.of(h) for h in handles]
+
+
+def prompts(tokenizer, n: int) -> list[list[int]]:
+    return [tokenizer.encode(f"prompt number {i}: " + "the cat sat on the mat " * (i % 3 + 1)) for i in range(n)]
+
+
+def greedy(max_new: int = 8) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new)
+
+
+def test_batched_decode_equals_single_request_greedy(model, tokenizer):
+    ps = prompts(tokenizer, 6)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=4, max_seq_len=128, prefix_cache_bytes=0))
+    alone = [run(engine, [Request(p, greedy(), ignore_eos=True)])[0] for p in ps]
+    together = run(engine, [Request(p, greedy(), ignore_eos=True) for p in ps])  # 6 requests, 4 rows
+    for p, a, b in zip(ps, alone, together):
+        reference = generate(model, torch.tensor([p]), 8)[0, len(p):].tolist()
+        assert a.token_ids == reference
+        assert b.token_ids == reference
+        assert b.finish_reason == "length" and b.usage.completion_tokens == 8
+    assert engine.num_running == 0 and engine.num_waiting == 0
+
+
+def test_prefix_cache_hit_gives_identical_output_and_reports_cached_tokens(model, tokenizer):
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=2, max_seq_len=256, block_size=16))
+    prompt = tokenizer.encode("a long shared system prompt " * 8)  # > 3 blocks
+    first, = run(engine, [Request(prompt, greedy(), ignore_eos=True)])
+    second, = run(engine, [Request(prompt, greedy(), ignore_eos=True)])
+    assert first.usage.cached_tokens == 0
+    assert second.usage.cached_tokens == (len(prompt) - 1) // 16 * 16 > 0  # the last token is always computed
+    assert second.token_ids == first.token_ids
+    # a different continuation of the same prefix hits its blocks too
+    third, = run(engine, [Request(prompt[:40] + tokenizer.encode("other", add_special_tokens=False), greedy(),
+                                  ignore_eos=True)])
+    assert third.usage.cached_tokens == 32
+    # the first turn's output is cached as well: the next turn of a chat reuses prompt + answer
+    follow_up = prompt + first.token_ids + tokenizer.encode(" and more", add_special_tokens=False)
+    fourth, = run(engine, [Request(follow_up, greedy(), ignore_eos=True)])
+    assert fourth.usage.cached_tokens == (len(prompt) + len(first.token_ids) - 1) // 16 * 16
+    assert engine.prefix.referenced_blocks == 0
+
+
+def test_prefix_cache_lru_eviction_under_the_byte_cap(model, tokenizer):
+    probe = Engine(model, tokenizer, EngineConfig(max_batch=1, max_seq_len=64, block_size=8))
+    cap = 4 * probe.prefix.bytes_per_block
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=1, max_seq_len=64, block_size=8,
+                                                   prefix_cache_bytes=cap + 1))
+    assert engine.prefix.num_blocks == 4
+    a, b, c = (tokenizer.encode(f"{w} " * 20)[:17] for w in ("apple", "banana", "cherry"))  # 2 full blocks each
+    run(engine, [Request(a, greedy(1))])
+    run(engine, [Request(b, greedy(1))])
+    assert engine.prefix.used_blocks == 4 and engine.prefix.evictions == 0
+    run(engine, [Request(a, greedy(1))])  # touch a: b is now least recently used
+    run(engine, [Request(c, greedy(1))])  # needs 2 blocks: evicts b's
+    assert engine.prefix.used_bytes <= cap and engine.prefix.evictions == 2
+    assert run(engine, [Request(a, greedy(1))])[0].usage.cached_tokens == 16
+    assert run(engine, [Request(c, greedy(1))])[0].usage.cached_tokens == 16
+    assert run(engine, [Request(b, greedy(1))])[0].usage.cached_tokens == 0
+
+
+def test_cancelled_request_leaves_at_the_next_step_and_frees_its_row(model, tokenizer):
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=4, max_seq_len=128, block_size=8))
+    ps = prompts(tokenizer, 3)
+    handles = [engine.submit(Request(p, greedy(50), ignore_eos=True)) for p in ps]
+    engine.step()
+    engine.step()
+    assert engine.num_running == 3 and engine.prefix.referenced_blocks > 0
+    handles[1].cancel()
+    engine.step()
+    assert engine.num_running == 2
+    handles[0].cancel()
+    handles[2].cancel()
+    engine.step()
+    assert engine.num_running == 0 and engine.prefix.referenced_blocks == 0
+    results = [Result.of(h) for h in handles]
+    assert [r.finish_reason for r in results] == ["abort"] * 3
+    # the survivors moved rows when row 1 left: their outputs still match a lone run
+    assert 2 <= results[2].usage.completion_tokens < 50
+
+
+def test_queue_full_and_context_length(model, tokenizer):
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=1, max_seq_len=32, max_waiting=2))
+    engine.submit(Request([1, 2, 3], greedy()))
+    engine.submit(Request([1, 2, 3], greedy()))
+    with pytest.raises(QueueFullError):
+        engine.submit(Request([1, 2, 3], greedy()))
+    with pytest.raises(ContextLengthError, match="maximum context length is 32"):
+        engine.submit(Request(list(range(30)), greedy(8)))
+    with pytest.raises(ValueError, match="vocabulary|\\[0, 8192\\)"):
+        engine.submit(Request([9999], greedy()))
+
+
+def test_stop_strings_seeds_and_stop_token_ids(model, tokenizer):
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=4, max_seq_len=128))
+    prompt = tokenizer.encode("once upon a time")
+    full, = run(engine, [Request(prompt, greedy(12), ignore_eos=True)])
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 3]
+    cut, = run(engine, [Request(prompt, greedy(12), stop=(stop,), ignore_eos=True)])
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+    by_id, = run(engine, [Request(prompt, SamplingParams(max_new_tokens=12, stop_token_ids=(full.token_ids[3],)),
+                                  ignore_eos=True)])
+    assert by_id.token_ids == full.token_ids[:4] and by_id.finish_reason == "stop"
+    hot = SamplingParams(max_new_tokens=10, temperature=1.5, seed=7)
+    x, y, z = run(engine, [Request(prompt, hot), Request(prompt, hot),
+                           Request(prompt, SamplingParams(max_new_tokens=10, temperature=1.5, seed=8))])
+    assert x.token_ids == y.token_ids != z.token_ids
+    penalised, = run(engine, [Request(prompt, SamplingParams(max_new_tokens=12, frequency_penalty=2.0,
+                                                             repetition_penalty=1.5), ignore_eos=True)])
+    assert len(penalised.token_ids) == 12
+
+
+def test_logprobs_and_prompt_logprobs_match_a_full_forward(model, tokenizer):
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=2, max_seq_len=128))
+    prompt = tokenizer.encode("the quick brown fox")
+    r, = run(engine, [Request(prompt, greedy(3), logprobs=2, prompt_logprobs=1, ignore_eos=True)])
+    ids = torch.tensor([prompt + r.token_ids])
+    with torch.no_grad():
+        logp = model(ids)[0].float().log_softmax(-1)  # [T, V]
+    expected = logp[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+    got = [lp.logprob for lp in r.prompt_logprobs[1:]] + [lp.logprob for lp in r.logprobs]
+    assert r.prompt_logprobs[0] is None
+    torch.testing.assert_close(torch.tensor(got), expected, atol=1e-4, rtol=1e-4)
+    assert all(lp.top[0][0] == lp.token_id and len(lp.top) == 2 for lp in r.logprobs)  # greedy: chosen = top 1
