@@ -1,0 +1,126 @@
+"""Model core on random tiny configs: absorbed vs naive MLA, cached decoding vs full forward, MoE dispatch vs the
+per-token reference, the latent cache's size, and the V3 preset's parameter counts."""
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.moe import MoE
+
+
+def tiny_model(**overrides) -> dsv3.Transformer:
+    torch.manual_seed(0)
+    model = dsv3.Transformer(dsv3.ModelConfig.tiny(**overrides)).eval()
+    with torch.no_grad():  # a non-zero router bias, so that selection-only use of it is exercised
+        for layer in model.model.layers:
+            if isinstance(layer.mlp, MoE) and layer.mlp.gate.e_score_correction_bias is not None:
+                layer.mlp.gate.e_score_correction_bias.normal_(std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("q_lora_rank", [32, None])
+def test_absorbed_equals_naive(q_lora_rank):
+    model = tiny_model(q_lora_rank=q_lora_rank)
+    ids = torch.randint(0, 1024, (3, 19))
+    with torch.no_grad():
+        naive, absorbed = model(ids, impl="naive"), model(ids, impl="absorb")
+    torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["auto", "naive", "absorb"])
+def test_cached_decoding_equals_full_forward(impl):
+    model = tiny_model()
+    ids = torch.randint(0, 1024, (2, 12))
+    cache = model.new_cache(batch_size=2, max_seq_len=16)
+    with torch.no_grad():
+        full = model(ids)
+        steps = [model(ids[:, :5], cache, 0, impl=impl)]
+        steps += [model(ids[:, t:t + 1], cache, t, impl=impl) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_per_row_positions_equal_separate_sequences():
+    """Rows of one cache at different lengths decode in one batched step exactly as they would alone."""
+    model = tiny_model()
+    a, b = torch.randint(0, 1024, (1, 7)), torch.randint(0, 1024, (1, 4))
+    cache = model.new_cache(batch_size=2, max_seq_len=16)
+    with torch.no_grad():
+        model(a[:, :-1], cache.rows(0), 0)
+        model(b[:, :-1], cache.rows(1), 0)
+        step = model(torch.cat([a[:, -1:], b[:, -1:]]), cache, torch.tensor([6, 3]))
+        torch.testing.assert_close(step[0, -1], model(a)[0, -1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(step[1, -1], model(b)[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_bytes_per_token():
+    config = dsv3.ModelConfig.tiny()
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = dsv3.KVCache(config, batch_size=2, max_seq_len=8, dtype=dtype)
+        expected = (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * dtype.itemsize
+        assert cache.bytes_per_token() == expected
+        assert cache.kv.numel() + cache.pe.numel() == expected // dtype.itemsize * 2 * 8
+
+
+def test_cache_overflow_is_an_error():
+    model = tiny_model()
+    cache = model.new_cache(batch_size=1, max_seq_len=4)
+    with pytest.raises(ValueError, match="max_seq_len=4"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache, 0)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # noaux_tc with groups
+    dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False),
+    dict(scoring_func="softmax", topk_method="group_limited_greedy", n_routed_experts=8, n_group=4, topk_group=2),
+])
+def test_grouped_dispatch_equals_per_token_reference(overrides):
+    model = tiny_model(**overrides)
+    moe = model.model.layers[-1].mlp
+    x = torch.randn(23, model.config.hidden_size)
+    with torch.no_grad():
+        weights, indices, _ = moe.gate(x)
+        torch.testing.assert_close(moe.routed(x, weights, indices), moe.routed_reference(x, weights, indices))
+
+
+def test_router_bias_selects_but_does_not_weight():
+    """noaux_tc: a huge bias on expert 0 makes every token pick it, yet its weight is the unbiased affinity."""
+    model = tiny_model(n_group=1, topk_group=1)
+    gate = model.model.layers[-1].mlp.gate
+    x = torch.randn(5, model.config.hidden_size)
+    with torch.no_grad():
+        gate.e_score_correction_bias.zero_()
+        gate.e_score_correction_bias[0] = 100.0
+        weights, indices, s = gate(x)
+    assert (indices == 0).any(dim=1).all()
+    unnormalised = s.gather(1, indices)
+    expected = unnormalised / unnormalised.sum(-1, keepdim=True) * model.config.routed_scaling_factor
+    torch.testing.assert_close(weights, expected)
+
+
+def test_group_limited_routing_keeps_chosen_groups_only():
+    model = tiny_model(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    gate = model.model.layers[-1].mlp.gate
+    with torch.no_grad():
+        _, indices, _ = gate(torch.randn(64, model.config.hidden_size))
+    groups_used = (indices // 4).sort(dim=1).values
+    assert all(len(set(row.tolist())) <= 2 for row in groups_used)
+
+
+def test_mtp_head_runs_and_is_separate():
+    model = tiny_model()
+    ids = torch.randint(0, 1024, (2, 9))
+    with torch.no_grad():
+        logits, hidden = model(ids, return_hidden=True)
+        mtp = model.mtp_logits(hidden[:, :-1], ids)
+    assert logits.shape == (2, 9, 1024) and mtp.shape == (2, 8, 1024)
+    assert not torch.allclose(mtp, logits[:, 1:])
+
+
+def test_v3_preset_parameter_counts():
+    """671B total and ~37B activated per token (DeepSeek-V3 README: 671B / 37B), built on the meta device."""
+    with torch.device("meta"):
+        model = dsv3.Transformer(dsv3.ModelConfig.v3())
+    total, active = model.num_parameters(), model.num_parameters(activated=True)
+    assert round(total / 1e9) == 671
+    assert 36.5e9 < active < 38e9
+    assert round(model.num_parameters(include_mtp=True) / 1e9, 1) == 682.6  # + the 11.5B MTP module
