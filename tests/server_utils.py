@@ -13,6 +13,7 @@ import uvicorn
 
 import dsv3
 from dsv3 import ModelConfig, Transformer, save_pretrained
+from dsv3.server.cli import uvicorn_config
 
 BUNDLED = Path(dsv3.__file__).parent / "bundled"
 MODEL_NAME = "tiny-test"
@@ -45,7 +46,8 @@ class ServerThread:
 
     def __init__(self, app, **config) -> None:
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+        self.app = app
+        self.server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -54,9 +56,22 @@ class ServerThread:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("the test server did not start")
             time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if config.get("ssl_certfile") else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+class Shout:
+    """A test plugin: upper-cases the output; a user message "boom" makes pre_process fail (the 500 path)."""
+
+    def pre_process(self, messages):
+        if any(m["content"] == "boom" for m in messages):
+            raise RuntimeError("plugin failure with a secret detail")
+        return messages
+
+    def post_process(self, text):
+        return text.upper()

@@ -107,13 +107,22 @@ def serve(args) -> int:
     if bool(options["ssl_certfile"]) != bool(options["ssl_keyfile"]):
         raise SystemExit("--ssl-certfile and --ssl-keyfile go together")
     app = build_app(options)
-    config = uvicorn.Config(app, host=options["host"], port=options["port"], log_level=options["log_level"],
+    config = uvicorn_config(app, host=options["host"], port=options["port"], log_level=options["log_level"],
                             ssl_certfile=options["ssl_certfile"], ssl_keyfile=options["ssl_keyfile"])
+    uvicorn.Server(config).run()
+    return 0
+
+
+def uvicorn_config(app, **kwargs):
+    """uvicorn.Config(app, **kwargs), loaded, with TLS 1.3 as the minimum protocol when TLS is on (uvicorn has no
+    option for a minimum version, so it is set on the SSL context uvicorn built)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, **kwargs)
     config.load()
     if config.ssl is not None:
         config.ssl.minimum_version = ssl.TLSVersion.TLSv1_3
-    uvicorn.Server(config).run()
-    return 0
+    return config
 
 
 def token_create(args) -> int:

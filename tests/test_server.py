@@ -1,0 +1,256 @@
+"""The OpenAI-compatible server, driven by the clients users have: the openai SDK (sync, async, streaming),
+LangChain's ChatOpenAI and lm-eval's local-completions, plus errors, security, metrics and malformed input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from dsv3.cli import main as dsv3_main
+from dsv3.plugins import RedactEmails
+from dsv3.server import build_app, create_token
+from dsv3.server.cli import DEFAULTS
+
+from server_utils import MODEL_NAME, ServerThread, make_model_dir
+
+KEY = "sk-test-key-123"
+USER = [{"role": "user", "content": "Tell me about the cat."}]
+
+
+def options(model_dir, **overrides):
+    return {**DEFAULTS, "model": str(model_dir), "served_model_name": MODEL_NAME, "api_key": [KEY],
+            "max_seq_len": 256, "max_batch": 8, "block_size": 16, **overrides}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    return make_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    srv = ServerThread(build_app(options(model_dir, rate_limit=10_000)))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
+
+
+def engine_of(server):
+    return server.app.state.dsv3.engine
+
+
+def wait_idle(engine, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while (engine.num_running or engine.num_waiting) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+def test_models_health_metrics_and_request_ids(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL_NAME]
+    assert client.models.retrieve(MODEL_NAME).owned_by == "dsv3"
+    with pytest.raises(openai.NotFoundError) as error:
+        client.models.retrieve("no-such-model")
+    assert error.value.code == "model_not_found"
+    for path in ("/health", "/metrics", "/v1/models", "/nope"):  # public, public, 401 without a key, 404
+        response = httpx.get(server.url + path)
+        assert response.status_code == {"/health": 200, "/metrics": 200, "/v1/models": 401, "/nope": 404}[path]
+        assert len(response.headers["x-request-id"]) >= 16
+    echoed = httpx.get(server.url + "/health", headers={"x-request-id": "my-trace-1"})
+    assert echoed.headers["x-request-id"] == "my-trace-1"
+
+
+def test_chat_completion_non_streaming(client):
+    r = client.chat.completions.create(model=MODEL_NAME, messages=USER, max_completion_tokens=5, temperature=0,
+                                       logprobs=True, top_logprobs=2, n=2, seed=3)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r._request_id
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "length"
+    assert r.choices[0].message.content == r.choices[1].message.content  # greedy: both choices agree
+    assert len(r.choices[0].logprobs.content) == 5 and len(r.choices[0].logprobs.content[0].top_logprobs) == 2
+    assert r.usage.completion_tokens == 10 and r.usage.total_tokens == r.usage.prompt_tokens + 10
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    # content as a list of text parts, a null assistant content, a developer message; extra fields ignored
+    r2 = client.chat.completions.create(
+        model=MODEL_NAME, max_tokens=3, temperature=0,
+        messages=[{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                  {"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+                  {"role": "user", "content": [{"type": "text", "text": "again"}]}],
+        extra_body={"top_k": 5, "some_unknown_field": {"x": 1}}, stop=["\n\n"], presence_penalty=0.5, user="u1")
+    assert r2.usage.completion_tokens <= 3
+
+
+def test_chat_streaming_matches_non_streaming(client):
+    args = dict(model=MODEL_NAME, messages=USER, max_tokens=6, temperature=0)
+    plain = client.chat.completions.create(**args)
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens is not None
+
+
+def test_async_client(server):
+    async def go():
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
+        r = await client.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=4, temperature=0)
+        stream = await client.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=4,
+                                                      temperature=0, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        return r.choices[0].message.content, text
+
+    plain, streamed = asyncio.run(go())
+    assert plain == streamed and plain
+
+
+def test_legacy_completions(client):
+    r = client.completions.create(model=MODEL_NAME, prompt=[[0, 500, 600], [0, 700]], max_tokens=3, n=2,
+                                  temperature=0, logprobs=1)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3] and r.choices[0].text == r.choices[1].text
+    assert r.usage.prompt_tokens == 5 and r.usage.completion_tokens == 12
+    assert len(r.choices[0].logprobs.token_logprobs) == 3
+    scored = client.completions.create(model=MODEL_NAME, prompt="the cat sat", max_tokens=0, echo=True,
+                                       logprobs=1, temperature=0)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == "the cat sat" and lp.token_logprobs[0] is None
+    assert len(lp.tokens) == scored.usage.prompt_tokens and all(x < 0 for x in lp.token_logprobs[1:])
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL_NAME, prompt="the cat sat", max_tokens=4, temperature=0, stream=True) if c.choices)
+    assert text == client.completions.create(model=MODEL_NAME, prompt="the cat sat", max_tokens=4,
+                                             temperature=0).choices[0].text
+
+
+def test_multi_turn_chat_reports_cached_tokens(client):
+    messages = [{"role": "system", "content": "You are a helpful assistant who knows about cats. " * 6},
+                {"role": "user", "content": "Hello!"}]
+    first = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=4, temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And then?"}]
+    second = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=4, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens - 16 and cached % 16 == 0
+    assert second.usage.prompt_cache_hit_tokens == cached
+    assert second.usage.prompt_cache_miss_tokens == second.usage.prompt_tokens - cached
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_bad_requests_are_400_in_openai_shape(server, client):
+    cases = [
+        (dict(messages=[]), None),
+        (dict(messages=[{"role": "wizard", "content": "hi"}]), None),
+        (dict(messages=USER, temperature=5), None),  # FastAPI's 422 becomes 400
+        (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), None),
+        (dict(messages=[{"role": "user", "content": "hi " * 300}], max_tokens=10), "context_length_exceeded"),
+        (dict(messages=USER, max_tokens=300), "context_length_exceeded"),
+    ]
+    for kwargs, code in cases:
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model=MODEL_NAME, **kwargs)
+        assert error.value.code == code and error.value.body["message"]
+    with pytest.raises(openai.BadRequestError, match="text-only"):
+        client.chat.completions.create(model=MODEL_NAME, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}])
+    response = httpx.post(server.base_url + "/chat/completions", content=b"{not json",
+                          headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert response.status_code == 400 and set(response.json()["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.NotFoundError) as error:
+        client.chat.completions.create(model="gpt-4o", messages=USER)
+    assert error.value.code == "model_not_found"
+
+
+def test_authentication_and_signed_tokens(server, capsys):
+    def call(key):
+        c = openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0)
+        return c.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=1)
+
+    with pytest.raises(openai.AuthenticationError):
+        call("wrong-key")
+    assert call(create_token(KEY, 60)).usage.completion_tokens == 1
+    with pytest.raises(openai.AuthenticationError):
+        call(create_token(KEY, -5))  # expired
+    good = create_token(KEY, 60)
+    with pytest.raises(openai.AuthenticationError):
+        call(good[:-1] + ("0" if good[-1] != "0" else "1"))  # tampered signature
+    with pytest.raises(openai.AuthenticationError):
+        call(good.replace(good.split(".")[2], str(int(good.split(".")[2]) + 3600)))  # extended expiry
+    with pytest.raises(openai.AuthenticationError):
+        call(create_token("another-key", 60))
+    assert dsv3_main(["token", "create", "--api-key", KEY, "--expires-in", "120"]) == 0
+    assert call(capsys.readouterr().out.strip()).usage.completion_tokens == 1
+
+
+def test_rate_limit_queue_full_plugin_failure_and_allowlist(model_dir):
+    strict = ServerThread(build_app(options(model_dir, rate_limit=2, rate_burst=2, plugin=["server_utils:Shout"],
+                                            max_batch=1, max_waiting=1)))
+    blocked = ServerThread(build_app(options(model_dir, allow_cidr=["10.0.0.0/8"])))
+    try:
+        c = openai.OpenAI(base_url=strict.base_url, api_key=KEY, max_retries=0)
+        r = c.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=4, temperature=0)
+        assert r.choices[0].message.content == r.choices[0].message.content.upper()  # post_process ran
+        with pytest.raises(openai.InternalServerError) as error:
+            c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "boom"}])
+        assert "secret" not in str(error.value.body) and error.value.response.headers["x-request-id"] in str(
+            error.value.body)
+        with pytest.raises(openai.RateLimitError) as error:
+            c.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=1)
+        assert int(error.value.response.headers["retry-after"]) >= 1
+        time.sleep(1.1)
+        # queue full: at most one choice running and one waiting; the third gets 503 with Retry-After
+        body = dict(model=MODEL_NAME, messages=USER, max_tokens=100, ignore_eos=True, n=3)
+        response = httpx.post(strict.base_url + "/chat/completions", json=body,
+                              headers={"authorization": f"Bearer {KEY}"}, timeout=60)
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        with pytest.raises(openai.PermissionDeniedError):
+            openai.OpenAI(base_url=blocked.base_url, api_key=KEY, max_retries=0).models.list()
+        assert httpx.get(blocked.url + "/health").status_code == 403
+    finally:
+        strict.stop()
+        blocked.stop()
+
+
+def test_example_plugin_redacts_emails(model_dir, server):
+    plugin = RedactEmails()
+    assert plugin.post_process("mail bob@example.com now") == "mail [email] now"
+    assert plugin.pre_process([{"role": "user", "content": "a.b@c.org"}])[0]["content"] == "[email]"
+    tokenizer = server.app.state.dsv3.tokenizer
+    redacted = len(tokenizer.apply_chat_template([{"role": "user", "content": "write to [email]"}],
+                                                 add_generation_prompt=True))
+    with_plugin = ServerThread(build_app(options(model_dir, plugin=["dsv3.plugins:RedactEmails"])))
+    try:
+        c = openai.OpenAI(base_url=with_plugin.base_url, api_key=KEY, max_retries=0)
+        r = c.chat.completions.create(model=MODEL_NAME, max_tokens=1,
+                                      messages=[{"role": "user", "content": "write to someone.long@example.com"}])
+        assert r.usage.prompt_tokens == redacted
+    finally:
+        with_plugin.stop()
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def test_metrics_count_requests_tokens_and_never_show_keys(server, client):
+    client.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=2)
+    text = httpx.get(server.url + "/metrics").text
+    assert KEY not in text
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples["dsv3:prompt_tokens_total"] > 0 and samples["dsv3:generation_tokens_total"] >= 2
+    assert samples["dsv3:time_to_first_token_seconds_count"] >= 1
+    assert samples['dsv3:http_requests_total{endpoint="/v1/chat/completions",method="POST",status="200"}'] >= 1
+    assert "dsv3:num_requests_running" in samples and "dsv3:num_requests_waiting" in samples
+    assert samples["dsv3:prefix_cache_hits_tokens"] <= samples["dsv3:prefix_cache_queries_tokens"]
