@@ -98,6 +98,21 @@ def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+def load_tokens(*, tokenizer, tokenizer_dir: str | Path, cache_dir: str | Path, files: Sequence[str | Path] = (),
+                doc_split: DocSplit = "line", dataset: str | None = None, split: str = "train",
+                text_column: str = "text", dataset_config: str | None = None) -> np.ndarray:
+    """Token stream of text `files` or of a `datasets` dataset, tokenized once and cached in cache_dir as .npy."""
+    if bool(files) == bool(dataset):
+        raise ValueError("give exactly one of files or dataset")
+    key: dict = {"tokenizer": tokenizer_fingerprint(tokenizer_dir), "doc_split": doc_split}
+    if files:
+        key["files"] = [file_fingerprint(f) for f in files]
+        return cached_tokens(cache_dir, key, lambda: tokenize(read_documents(files, doc_split), tokenizer))
+    key["dataset"] = [dataset, dataset_config, split, text_column]
+    return cached_tokens(cache_dir, key, lambda: tokenize(
+        dataset_documents(dataset, split, text_column, dataset_config), tokenizer))
+
+
 def split_holdout(tokens: np.ndarray, fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out): the last `fraction` of the stream, rounded to whole sequences, is held out."""
     if not 0.0 < fraction < 1.0:

@@ -13,15 +13,11 @@ plus `optimizer.pt` and `trainer_state.json`, written into a temporary directory
 from __future__ import annotations
 
 import argparse
-import base64
-import csv
 import dataclasses
 import json
 import math
-import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import load_pretrained, save_pretrained
+from .checkpoint import load_pretrained
 from .data import EpochSampler, PackedSequences
 from .model import Transformer
 from .moe import MoE
+from .train_state import MetricsLog, checkpoints, load_checkpoint, rng_state, save_checkpoint
 
 
 @dataclass(kw_only=True)
@@ -175,96 +172,6 @@ def evaluate(model: Transformer, data: PackedSequences, cfg: TrainConfig, device
     return float(total) / count
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-def _rng_state() -> dict:
-    def b64(t: torch.Tensor) -> str:
-        return base64.b64encode(t.numpy().tobytes()).decode()
-
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {"torch": b64(torch.get_rng_state()),
-            "cuda": [b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "python": [py_state[0], list(py_state[1]), py_state[2]]}
-
-
-def _set_rng_state(state: dict) -> None:
-    def tensor(s: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-
-    torch.set_rng_state(tensor(state["torch"]))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
-    np_state = state["numpy"]
-    np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-
-
-def save_checkpoint(target: Path, model: Transformer, optimizer: torch.optim.Optimizer, state: dict,
-                    extra_files: Sequence[str | Path] = ()) -> None:
-    """Write the whole checkpoint into a temp dir beside `target`, then rename it: never a partial checkpoint."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    try:
-        save_pretrained(model, tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
-        for f in extra_files:
-            shutil.copy2(f, tmp / Path(f).name)
-        if target.exists():  # a directory cannot be os.replace'd over a non-empty one: move the old aside first
-            old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in out_dir, oldest first."""
-    found = [p for p in Path(out_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def _load_checkpoint(path: Path, model: Transformer, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> dict:
-    state = json.loads((path / "trainer_state.json").read_text())
-    for key in ("seq_len", "batch_size", "seed"):  # these fix the data order: changing them breaks the curve
-        if state["train_config"][key] != getattr(cfg, key):
-            raise ValueError(f"--resume: {path} was trained with {key}={state['train_config'][key]}, "
-                             f"the config now says {getattr(cfg, key)}")
-    weights = load_pretrained(path, dtype=next(model.parameters()).dtype)
-    model.load_state_dict(weights.state_dict())
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    _set_rng_state(state["rng"])
-    return state
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-class MetricsLog:
-    """Appends one record per log step to metrics.jsonl (everything) and metrics.csv (scalars)."""
-
-    def __init__(self, out_dir: Path, layer_names: list[str], resume_step: int | None) -> None:
-        self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
-        self.fields = ["step", "loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s",
-                       "maxvio", *[f"maxvio/{n}" for n in layer_names], "eval_loss"]
-        kept = []
-        if resume_step is not None and self.jsonl.is_file():  # drop records past the checkpoint we resume from
-            kept = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= resume_step]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        with self.csv.open("w", newline="") as f:
-            writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(kept)
-
-    def append(self, record: dict) -> None:
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        with self.csv.open("a", newline="") as f:
-            csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(record)
-
-
 # ---------------------------------------------------------------------------------------------- the loop
 def _device_and_autocast(cfg: TrainConfig):
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -277,7 +184,8 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=False, foreach=True)
+    cuda = params[0].device.type == "cuda"  # fused kernel on GPU; multi-tensor (foreach) updates on CPU
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=cuda or None, foreach=None if cuda else True)
 
 
 def train(model: Transformer, cfg: TrainConfig, train_data, eval_data=None, *, resume: bool = False,
@@ -302,7 +210,7 @@ def train(model: Transformer, cfg: TrainConfig, train_data, eval_data=None, *, r
         found = checkpoints(out_dir)
         if not found:
             raise FileNotFoundError(f"--resume: no checkpoint-* directory with trainer_state.json in {out_dir}")
-        state = _load_checkpoint(found[-1], model, optimizer, cfg)
+        state = load_checkpoint(found[-1], model, optimizer, cfg.to_dict())
         step, position = state["step"], state["data_position"]
     else:
         random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
@@ -363,7 +271,7 @@ def train(model: Transformer, cfg: TrainConfig, train_data, eval_data=None, *, r
             sums, n_since = {}, 0
             t0 = time.perf_counter()
         if (cfg.save_every and step % cfg.save_every == 0) or is_last:
-            state = {"step": step, "data_position": position, "rng": _rng_state(),
+            state = {"step": step, "data_position": position, "rng": rng_state(),
                      "train_config": cfg.to_dict()}
             save_checkpoint(out_dir / f"checkpoint-{step:06d}", model, optimizer, state, extra_files)
             if cfg.keep_checkpoints:
@@ -424,19 +332,6 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def _tokens(args: argparse.Namespace, tokenizer, tokenizer_dir: Path, files, cache_dir: Path) -> np.ndarray:
-    from . import data
-
-    key = {"tokenizer": data.tokenizer_fingerprint(tokenizer_dir), "doc_split": args.doc_split}
-    if files:
-        key["files"] = [data.file_fingerprint(f) for f in files]
-        return data.cached_tokens(cache_dir, key, lambda: data.tokenize(data.read_documents(files, args.doc_split),
-                                                                        tokenizer))
-    key["dataset"] = [args.dataset, args.dataset_config, args.split, args.text_column]
-    docs = lambda: data.dataset_documents(args.dataset, args.split, args.text_column, args.dataset_config)
-    return data.cached_tokens(cache_dir, key, lambda: data.tokenize(docs(), tokenizer))
-
-
 def run(args: argparse.Namespace) -> int:
     """`dsv3 train`: build or load the model, tokenize (cached), train, report where the checkpoint is."""
     from . import data
@@ -462,10 +357,15 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise SystemExit(f"dsv3 train: the tokenizer in {tok_dir} has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {model.config.vocab_size}")
-    tokens = _tokens(args, tokenizer, tok_dir, args.data, out / "data")
+    source = dict(tokenizer=tokenizer, tokenizer_dir=tok_dir, cache_dir=out / "data", doc_split=args.doc_split)
+    if args.data:
+        tokens = data.load_tokens(files=args.data, **source)
+    else:
+        tokens = data.load_tokens(dataset=args.dataset, split=args.split, text_column=args.text_column,
+                                  dataset_config=args.dataset_config, **source)
     eval_tokens = None
     if args.eval_data:
-        eval_tokens = _tokens(args, tokenizer, tok_dir, args.eval_data, out / "data")
+        eval_tokens = data.load_tokens(files=args.eval_data, **source)
     elif args.eval_fraction > 0:
         tokens, eval_tokens = data.split_holdout(tokens, args.eval_fraction, cfg.seq_len)
     n_params = model.num_parameters(include_mtp=True)

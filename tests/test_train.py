@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from dsv3 import ModelConfig, Transformer
 from dsv3 import data as data_mod
 from dsv3 import train as train_mod
+from dsv3 import train_state
 from dsv3.moe import MoE
 from dsv3.train import TrainConfig, compute_loss, lr_at, train, update_router_bias
 
@@ -36,14 +37,15 @@ def biases(model: Transformer) -> torch.Tensor:
 
 
 def test_loss_falls_and_metrics_are_written(tmp_path):
-    cfg = config(tmp_path, steps=12, eval_every=6, eval_batches=2)
+    cfg = config(tmp_path, steps=8, eval_every=4, eval_batches=2)
     history = train(tiny_model(), cfg, TOKENS, TOKENS[:500], progress=False)
     losses = [r["lm_loss"] for r in history]
-    assert losses[-1] < 0.6 * losses[0]
-    assert [r["step"] for r in history] == list(range(1, 13))
-    assert "eval_loss" in history[5] and "eval_loss" in history[11] and "eval_loss" not in history[6]
+    assert losses[-1] < np.log(32) - 0.5 < losses[0]  # from above ln(vocab) to well below the unigram entropy
+    assert [r["step"] for r in history] == list(range(1, 9))
+    assert "eval_loss" in history[3] and "eval_loss" in history[7] and "eval_loss" not in history[4]
+    assert history[7]["eval_loss"] < history[3]["eval_loss"]
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["step"] for r in rows] == list(range(1, 13))
+    assert [json.loads(r)["step"] for r in rows] == list(range(1, 9))
     header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
     for name in ("step", "loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s",
                  "maxvio", "maxvio/model.layers.1.mlp", "eval_loss"):
@@ -123,11 +125,9 @@ def test_lr_schedule():
 
 def test_deterministic_and_resume_equals_uninterrupted(tmp_path):
     straight = train(tiny_model(), config(tmp_path / "a", save_every=3), TOKENS, progress=False)
-    again = train(tiny_model(), config(tmp_path / "b", save_every=3), TOKENS, progress=False)
-    assert [r["loss"] for r in straight] == [r["loss"] for r in again]
-
     cfg = config(tmp_path / "c", save_every=3)
     first = train(tiny_model(), cfg, TOKENS, stop_at=3, progress=False)
+    assert [r["loss"] for r in first] == [r["loss"] for r in straight[:3]]  # same seed, same curve, bit for bit
     resumed = train(tiny_model(seed=123), cfg, TOKENS, resume=True, progress=False)  # weights come from disk
     assert [r["step"] for r in first + resumed] == list(range(1, 7))
     for a, b in zip(straight[3:], resumed):
@@ -143,13 +143,13 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     model = tiny_model()
     train(model, cfg, TOKENS, stop_at=1, progress=False)
     run = Path(cfg.out_dir)
-    assert [p.name for p in train_mod.checkpoints(run)] == ["checkpoint-000001"]
+    assert [p.name for p in train_state.checkpoints(run)] == ["checkpoint-000001"]
     before = (run / "checkpoint-000001" / "model.safetensors").read_bytes()
 
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(train_mod.torch, "save", broken_save)
+    monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         train(model, cfg, TOKENS, resume=True, progress=False)
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-000001"]  # no partial, no temp dir
@@ -186,4 +186,4 @@ def test_cli_trains_from_text_and_caches_tokens(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(data_mod, "tokenize", no_tokenizing)
     assert train_mod.main([*args, "--steps", "3", "--resume"]) == 0
-    assert train_mod.checkpoints(out)[-1].name == "checkpoint-000003"
+    assert train_state.checkpoints(out)[-1].name == "checkpoint-000003"
