@@ -60,7 +60,7 @@ def stream_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
     B, T = input_ids.shape
     base = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                          repetition_penalty=repetition_penalty, stop_token_ids=tuple(stop_token_ids), seed=seed)
+                          repetition_penalty=repetition_penalty, stop_token_ids=stop_token_ids, seed=seed)
     params = [replace(base, seed=None if seed is None else seed + b) for b in range(B)]
     limit = model.config.max_position_embeddings
     if T + max_new_tokens > limit:

@@ -100,7 +100,7 @@ def test_seeded_sampling_is_reproducible(model, prompt):
     (dict(top_k=-3), "top_k"), (dict(presence_penalty=2.5), "presence_penalty"),
     (dict(frequency_penalty=-3.0), "frequency_penalty"), (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=5000), "max_new_tokens"),
-    (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(seed="x"), "seed"), (dict(pad_token_id=-1), "pad_token_id"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(stop_token_ids=1), "stop_token_ids"), (dict(seed="x"), "seed"), (dict(pad_token_id=-1), "pad_token_id"),
     (dict(input_ids=torch.zeros(1, 3)), "input_ids"), (dict(input_ids=torch.zeros(3, dtype=torch.long)), "input_ids"),
     (dict(input_ids=torch.full((1, 3), 1024)), "input_ids"),
 ])
