@@ -1,0 +1,229 @@
+"""The two MMLU backends: an in-process dsv3 model and an OpenAI-compatible `/v1/completions` server.
+
+Both answer, per subject, either
+- `loglikelihoods(prefix, contexts)` -> [N, 4]: log p(" A" | ctx) ... log p(" D" | ctx), or
+- `generate(prefix, contexts, max_tokens)` -> N strings (greedy), for generative scoring.
+Every context starts with `prefix` (the subject header + exemplars), which the in-process model computes once.
+
+Tokenisation follows lm-eval's `TemplateLM._encode_pair` (lm_eval/api/model.py): trailing context whitespace moves
+into the continuation, then `ctx_enc = encode(ctx)`, `whole = encode(ctx + cont)`, `cont_enc = whole[len(ctx_enc):]`,
+and the model reads `(ctx_enc + cont_enc)[:-1]`, left-truncated to `max_length` tokens like HFLM. So " A" is scored
+as the token(s) the tokenizer produces for it after "Answer:", never a standalone "A" (reference sheet §1.5).
+The server backend applies the same rule with the server's tokenizer: it sends `ctx` and `ctx + cont` and takes
+the continuation as the tokens past the context's length.
+"""
+
+from __future__ import annotations
+
+import warnings
+from urllib.parse import urlparse
+
+import torch
+
+from .mmlu_data import LETTERS
+
+CONTINUATIONS = tuple(f" {letter}" for letter in LETTERS)
+
+
+def _split_space(context: str, continuation: str) -> tuple[str, str]:
+    n = len(context) - len(context.rstrip())
+    return (context[:-n], context[-n:] + continuation) if n else (context, continuation)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ModelScorer:
+    """In-process scoring with a dsv3 `Transformer` and `Tokenizer`.
+
+    Per subject the longest token prefix shared by every request (header + exemplars, up to where tokenisation of
+    the question starts) runs once into a batch-1 latent cache; its latents are copied into every row of a batch
+    cache, and each batch then runs only the question tokens from `start_pos = p`. Rows whose input must be
+    left-truncated (longer than max_length) run alone from position 0. Only the positions that are scored go
+    through the LM head.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None) -> None:
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.max_length = max_length or model.config.max_position_embeddings
+        self.device = model.lm_head.weight.device
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        context, continuation = _split_space(context, continuation)
+        ctx = self.tokenizer.encode(context)
+        return ctx, self.tokenizer.encode(context + continuation)[len(ctx):]
+
+    @torch.no_grad()
+    def loglikelihoods(self, prefix: str, contexts: list[str]) -> list[list[float]]:
+        # rows: unique model inputs; requests[(q, c)] = (row, continuation ids)
+        rows: dict[tuple[int, ...], int] = {}
+        requests, truncated = {}, set()
+        for q, context in enumerate(contexts):
+            for c, cont in enumerate(CONTINUATIONS):
+                ctx_enc, cont_enc = self._encode_pair(context, cont)
+                if not cont_enc:
+                    raise ValueError(f"continuation {cont!r} tokenised to nothing after context ...{context[-40:]!r}")
+                whole = ctx_enc + cont_enc
+                inp = tuple(whole[-(self.max_length + 1):][:-1])
+                requests[q, c] = (rows.setdefault(inp, len(rows)), cont_enc)
+                if len(whole) > self.max_length + 1:
+                    truncated.add(rows[inp])
+        inputs = list(rows)
+        scored = [[] for _ in inputs]  # positions whose logits are needed, per row: first one scored
+        for (q, c), (r, cont) in requests.items():
+            scored[r].append(len(inputs[r]) - len(cont))
+        first_scored = [min(s) for s in scored]
+        token_lp = self._run(self.tokenizer.encode(prefix), inputs, first_scored, truncated)
+        out = [[0.0] * len(LETTERS) for _ in contexts]
+        for (q, c), (r, cont) in requests.items():
+            lp = token_lp[r]  # [L_r - first_r, V] log-probs for positions first_r .. L_r - 1
+            start = len(inputs[r]) - len(cont) - first_scored[r]
+            out[q][c] = float(sum(lp[start + i, t] for i, t in enumerate(cont)))
+        return out
+
+    def _run(self, prefix_ids: list[int], inputs: list[tuple[int, ...]], first: list[int],
+             truncated: set[int]) -> list[torch.Tensor]:
+        """Log-softmax at positions first[r]..len-1 of each input row (fp32 [n_r, V] tensors)."""
+        if truncated:
+            warnings.warn(f"{len(truncated)} MMLU inputs exceed max_length={self.max_length} tokens and are "
+                          f"left-truncated (as lm-eval does)")
+        full = [r for r in range(len(inputs)) if r not in truncated]
+        # shared prefix length p: common to all full rows, and leaving every scored position to be computed
+        p = min([_common_prefix(prefix_ids, inputs[r]) for r in full] + [first[r] for r in full], default=0)
+        out: list[torch.Tensor | None] = [None] * len(inputs)
+        for r in truncated:
+            out[r] = self._batch([inputs[r]], [first[r]], 0, None)[0]
+        if not full:
+            return out
+        longest = max(len(inputs[r]) for r in full)
+        cache = self.model.new_cache(min(self.batch_size, len(full)), longest)
+        if p:
+            prefix_cache = self.model.new_cache(1, p)
+            self.model.hidden_states(torch.tensor([inputs[full[0]][:p]], device=self.device), prefix_cache, 0)
+            cache.kv[:, :, :p] = prefix_cache.kv[:, :, :p]
+            cache.pe[:, :, :p] = prefix_cache.pe[:, :, :p]
+        order = sorted(full, key=lambda r: -len(inputs[r]))  # similar lengths together: little padding
+        for i in range(0, len(order), self.batch_size):
+            batch = order[i:i + self.batch_size]
+            results = self._batch([inputs[r] for r in batch], [first[r] for r in batch], p,
+                                  cache.rows(slice(0, len(batch))))
+            for r, lp in zip(batch, results):
+                out[r] = lp
+        return out
+
+    def _batch(self, inputs, first, p: int, cache) -> list[torch.Tensor]:
+        """Run inputs[b][p:] (right-padded) from start_pos p; log-probs at positions first[b]..len-1."""
+        width = max(len(x) for x in inputs) - p
+        ids = torch.zeros(len(inputs), width, dtype=torch.long)
+        for b, x in enumerate(inputs):
+            ids[b, :len(x) - p] = torch.tensor(x[p:])
+        if cache is None:
+            cache = self.model.new_cache(len(inputs), width)
+        hidden = self.model.hidden_states(ids.to(self.device), cache, p)  # [B, width, D]
+        out = []
+        for b, x in enumerate(inputs):
+            logits = self.model.lm_head(hidden[b, first[b] - p:len(x) - p])
+            out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+        return out
+
+    @torch.no_grad()
+    def generate(self, prefix: str, contexts: list[str], max_tokens: int = 4) -> list[str]:
+        """Greedy continuation of each context, stopping at a newline or EOS (lm-eval mmlu_generative: until "\\n")."""
+        texts = []
+        for context in contexts:  # one at a time: the answers are a few tokens, the prompt dominates
+            ids = self.tokenizer.encode(context)[-(self.max_length - max_tokens):]
+            cache = self.model.new_cache(1, len(ids) + max_tokens)
+            logits = self.model(torch.tensor([ids], device=self.device), cache, 0)[:, -1]
+            new: list[int] = []
+            for step in range(max_tokens):
+                token = int(logits.argmax(-1))
+                if token == self.tokenizer.eos_token_id or "\n" in self.tokenizer.decode(new + [token]):
+                    break
+                new.append(token)
+                logits = self.model(torch.tensor([[token]], device=self.device), cache, len(ids) + step)[:, -1]
+            texts.append(self.tokenizer.decode(new, skip_special_tokens=True))
+        return texts
+
+
+class ServerError(RuntimeError):
+    """The OpenAI-compatible server was unreachable or answered something unusable."""
+
+
+class APIScorer:
+    """Scoring through an OpenAI-compatible server's legacy `/v1/completions` endpoint.
+
+    Log-likelihood: `echo=True, logprobs=1, max_tokens=0` returns one log-prob per prompt token
+    (`choices[i].logprobs.token_logprobs`, the first may be null). Generative: `max_tokens`, `temperature=0`,
+    `stop=["\\n"]`, reading `choices[i].text`. api_base is the OpenAI base URL, e.g. http://localhost:8000/v1
+    (a bare host:port gets /v1 appended).
+    """
+
+    def __init__(self, api_base: str, model: str = "dsv3", api_key: str | None = None, batch_size: int = 16,
+                 timeout: float = 600.0) -> None:
+        import httpx  # optional dependency (dsv3[server])
+
+        base = api_base.rstrip("/")
+        if urlparse(base).path in ("", "/"):
+            base += "/v1"
+        self.url = base + "/completions"
+        self.model, self.batch_size = model, batch_size
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(headers=headers, timeout=timeout)
+        self._httpx = httpx
+
+    def _post(self, payload: dict) -> list[dict]:
+        try:
+            response = self._client.post(self.url, json={"model": self.model, **payload})
+        except self._httpx.TransportError as e:
+            raise ServerError(f"cannot reach {self.url}: {e.__class__.__name__}: {e}. Is the server running "
+                              f"(e.g. `dsv3 serve`), and is --api-base its OpenAI base URL (http://HOST:PORT/v1)?") from None
+        if response.status_code != 200:
+            raise ServerError(f"{self.url} answered HTTP {response.status_code}: {response.text[:300]}")
+        try:
+            choices = sorted(response.json()["choices"], key=lambda c: c.get("index", 0))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ServerError(f"{self.url}: response is not a completions object with 'choices' ({e})") from None
+        if len(choices) != len(payload["prompt"]):
+            raise ServerError(f"{self.url}: sent {len(payload['prompt'])} prompts, got {len(choices)} choices")
+        return choices
+
+    def _echo_logprobs(self, prompts: list[str]) -> list[list[float]]:
+        out = []
+        for i in range(0, len(prompts), self.batch_size):
+            chunk = prompts[i:i + self.batch_size]
+            for choice in self._post({"prompt": chunk, "echo": True, "logprobs": 1, "max_tokens": 0,
+                                      "temperature": 0}):
+                lps = (choice.get("logprobs") or {}).get("token_logprobs")
+                if not isinstance(lps, list):
+                    raise ServerError(f"{self.url}: choice has no logprobs.token_logprobs; the server must support "
+                                      f"echo=True with logprobs (or use --generative)")
+                out.append(lps)
+        return out
+
+    def loglikelihoods(self, prefix: str, contexts: list[str]) -> list[list[float]]:
+        pairs = [_split_space(ctx, cont) for ctx in contexts for cont in CONTINUATIONS]
+        unique_ctx = list(dict.fromkeys(ctx for ctx, _ in pairs))
+        lps = self._echo_logprobs(unique_ctx + [ctx + cont for ctx, cont in pairs])
+        ctx_len = {ctx: len(lp) for ctx, lp in zip(unique_ctx, lps)}
+        whole = lps[len(unique_ctx):]
+        scores = []
+        for (ctx, _), lp in zip(pairs, whole):
+            cont_lp = lp[ctx_len[ctx]:]
+            if not cont_lp or any(x is None for x in cont_lp):
+                raise ServerError(f"{self.url}: no log-probs for the continuation after context ...{ctx[-40:]!r}")
+            scores.append(float(sum(cont_lp)))
+        return [scores[i:i + len(LETTERS)] for i in range(0, len(scores), len(LETTERS))]
+
+    def generate(self, prefix: str, contexts: list[str], max_tokens: int = 4) -> list[str]:
+        out = []
+        for i in range(0, len(contexts), self.batch_size):
+            chunk = contexts[i:i + self.batch_size]
+            out += [c.get("text", "") for c in self._post({"prompt": chunk, "max_tokens": max_tokens,
+                                                           "temperature": 0, "stop": ["\n"]})]
+        return out

@@ -1,0 +1,327 @@
+"""MMLU harness: prompt text, the three data layouts, scoring against a plain forward pass, the server backend,
+and agreement with lm-evaluation-harness (`hf` model + lm-eval's own mmlu task yaml) on a tiny random model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.eval.mmlu import Prediction, parse_letter, run_mmlu, summarize
+from dsv3.eval.mmlu_data import SHIPPED_DIR, MMLUDataError, Question, load_mmlu, prompt, subject_prefix
+from dsv3.eval.mmlu_scorers import APIScorer, ModelScorer, ServerError
+from dsv3.tokenizer import Tokenizer
+
+BUNDLED = Path(dsv3.__file__).parent / "bundled"
+COMPARE_SUBJECTS = ["conceptual_physics", "high_school_microeconomics", "human_aging", "world_religions"]
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Few, shared CPU cores: one intra-op thread avoids oversubscription (seconds instead of minutes here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+Q1 = Question("college_physics", "  What is 2 + 2?\n", ("3", "4", " 5", "22"), 1)
+E1 = Question("college_physics", "Unit of force?", ("newton", "joule", "watt", "pascal"), 0)
+E2 = Question("college_physics", "Speed of light is about", ("3e8 m/s", "3e5 m/s", "340 m/s", "1 m/s"), 0)
+
+
+def test_prompt_zero_shot_is_lm_eval_text():
+    assert prompt(Q1, []) == (
+        "The following are multiple choice questions (with answers) about college physics.\n\n"
+        "What is 2 + 2?\nA. 3\nB. 4\nC.  5\nD. 22\nAnswer:")
+
+
+def test_prompt_four_shot_is_lm_eval_text():
+    shots = [E1, E2, E1, E2]
+    e1 = "Unit of force?\nA. newton\nB. joule\nC. watt\nD. pascal\nAnswer: A\n\n"
+    e2 = "Speed of light is about\nA. 3e8 m/s\nB. 3e5 m/s\nC. 340 m/s\nD. 1 m/s\nAnswer: A\n\n"
+    header = "The following are multiple choice questions (with answers) about college physics.\n\n"
+    assert subject_prefix("college_physics", shots) == header + e1 + e2 + e1 + e2
+    assert prompt(Q1, shots) == header + e1 + e2 + e1 + e2 + "What is 2 + 2?\nA. 3\nB. 4\nC.  5\nD. 22\nAnswer:"
+
+
+# ---------------------------------------------------------------------------------------------------- data
+ROWS = {"test": [Q1, E2], "validation": [E2], "dev": [E1, E2]}
+
+
+def _row(q: Question) -> dict:
+    return {"question": q.question, "subject": q.subject, "choices": list(q.choices), "answer": q.answer}
+
+
+def _write_jsonl(root: Path) -> None:
+    for split, qs in ROWS.items():
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(_row(q)) + "\n" for q in qs))
+
+
+def test_jsonl_parquet_and_csv_layouts_load_the_same(tmp_path):
+    (tmp_path / "jsonl").mkdir()
+    _write_jsonl(tmp_path / "jsonl")
+    csv_root = tmp_path / "csv"
+    for split, folder in (("test", "test"), ("validation", "val"), ("dev", "dev")):
+        (csv_root / folder).mkdir(parents=True)
+        with (csv_root / folder / f"college_physics_{folder}.csv").open("w", newline="") as f:
+            csv.writer(f).writerows([q.question, *q.choices, "ABCD"[q.answer]] for q in ROWS[split])
+    layouts = [tmp_path / "jsonl", csv_root]
+    try:
+        import pandas as pd
+        import pyarrow  # noqa: F401  (parquet engine)
+    except ImportError:
+        pd = None
+    if pd is not None:
+        (tmp_path / "parquet").mkdir()
+        for split, qs in ROWS.items():
+            pd.DataFrame([_row(q) for q in qs]).to_parquet(tmp_path / "parquet" / f"{split}.parquet")
+        layouts.append(tmp_path / "parquet")
+    for root in layouts:
+        data = load_mmlu(root, "test")
+        assert data.questions == {"college_physics": [Q1, E2]}, root
+        assert data.exemplars == {"college_physics": [E1, E2]}, root
+        assert load_mmlu(root, "validation").questions == {"college_physics": [E2]}, root
+
+
+def test_malformed_rows_name_file_and_line(tmp_path):
+    lines = [json.dumps(_row(E1)), json.dumps(_row(E2)), json.dumps({**_row(E1), "answer": 7})]
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "dev.jsonl").write_text(lines[0] + "\n{not json\n")
+    with pytest.raises(MMLUDataError, match=r"test\.jsonl:3: 'answer' must be an integer 0-3"):
+        load_mmlu(tmp_path, "test")
+    (tmp_path / "test.jsonl").write_text(lines[0] + "\n")
+    with pytest.raises(MMLUDataError, match=r"dev\.jsonl:2: not valid JSON"):
+        load_mmlu(tmp_path, "test")
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev.jsonl").unlink()
+    (tmp_path / "dev" / "anatomy_dev.csv").write_text('q1,a,b,c,d,A\n"q2",a,b,c,E\n')
+    with pytest.raises(MMLUDataError, match=r"anatomy_dev\.csv:2: expected 6 columns"):
+        load_mmlu(tmp_path, "test")
+
+
+def test_empty_subject_and_unknown_subject_are_errors(tmp_path):
+    for folder in ("dev", "test"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"anatomy_{folder}.csv").write_text("q,a,b,c,d,B\n")
+    (tmp_path / "test" / "virology_test.csv").write_text("")
+    with pytest.raises(MMLUDataError, match="'virology' has no test questions"):
+        load_mmlu(tmp_path, "test")
+    with pytest.raises(MMLUDataError, match=r"no test questions for subject\(s\) \['astronomy'\]"):
+        load_mmlu(tmp_path, "test", subjects=["astronomy"])
+
+
+def test_shipped_subset_and_shot_limit():
+    data = load_mmlu()
+    assert len(data.questions) == 57 and sum(map(len, data.questions.values())) == 857
+    assert {len(e) for e in data.exemplars.values()} == {4}
+    assert (SHIPPED_DIR / "SOURCE.md").is_file()
+    data.check_shots(4)
+    with pytest.raises(MMLUDataError, match="5-shot asked for.*only 4 dev exemplars.*up to --shots 4"):
+        data.check_shots(5)
+    with pytest.raises(MMLUDataError, match="only the validation split"):
+        load_mmlu(None, "test")
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random model saved as an HF-format checkpoint beside the bundled tokenizer."""
+    torch.manual_seed(0)
+    model = dsv3.Transformer(dsv3.ModelConfig.tiny(vocab_size=8192)).eval()
+    path = tmp_path_factory.mktemp("tiny_mmlu")
+    dsv3.save_pretrained(model, path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(BUNDLED / name, path / name)
+    return model, Tokenizer.from_pretrained(path), path
+
+
+def _reference_loglikelihoods(model, tok, context: str) -> list[float]:
+    """No cache, no batching: log p(" X" | context) by encoding context and context + " X" (one token here)."""
+    ctx = tok.encode(context)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ctx]))[0, -1].float(), -1)
+    return [float(lp[tok.encode(context + f" {x}")[len(ctx):][0]]) for x in "ABCD"]
+
+
+@pytest.mark.parametrize("batch_size,max_length", [(3, None), (16, 160)])
+def test_scorer_matches_a_plain_forward(tiny, batch_size, max_length):
+    model, tok, _ = tiny
+    data = load_mmlu(None, "validation", subjects=["anatomy"], limit=5)
+    prefix = subject_prefix("anatomy", data.exemplars["anatomy"][:2])
+    contexts = [prompt(q, data.exemplars["anatomy"][:2]) for q in data.questions["anatomy"]]
+    scorer = ModelScorer(model, tok, batch_size=batch_size, max_length=max_length)
+    if max_length:  # prompts are longer than 160 tokens: left-truncated like lm-eval, scored from position 0
+        with pytest.warns(UserWarning, match="left-truncated"):
+            got = scorer.loglikelihoods(prefix, contexts)
+        want = []
+        for c in contexts:
+            ids = tok.encode(c)
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([ids[-max_length:]]))[0, -1].float(), -1)
+            want.append([float(lp[tok.encode(c + f" {x}")[len(ids)]]) for x in "ABCD"])
+    else:
+        got = scorer.loglikelihoods(prefix, contexts)
+        want = [_reference_loglikelihoods(model, tok, c) for c in contexts]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)
+
+
+def test_generative_mode_parses_the_first_letter(tiny):
+    assert [parse_letter(t) for t in ["B", " (C) because", "Answer: D.", "none", "A B"]] == ["B", "C", "D", None, "A"]
+    model, tok, _ = tiny
+    data = load_mmlu(None, "validation", subjects=["anatomy"], limit=2)
+    preds = run_mmlu(ModelScorer(model, tok), data, shots=1, generative=True, progress=False)
+    assert len(preds) == 2 and all(p.loglikelihoods is None and isinstance(p.response, str) for p in preds)
+    assert all(p.pred == parse_letter(p.response) for p in preds)
+
+
+def test_summary_micro_macro_and_stderr():
+    def pred(subject, ok):
+        return Prediction(subject, "q", ["a", "b", "c", "d"], "A", "A" if ok else "B", [0.0] * 4)
+
+    preds = [pred("anatomy", True)] * 3 + [pred("anatomy", False)] + [pred("virology", False)] * 2
+    s = summarize(preds)
+    assert s["overall"]["micro"] == pytest.approx(0.5) and s["overall"]["macro"] == pytest.approx(0.375)
+    assert s["overall"]["micro_stderr"] == pytest.approx((0.25 / 5) ** 0.5)
+    assert s["overall"]["macro_stderr"] == pytest.approx((0.75 * 0.25 / 3) ** 0.5 / 2)
+    assert s["subjects"]["anatomy"]["category"] == "other" and s["categories"]["other"]["questions"] == 6
+
+
+# ---------------------------------------------------------------------------------------------------- server
+class _EchoServer(BaseHTTPRequestHandler):
+    """A minimal /v1/completions with echo + logprobs over the tiny model (what `dsv3 serve` and vLLM return)."""
+
+    model = tok = None
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert self.path == "/v1/completions" and body["echo"] and body["max_tokens"] == 0
+        choices = []
+        for i, text in enumerate(body["prompt"]):
+            ids = self.tok.encode(text)
+            with torch.no_grad():
+                lp = torch.log_softmax(self.model(torch.tensor([ids]))[0].float(), -1)
+            token_lps = [None] + [float(lp[t - 1, ids[t]]) for t in range(1, len(ids))]
+            choices.append({"index": i, "text": text, "logprobs": {"token_logprobs": token_lps}})
+        data = json.dumps({"object": "text_completion", "choices": choices}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_api_backend_matches_in_process(tiny):
+    model, tok, _ = tiny
+    handler = type("Handler", (_EchoServer,), {"model": model, "tok": tok})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        data = load_mmlu(None, "validation", subjects=["anatomy", "virology"], limit=3)
+        api = run_mmlu(APIScorer(f"http://127.0.0.1:{server.server_port}", batch_size=5), data, 1, progress=False)
+    finally:
+        server.shutdown()
+    local = run_mmlu(ModelScorer(model, tok), data, 1, progress=False)
+    assert [p.pred for p in api] == [p.pred for p in local]
+    torch.testing.assert_close(torch.tensor([p.loglikelihoods for p in api]),
+                               torch.tensor([p.loglikelihoods for p in local]), atol=1e-4, rtol=0)
+
+
+def test_unreachable_server_is_a_clear_error():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    port = server.server_port
+    server.server_close()  # nothing listens there now
+    with pytest.raises(ServerError, match=f"cannot reach http://127.0.0.1:{port}/v1/completions"):
+        APIScorer(f"http://127.0.0.1:{port}").loglikelihoods("", ["Q\nAnswer:"])
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def test_cli_writes_predictions_summary_and_csv(tiny, tmp_path, capsys):
+    from dsv3.cli import main
+
+    _, _, path = tiny
+    assert main(["eval", "mmlu", "--model", str(path), "--subjects", "anatomy", "virology", "--limit", "2",
+                 "--shots", "2", "--output", str(tmp_path)]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and {"subject", "question", "choices", "answer", "pred", "loglikelihoods"} <= set(lines[0])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["shots"] == 2 and summary["overall"]["questions"] == 4
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["name"] for r in rows] == ["anatomy", "virology", "other", "overall"]
+    out = capsys.readouterr().out
+    assert "overall" in out and "chance (4 choices)" in out and "25.0%" in out
+    with pytest.raises(SystemExit, match="5-shot asked for"):
+        main(["eval", "mmlu", "--model", str(path), "--shots", "5", "--output", str(tmp_path)])
+
+
+# ---------------------------------------------------------------------------------------------------- lm-eval
+def _lm_eval_predictions(lm, tmp_path, data, shots, monkeypatch):
+    """Run lm-eval's own `mmlu_<subject>.yaml` (template + description) with only the data files swapped."""
+    import lm_eval
+    import lm_eval.evaluator
+    import yaml
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)  # `pip list` etc.: seconds, unused
+
+    task_dir = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"
+    tasks = tmp_path / f"tasks{shots}"
+    tasks.mkdir()
+    for s, questions in data.questions.items():
+        files = {}
+        for split, rows in (("test", questions), ("dev", data.exemplars[s])):
+            files[split] = str(tasks / f"{s}_{split}.jsonl")
+            Path(files[split]).write_text("".join(json.dumps(_row(q)) + "\n" for q in rows))
+        (tasks / f"{s}.yaml").write_text(yaml.safe_dump({
+            "include": str(task_dir / f"mmlu_{s}.yaml"), "task": f"local_mmlu_{s}", "dataset_path": "json",
+            "dataset_name": None, "dataset_kwargs": {"data_files": files}}))
+    out = lm_eval.simple_evaluate(model=lm, tasks=[f"local_mmlu_{s}" for s in data.questions], num_fewshot=shots,
+                                  task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                                  log_samples=True, verbosity="ERROR")
+    preds, contexts = {}, {}
+    for s in data.questions:
+        for sample in out["samples"][f"local_mmlu_{s}"]:
+            lls = [ll for ll, _ in sample["filtered_resps"]]
+            key = (s, sample["doc"]["question"])
+            preds[key] = lls
+            contexts[key] = sample["arguments"][0][0]
+    return preds, contexts
+
+
+@pytest.fixture(scope="module")
+def hf_lm(tiny):
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(tiny[2]), dtype="float32", device="cpu", batch_size=8)
+
+
+@pytest.mark.parametrize("shots", [0, 4])
+def test_predictions_agree_with_lm_eval(tiny, hf_lm, tmp_path, shots, monkeypatch):
+    model, tok, _ = tiny
+    data = load_mmlu(None, "validation", subjects=COMPARE_SUBJECTS, limit=10)
+    ours = run_mmlu(ModelScorer(model, tok, batch_size=8), data, shots, progress=False)
+    theirs, contexts = _lm_eval_predictions(hf_lm, tmp_path, data, shots, monkeypatch)
+    assert len(ours) == len(theirs) == 40
+    for p in ours:  # lm-eval built exactly our prompt
+        q = next(q for q in data.questions[p.subject] if q.question == p.question)
+        assert contexts[p.subject, p.question] == prompt(q, data.exemplars[p.subject][:shots])
+    agree = sum(p.pred == "ABCD"[max(range(4), key=theirs[p.subject, p.question].__getitem__)] for p in ours)
+    assert agree / len(ours) >= 0.99
+    acc_ours = sum(p.correct for p in ours) / len(ours)
+    acc_theirs = sum(max(range(4), key=theirs[p.subject, p.question].__getitem__) == "ABCD".index(p.answer)
+                     for p in ours) / len(ours)
+    assert abs(acc_ours - acc_theirs) <= 0.005
+    torch.testing.assert_close(torch.tensor([p.loglikelihoods for p in ours]),
+                               torch.tensor([theirs[p.subject, p.question] for p in ours]), atol=1e-4, rtol=0)
