@@ -8,6 +8,8 @@ import sys
 
 # Modules that contribute subcommands, each with `add_cli(subparsers)`; imported only when the CLI starts.
 COMMAND_MODULES = [
+    "dsv3.chat",
+    "dsv3.train",
     "dsv3.eval.mmlu",
     "dsv3.server",
 ]
