@@ -254,3 +254,108 @@ def test_metrics_count_requests_tokens_and_never_show_keys(server, client):
     assert samples['dsv3:http_requests_total{endpoint="/v1/chat/completions",method="POST",status="200"}'] >= 1
     assert "dsv3:num_requests_running" in samples and "dsv3:num_requests_waiting" in samples
     assert samples["dsv3:prefix_cache_hits_tokens"] <= samples["dsv3:prefix_cache_queries_tokens"]
+
+
+# ---------------------------------------------------------------------------------------------- concurrency
+def test_32_concurrent_streams_equal_lone_requests_and_cancellation_frees_everything(server):
+    prompts = [f"Request {i}: " + "tell me a story about a cat " * (i % 4 + 1) for i in range(32)]
+
+    def body(i, max_tokens=6):
+        return dict(model=MODEL_NAME, messages=[{"role": "user", "content": prompts[i]}], max_tokens=max_tokens,
+                    temperature=0, extra_body={"ignore_eos": True})
+
+    async def stream_text(client, i):
+        stream = await client.chat.completions.create(**body(i), stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def cancelled(client, i):
+        stream = await client.chat.completions.create(**body(i, max_tokens=200), stream=True)
+        seen = 0
+        async for chunk in stream:
+            seen += 1
+            if seen == 3:
+                break
+        await stream.close()
+
+    async def go():
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
+        alone = [(await client.chat.completions.create(**body(i))).choices[0].message.content for i in range(32)]
+        together = await asyncio.gather(*(stream_text(client, i) for i in range(32)))
+        await asyncio.gather(*(cancelled(client, i) for i in range(20)))
+        return alone, together
+
+    alone, together = asyncio.run(go())
+    assert together == alone
+    engine = engine_of(server)
+    wait_idle(engine)
+    assert engine.num_running == 0 and engine.num_waiting == 0
+    assert engine.prefix.referenced_blocks == 0  # every reference was returned
+
+
+# ---------------------------------------------------------------------------------------------- LangChain
+def test_langchain_chat_openai_invoke_and_stream_usage(server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model=MODEL_NAME, base_url=server.base_url, api_key=KEY, temperature=0, max_tokens=5,
+                     max_retries=0)
+    reply = llm.invoke("Tell me about the cat.")
+    assert reply.content and reply.usage_metadata["output_tokens"] == 5
+    assert reply.response_metadata["finish_reason"] == "length"
+    assert "cache_read" in reply.usage_metadata["input_token_details"]
+    chunks = list(ChatOpenAI(model=MODEL_NAME, base_url=server.base_url, api_key=KEY, temperature=0, max_tokens=5,
+                             stream_usage=True, max_retries=0).stream("Tell me about the cat."))
+    assert "".join(c.content for c in chunks) == reply.content
+    usage = [c.usage_metadata for c in chunks if c.usage_metadata]
+    assert len(usage) == 1 and usage[0]["output_tokens"] == 5
+
+
+# ---------------------------------------------------------------------------------------------- lm-eval
+MMLU_QUESTIONS = [
+    {"question": "What is the capital of France?", "choices": ["Berlin", "Madrid", "Paris", "Rome"], "answer": 2},
+    {"question": "Which gas do plants absorb from the air?", "choices": ["Oxygen", "Carbon dioxide", "Helium",
+                                                                        "Neon"], "answer": 1},
+    {"question": "How many legs does a spider have?", "choices": ["Six", "Eight", "Ten", "Four"], "answer": 1},
+]
+TASK_YAML = """task: tiny_mmlu
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\nC. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
+doc_to_choice: ["A", "B", "C", "D"]
+doc_to_target: answer
+target_delimiter: " "
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_local_completions_loglikelihoods_match_the_model(server, model_dir, tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in MMLU_QUESTIONS))
+    (tmp_path / "tiny_mmlu.yaml").write_text(TASK_YAML.format(data=data))
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    out = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=f"model={MODEL_NAME},base_url={server.base_url}/completions,tokenizer_backend=huggingface,"
+                   f"tokenizer={model_dir},num_concurrent=1,max_retries=1",
+        tasks=["tiny_mmlu"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False), log_samples=True)
+    assert 0 <= out["results"]["tiny_mmlu"]["acc,none"] <= 1
+    # each answer's log-likelihood equals the model's own, computed directly
+    from dsv3 import load_pretrained
+    from dsv3.tokenizer import Tokenizer
+
+    model, tokenizer = load_pretrained(model_dir).eval(), Tokenizer.from_pretrained(model_dir)
+    sample = out["samples"]["tiny_mmlu"][0]
+    context, continuation = sample["arguments"][0]  # choice "A"; lm-eval's API models add no bos token
+    ctx = tokenizer.encode(context, add_special_tokens=False)
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    with torch.no_grad():
+        logp = model(torch.tensor([whole]))[0].float().log_softmax(-1)
+    expected = sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+    assert sample["resps"][0][0][0] == pytest.approx(expected, abs=1e-3)
