@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -22,15 +21,6 @@ from dsv3.tokenizer import Tokenizer
 BUNDLED = Path(dsv3.__file__).parent / "bundled"
 COMPARE_SUBJECTS = ["conceptual_physics", "high_school_microeconomics", "human_aging", "world_religions"]
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Few, shared CPU cores: one intra-op thread avoids oversubscription (seconds instead of minutes here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 Q1 = Question("college_physics", "  What is 2 + 2?\n", ("3", "4", " 5", "22"), 1)
@@ -196,42 +186,21 @@ def test_summary_micro_macro_and_stderr():
 
 
 # ---------------------------------------------------------------------------------------------------- server
-class _EchoServer(BaseHTTPRequestHandler):
-    """A minimal /v1/completions with echo + logprobs over the tiny model (what `dsv3 serve` and vLLM return)."""
+def test_api_backend_on_dsv3_serve_matches_in_process(tiny):
+    """`dsv3 serve`'s /v1/completions (echo + logprobs + max_tokens=0) gives the in-process log-likelihoods."""
+    from server_utils import ServerThread
 
-    model = tok = None
+    from dsv3.server import build_app
+    from dsv3.server.cli import DEFAULTS
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        assert self.path == "/v1/completions" and body["echo"] and body["max_tokens"] == 0
-        choices = []
-        for i, text in enumerate(body["prompt"]):
-            ids = self.tok.encode(text)
-            with torch.no_grad():
-                lp = torch.log_softmax(self.model(torch.tensor([ids]))[0].float(), -1)
-            token_lps = [None] + [float(lp[t - 1, ids[t]]) for t in range(1, len(ids))]
-            choices.append({"index": i, "text": text, "logprobs": {"token_logprobs": token_lps}})
-        data = json.dumps({"object": "text_completion", "choices": choices}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_api_backend_matches_in_process(tiny):
-    model, tok, _ = tiny
-    handler = type("Handler", (_EchoServer,), {"model": model, "tok": tok})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    model, tok, path = tiny
+    server = ServerThread(build_app({**DEFAULTS, "model": str(path), "served_model_name": "tiny",
+                                     "max_seq_len": 1024, "max_batch": 8}))
     try:
-        data = load_mmlu(None, "validation", subjects=["anatomy", "virology"], limit=3)
-        api = run_mmlu(APIScorer(f"http://127.0.0.1:{server.server_port}", batch_size=5), data, 1, progress=False)
+        data = load_mmlu(None, "validation", subjects=["anatomy", "world_religions"], limit=3)
+        api = run_mmlu(APIScorer(server.base_url, model="tiny", batch_size=5), data, 1, progress=False)
     finally:
-        server.shutdown()
+        server.stop()
     local = run_mmlu(ModelScorer(model, tok), data, 1, progress=False)
     assert [p.pred for p in api] == [p.pred for p in local]
     torch.testing.assert_close(torch.tensor([p.loglikelihoods for p in api]),
