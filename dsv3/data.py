@@ -38,17 +38,21 @@ def read_documents(paths: Sequence[str | Path], doc_split: DocSplit = "line") ->
         yield from (p.strip() for p in parts if p.strip())
 
 
-def dataset_documents(name: str, split: str = "train", text_column: str = "text",
-                      config_name: str | None = None) -> Iterable[str]:
-    """Rows of a `datasets` dataset: a hub id, or a local .txt/.json/.jsonl/.csv/.parquet file (loaded by its builder)."""
+def dataset_documents(name: str, split: str = "train", text_column: str = "text", config_name: str | None = None,
+                      cache_dir: str | Path | None = None) -> Iterable[str]:
+    """Rows of a `datasets` dataset: a hub id, or a local .txt/.json/.jsonl/.csv/.parquet file (loaded by its builder).
+
+    cache_dir: where `datasets` keeps its Arrow files (default: its own cache, ~/.cache/huggingface/datasets).
+    """
     import datasets  # optional dependency (the `data` extra)
 
     builders = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
     suffix = Path(name).suffix
+    cache = None if cache_dir is None else str(cache_dir)
     if Path(name).is_file() and suffix in builders:
-        ds = datasets.load_dataset(builders[suffix], data_files=name, split=split)
+        ds = datasets.load_dataset(builders[suffix], data_files=name, split=split, cache_dir=cache)
     else:
-        ds = datasets.load_dataset(name, config_name, split=split)
+        ds = datasets.load_dataset(name, config_name, split=split, cache_dir=cache)
     if text_column not in ds.column_names:
         raise ValueError(f"dataset {name!r} has no column {text_column!r}; its columns are {ds.column_names}")
     return (row for row in ds[text_column] if row and row.strip())

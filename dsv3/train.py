@@ -63,7 +63,9 @@ class TrainConfig:
     dtype: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "float32" / "bfloat16" (autocast)
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), f.default)
+        self.betas = tuple(float(b) for b in self.betas)
         positive = ("seq_len", "batch_size", "steps", "eval_batches", "log_every")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -91,6 +93,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "betas": list(self.betas)}
+
+
+def _check_type(name: str, value: Any, default: Any) -> None:
+    """Values read from JSON or flags must have the default's type (ints for floats too; None only where default)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = type(value) is type(default)
+    elif default is None or isinstance(default, int):  # micro_batch_size (default None) is an int too
+        ok = isinstance(value, int) or (default is None and value is None)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and len(value) == len(default) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        like = "an integer or null" if default is None else f"a value like {default!r}"
+        raise ValueError(f"TrainConfig.{name}: expected {like}, got {value!r}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -161,8 +162,26 @@ def test_train_config_json_rejects_unknown_keys(tmp_path):
     path.write_text(json.dumps({"steps": 5, "learning_rate": 1e-3}))
     with pytest.raises(ValueError, match="learning_rate"):
         TrainConfig.from_json(path)
+    path.write_text(json.dumps({"steps": "5"}))
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig.from_json(path)
     path.write_text(json.dumps({"steps": 5, "betas": [0.9, 0.99]}))
     assert TrainConfig.from_json(path).betas == (0.9, 0.99)
+
+
+def test_dataset_rows_are_tokenized_as_documents(tmp_path):
+    from dsv3.tokenizer import Tokenizer
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"body": "a gloss"}\n{"body": ""}\n{"body": "another one"}\n')
+    tok = Tokenizer.from_pretrained(train_mod._BUNDLED)
+    docs = list(data_mod.dataset_documents(str(rows), text_column="body", cache_dir=tmp_path / "hf"))
+    assert docs == ["a gloss", "another one"]
+    stream = data_mod.tokenize(docs, tok)
+    expected = tok.encode("a gloss") + [tok.eos_token_id] + tok.encode("another one") + [tok.eos_token_id]
+    assert stream.dtype == np.uint16 and stream.tolist() == expected and expected[0] == tok.bos_token_id
+    with pytest.raises(ValueError, match="no column 'text'"):
+        list(data_mod.dataset_documents(str(rows), cache_dir=tmp_path / "hf"))
 
 
 def test_cli_trains_from_text_and_caches_tokens(tmp_path, monkeypatch, capsys):
@@ -174,6 +193,9 @@ def test_cli_trains_from_text_and_caches_tokens(tmp_path, monkeypatch, capsys):
     args = ["--config", str(model_cfg), "--data", str(text), "--out", str(out), "--steps", "2", "--seq-len", "16",
             "--batch-size", "2", "--eval-fraction", "0.1", "--eval-every", "2", "--eval-batches", "1",
             "--no-bias-balance", "--no-progress"]
+    parser = argparse.ArgumentParser()
+    train_mod.add_cli(parser.add_subparsers())
+    assert parser.parse_args(["train", *args]).func is train_mod.run  # what `dsv3 train` dispatches to
     assert train_mod.main(args) == 0
     final = out / "checkpoint-000002"
     assert {"config.json", "model.safetensors", "optimizer.pt", "trainer_state.json", "tokenizer.json"} <= {
