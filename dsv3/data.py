@@ -59,7 +59,10 @@ def dataset_documents(name: str, split: str = "train", text_column: str = "text"
 
 
 def tokenize(documents: Iterable[str], tokenizer) -> np.ndarray:
-    """One stream: encode(doc) (bos added by the tokenizer) + eos per document. uint16 when the vocab fits, else int32."""
+    """One stream: encode(doc) (bos added by the tokenizer) + eos per document.
+
+    uint16 when the vocabulary fits (half the memory and cache size), else int32.
+    """
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for doc in documents:
@@ -70,7 +73,7 @@ def tokenize(documents: Iterable[str], tokenizer) -> np.ndarray:
 
 
 def cached_tokens(cache_dir: str | Path, key: dict, make) -> np.ndarray:
-    """`make()` once per distinct `key` (a JSON-able description of sources and tokenizer); later calls load the .npy."""
+    """`make()` once per distinct `key` (a JSON-able description of sources and tokenizer); later, load the .npy."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"tokens-{digest}.npy"
     if path.is_file():

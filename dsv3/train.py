@@ -162,7 +162,11 @@ def compute_loss(model: Transformer, batch: torch.Tensor, cfg: TrainConfig) -> t
 
 @torch.no_grad()
 def update_router_bias(loads: dict[str, torch.Tensor], moes: dict[str, MoE], gamma: float) -> None:
-    """Aux-loss-free balancing (paper §2.1.2): b_i += γ·sign(mean load − load_i) — overloaded down, underloaded up."""
+    """Aux-loss-free balancing (paper §2.1.2): b_i += γ·sign(mean load − load_i).
+
+    loads: tokens per expert [E] over the whole step (all micro-batches). Overloaded experts' bias goes down,
+    underloaded experts' up; the bias only affects which experts are chosen, never the gating weights.
+    """
     for name, load in loads.items():
         bias = moes[name].gate.e_score_correction_bias
         if bias is not None:
@@ -272,9 +276,9 @@ def train(model: Transformer, cfg: TrainConfig, train_data, eval_data=None, *, r
         is_last = step == last
         do_eval = eval_seqs is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps)
         if step % cfg.log_every == 0 or is_last or do_eval:
-            elapsed = time.perf_counter() - t0  # .item() below syncs; measured first so eval time is excluded
-            record = {"step": step, **{k: float(v) / n_since for k, v in sums.items()}, "lr": lr,
-                      "tokens_per_s": n_since * cfg.batch_size * cfg.seq_len / elapsed}
+            # float() waits for the device, so the time below covers the work done; eval comes after it
+            record = {"step": step, **{k: float(v) / n_since for k, v in sums.items()}, "lr": lr}
+            record["tokens_per_s"] = n_since * cfg.batch_size * cfg.seq_len / (time.perf_counter() - t0)
             vio = {name: max_violation(load) for name, load in loads.items()}
             if vio:
                 record["maxvio"] = sum(vio.values()) / len(vio)

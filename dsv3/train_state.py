@@ -25,6 +25,7 @@ from .model import Transformer
 
 
 def rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and Python RNG states as JSON (base64 bytes / lists), for trainer_state.json."""
     def b64(t: torch.Tensor) -> str:
         return base64.b64encode(t.numpy().tobytes()).decode()
 
@@ -37,6 +38,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Inverse of rng_state: after it, every generator continues exactly where the checkpointed run was."""
     def tensor(s: str) -> torch.Tensor:
         return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,14 @@ def test_deterministic_and_resume_equals_uninterrupted(tmp_path):
     assert [json.loads(r)["step"] for r in rows] == list(range(1, 7))  # no duplicated steps after resume
     with pytest.raises(ValueError, match="batch_size"):
         train(tiny_model(), config(tmp_path / "c", batch_size=2), TOKENS, resume=True, progress=False)
+
+
+def test_rng_states_round_trip():
+    state = train_state.rng_state()
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    train_state.set_rng_state(json.loads(json.dumps(state)))
+    assert torch.equal(torch.rand(3), draws[0]) and np.array_equal(np.random.rand(3), draws[1])
+    assert random.random() == draws[2]
 
 
 def test_checkpoint_is_atomic(tmp_path, monkeypatch):
