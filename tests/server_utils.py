@@ -48,7 +48,7 @@ class ServerThread:
         self.port = free_port()
         self.app = app
         self.server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    **config))
+                                                    timeout_graceful_shutdown=1, **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

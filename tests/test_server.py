@@ -359,3 +359,101 @@ def test_lm_eval_local_completions_loglikelihoods_match_the_model(server, model_
         logp = model(torch.tensor([whole]))[0].float().log_softmax(-1)
     expected = sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
     assert sample["resps"][0][0][0] == pytest.approx(expected, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- malformed input
+def _bad_bodies():
+    from hypothesis import strategies as st
+
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=10)
+    chat_fields = ["model", "messages", "temperature", "top_p", "top_k", "n", "stop", "stop_token_ids", "seed",
+                   "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs",
+                   "top_logprobs", "stream", "stream_options", "response_format", "tools", "user"]
+    completion_fields = ["model", "prompt", "echo", "logprobs", "suffix", "best_of", "stop", "n", "temperature",
+                         "logit_bias", "seed", "stream", "stop_token_ids"]
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]),
+                                     "content": json_values})
+
+    @st.composite
+    def bodies(draw):
+        chat = draw(st.booleans())
+        body = ({"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]} if chat
+                else {"model": MODEL_NAME, "prompt": "hi"})
+        body["max_tokens"] = 2  # generation stays short whatever else is drawn
+        fields = chat_fields if chat else completion_fields
+        for _ in range(draw(st.integers(1, 3))):
+            action = draw(st.sampled_from(["set", "delete", "messages", "whole"]))
+            if action == "set":
+                body[draw(st.sampled_from(fields))] = draw(json_values)
+            elif action == "delete":
+                body.pop(draw(st.sampled_from(fields)), None)
+            elif action == "messages" and chat:
+                body["messages"] = draw(st.lists(message, max_size=3))
+            elif action == "whole":
+                return "/chat/completions" if chat else "/completions", draw(json_values)
+        return "/chat/completions" if chat else "/completions", body
+
+    return bodies()
+
+
+def test_generated_bad_requests_never_cause_5xx(server):
+    from hypothesis import HealthCheck, given, settings
+
+    http = httpx.Client(base_url=server.base_url, headers={"authorization": f"Bearer {KEY}"}, timeout=30)
+    statuses = []
+
+    @settings(max_examples=220, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(_bad_bodies())
+    def check(case):
+        path, body = case
+        response = http.post(path, content=json.dumps(body).encode())
+        statuses.append(response.status_code)
+        assert response.status_code < 500, response.text
+        if response.status_code >= 400:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
+    assert len(statuses) >= 200 and sum(s == 400 for s in statuses) >= 100
+
+
+# ---------------------------------------------------------------------------------------------- TLS
+def test_tls_requires_version_1_3(model_dir, tmp_path):
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
+                    str(cert)], check=True, capture_output=True)
+    srv = ServerThread(build_app(options(model_dir)), ssl_certfile=str(cert), ssl_keyfile=str(key))
+    try:
+        modern = ssl.create_default_context(cafile=str(cert))
+        c = openai.OpenAI(base_url=srv.base_url, api_key=KEY, max_retries=0, http_client=httpx.Client(verify=modern))
+        assert c.models.list().data[0].id == MODEL_NAME
+        old = ssl.create_default_context(cafile=str(cert))
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(srv.url + "/health", verify=old)
+    finally:
+        srv.stop()
+
+
+def test_failure_mid_stream_ends_with_an_error_event(server, client, monkeypatch):
+    engine = engine_of(server)
+    stream = client.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=50, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks)  # the role chunk: the request is in the engine
+
+    def broken():
+        raise RuntimeError("simulated device failure")
+
+    monkeypatch.setattr(engine, "_decode", broken)
+    with pytest.raises(openai.APIError, match="engine failed"):
+        for _ in chunks:
+            pass
+    monkeypatch.undo()
+    assert client.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=2).choices  # still serving
