@@ -65,14 +65,13 @@ def _model_dir(options: dict) -> Path:
             raise SystemExit(f"--model {path}: no config.json there; expected a directory in the hub layout "
                              "(config.json, model.safetensors, tokenizer.json, tokenizer_config.json)")
         return path
-    import dsv3
+    from .. import bundled_model_path
 
-    finder = getattr(dsv3, "bundled_model_path", None)
-    path = Path(finder()) if finder else None
-    if path is None or not (path / "model.safetensors").is_file():
-        raise SystemExit("no --model given and the bundled model is not available in this install "
-                         "(dsv3.bundled_model_path() has no trained model yet); pass --model DIR")
-    return path
+    try:
+        return bundled_model_path()
+    except FileNotFoundError as error:
+        raise SystemExit(f"no --model given and the bundled model is not available: {error}; "
+                         "or pass --model DIR") from None
 
 
 def build_app(options: dict):
