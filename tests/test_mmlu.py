@@ -235,39 +235,6 @@ def test_cli_writes_predictions_summary_and_csv(tiny, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------- lm-eval
-def _lm_eval_predictions(lm, tmp_path, data, shots, monkeypatch):
-    """Run lm-eval's own `mmlu_<subject>.yaml` (template + description) with only the data files swapped."""
-    import lm_eval
-    import lm_eval.evaluator
-    import yaml
-    from lm_eval.tasks import TaskManager
-
-    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)  # `pip list` etc.: seconds, unused
-
-    task_dir = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"
-    tasks = tmp_path / f"tasks{shots}"
-    tasks.mkdir()
-    for s, questions in data.questions.items():
-        files = {}
-        for split, rows in (("test", questions), ("dev", data.exemplars[s])):
-            files[split] = str(tasks / f"{s}_{split}.jsonl")
-            Path(files[split]).write_text("".join(json.dumps(_row(q)) + "\n" for q in rows))
-        (tasks / f"{s}.yaml").write_text(yaml.safe_dump({
-            "include": str(task_dir / f"mmlu_{s}.yaml"), "task": f"local_mmlu_{s}", "dataset_path": "json",
-            "dataset_name": None, "dataset_kwargs": {"data_files": files}}))
-    out = lm_eval.simple_evaluate(model=lm, tasks=[f"local_mmlu_{s}" for s in data.questions], num_fewshot=shots,
-                                  task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
-                                  log_samples=True, verbosity="ERROR")
-    preds, contexts = {}, {}
-    for s in data.questions:
-        for sample in out["samples"][f"local_mmlu_{s}"]:
-            lls = [ll for ll, _ in sample["filtered_resps"]]
-            key = (s, sample["doc"]["question"])
-            preds[key] = lls
-            contexts[key] = sample["arguments"][0][0]
-    return preds, contexts
-
-
 @pytest.fixture(scope="module")
 def hf_lm(tiny):
     pytest.importorskip("lm_eval")
@@ -277,20 +244,27 @@ def hf_lm(tiny):
 
 
 @pytest.mark.parametrize("shots", [0, 4])
-def test_predictions_agree_with_lm_eval(tiny, hf_lm, tmp_path, shots, monkeypatch):
+def test_predictions_agree_with_lm_eval(tiny, hf_lm, shots, monkeypatch):
+    import lm_eval.evaluator
+
+    from dsv3.eval.mmlu_lm_eval import lm_eval_loglikelihoods
+
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)  # runs `pip list`: seconds, unused
     model, tok, _ = tiny
     data = load_mmlu(None, "validation", subjects=COMPARE_SUBJECTS, limit=10)
     ours = run_mmlu(ModelScorer(model, tok, batch_size=8), data, shots, progress=False)
-    theirs, contexts = _lm_eval_predictions(hf_lm, tmp_path, data, shots, monkeypatch)
+    theirs = lm_eval_loglikelihoods(hf_lm, data, shots)
     assert len(ours) == len(theirs) == 40
-    for p in ours:  # lm-eval built exactly our prompt
+    their_pred = {}
+    for p in ours:
+        lls, context = theirs[p.subject, p.question]
         q = next(q for q in data.questions[p.subject] if q.question == p.question)
-        assert contexts[p.subject, p.question] == prompt(q, data.exemplars[p.subject][:shots])
-    agree = sum(p.pred == "ABCD"[max(range(4), key=theirs[p.subject, p.question].__getitem__)] for p in ours)
-    assert agree / len(ours) >= 0.99
+        assert context == prompt(q, data.exemplars[p.subject][:shots])  # lm-eval built exactly our prompt
+        their_pred[p.subject, p.question] = "ABCD"[max(range(4), key=lls.__getitem__)]
+    agree = sum(p.pred == their_pred[p.subject, p.question] for p in ours) / len(ours)
+    assert agree >= 0.99
     acc_ours = sum(p.correct for p in ours) / len(ours)
-    acc_theirs = sum(max(range(4), key=theirs[p.subject, p.question].__getitem__) == "ABCD".index(p.answer)
-                     for p in ours) / len(ours)
+    acc_theirs = sum(their_pred[p.subject, p.question] == p.answer for p in ours) / len(ours)
     assert abs(acc_ours - acc_theirs) <= 0.005
     torch.testing.assert_close(torch.tensor([p.loglikelihoods for p in ours]),
-                               torch.tensor([theirs[p.subject, p.question] for p in ours]), atol=1e-4, rtol=0)
+                               torch.tensor([theirs[p.subject, p.question][0] for p in ours]), atol=1e-4, rtol=0)
