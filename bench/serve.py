@@ -1,0 +1,191 @@
+"""Serving benchmark: `dsv3 serve` under 1, 8 and 32 concurrent streaming clients, and the prefix cache's effect on
+time-to-first-token in a multi-turn chat with a long shared system prompt.
+
+    python bench/serve.py                      # the bundled model (a tiny random one if it is not built yet)
+    python bench/serve.py --model DIR --max-tokens 64
+
+The server runs as a subprocess (`python -m dsv3.cli serve`, as users start it); the clients are openai SDK
+`AsyncOpenAI` streams in this process. Throughput = completion tokens of all requests / wall time of the phase;
+the batching gain is tokens/s at N clients over tokens/s at 1. TTFT is measured to the first chunk with content.
+The prefix-cache comparison starts two servers, one with `--prefix-cache-mb 0`, and sends both the same
+conversations (each turn resends the whole history, as chat clients do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import torch
+
+import dsv3
+
+NAME = "bench"
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def model_dir(arg: str | None, scratch: Path) -> tuple[Path, str]:
+    if arg:
+        return Path(arg), arg
+    try:
+        return dsv3.bundled_model_path(), "bundled model"
+    except FileNotFoundError:
+        torch.manual_seed(0)
+        model = dsv3.Transformer(dsv3.ModelConfig.tiny(vocab_size=8192))
+        dsv3.save_pretrained(model, scratch)
+        bundled = Path(dsv3.__file__).parent / "bundled"
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(bundled / name, scratch / name)
+        return scratch, "tiny random model (bundled model not built yet)"
+
+
+@contextmanager
+def server(path: Path, *flags: str):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "dsv3.cli", "serve", "--model", str(path), "--served-model-name", NAME,
+           "--port", str(port), "--rate-limit", "0", "--log-level", "warning", *flags]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start: {' '.join(cmd)}")
+            time.sleep(0.2)
+        yield url + "/v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+async def one_stream(client, messages, max_tokens: int) -> dict:
+    """Stream one chat completion; return its TTFT, latency, completion and cached tokens."""
+    start = time.perf_counter()
+    ttft, usage = None, None
+    stream = await client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    text = []
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            ttft = ttft if ttft is not None else time.perf_counter() - start
+            text.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            usage = chunk.usage
+    return {"ttft": ttft, "latency": time.perf_counter() - start, "tokens": usage.completion_tokens,
+            "cached": usage.prompt_tokens_details.cached_tokens, "prompt": usage.prompt_tokens, "text": "".join(text)}
+
+
+async def throughput(base_url: str, clients: int, per_client: int, max_tokens: int) -> dict:
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=0, timeout=600)
+
+    async def worker(w):
+        out = []
+        for r in range(per_client):
+            prompt = f"Client {w}, request {r}: tell me about the history of the {['cat', 'dog', 'owl'][r % 3]}."
+            out.append(await one_stream(client, [{"role": "user", "content": prompt}], max_tokens))
+        return out
+
+    await one_stream(client, [{"role": "user", "content": "warm up"}], 4)
+    start = time.perf_counter()
+    results = [r for rs in await asyncio.gather(*(worker(w) for w in range(clients))) for r in rs]
+    wall = time.perf_counter() - start
+    await client.close()
+    return {"clients": clients, "requests": len(results), "tok_s": sum(r["tokens"] for r in results) / wall,
+            "ttft": [r["ttft"] for r in results], "latency": [r["latency"] for r in results]}
+
+
+async def multi_turn(base_url: str, conversations: int, turns: int, system_words: int, max_tokens: int) -> list:
+    """Sequential multi-turn chats sharing one long system prompt; returns every turn's measurements."""
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=0, timeout=600)
+    system = " ".join(f"Rule {i}: answer politely about animals and plants." for i in range(system_words // 8))
+    await one_stream(client, [{"role": "user", "content": "warm up"}], 2)
+    out = []
+    for c in range(conversations):
+        messages = [{"role": "system", "content": system}]
+        for t in range(turns):
+            messages.append({"role": "user", "content": f"Conversation {c}, question {t}: what about the owl?"})
+            result = await one_stream(client, messages, max_tokens)
+            messages.append({"role": "assistant", "content": result["text"]})
+            out.append(result)
+    await client.close()
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="model directory (default: bundled model, else a tiny random one)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request in the throughput phase")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=64, help="requests per throughput phase (>= clients)")
+    parser.add_argument("--system-words", type=int, default=800, help="length of the shared system prompt")
+    parser.add_argument("--conversations", type=int, default=3)
+    parser.add_argument("--turns", type=int, default=4)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path, what = model_dir(args.model, Path(scratch))
+        sizes = ["--max-batch", str(max(args.clients)), "--max-seq-len", "4096"]
+        print(f"model: {what} ({path}); {_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}")
+        with server(path, *sizes) as url:
+            rows = [asyncio.run(throughput(url, c, max(1, args.requests // c) if c > 1 else max(4, args.requests // 8),
+                                           args.max_tokens)) for c in args.clients]
+        base = rows[0]["tok_s"]
+        print(f"\nThroughput ({args.max_tokens} tokens per request, streaming, temperature 0)")
+        print(f"{'clients':>7} {'requests':>8} {'tok/s':>8} {'vs 1':>6} {'TTFT p50':>9} {'TTFT p99':>9} "
+              f"{'lat p50':>8} {'lat p99':>8}")
+        for r in rows:
+            print(f"{r['clients']:>7} {r['requests']:>8} {r['tok_s']:>8.1f} {r['tok_s'] / base:>5.2f}x "
+                  f"{pct(r['ttft'], .5):>8.3f}s {pct(r['ttft'], .99):>8.3f}s {pct(r['latency'], .5):>7.3f}s "
+                  f"{pct(r['latency'], .99):>7.3f}s")
+
+        chats = {}
+        for label, flags in (("prefix cache off", ["--prefix-cache-mb", "0"]), ("prefix cache on", [])):
+            with server(path, *sizes, *flags) as url:
+                chats[label] = asyncio.run(multi_turn(url, args.conversations, args.turns, args.system_words, 8))
+        print(f"\nMulti-turn chat: {args.conversations} conversations x {args.turns} turns, shared system prompt "
+              f"of {chats['prefix cache on'][0]['prompt']} tokens (first turn)")
+        print(f"{'':>17} {'TTFT mean':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'cached/prompt':>14}")
+        for label, results in chats.items():
+            ttft = [r["ttft"] for r in results]
+            cached = sum(r["cached"] for r in results) / sum(r["prompt"] for r in results)
+            print(f"{label:>17} {statistics.mean(ttft):>9.3f}s {pct(ttft, .5):>8.3f}s {pct(ttft, .99):>8.3f}s "
+                  f"{cached:>13.0%}")
+        off = statistics.mean(r["ttft"] for r in chats["prefix cache off"])
+        on = statistics.mean(r["ttft"] for r in chats["prefix cache on"])
+        print(f"TTFT change with the prefix cache: {100 * (on - off) / off:+.0f}%")
+
+
+if __name__ == "__main__":
+    main()
