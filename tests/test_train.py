@@ -81,6 +81,15 @@ def test_gamma_zero_keeps_biases_and_gamma_moves_them(tmp_path):
         assert history[0]["bias"][name] == pytest.approx(expected.tolist())
 
 
+def test_micro_batches_accumulate_to_the_full_batch(tmp_path):
+    full, split = tiny_model(), tiny_model()
+    a = train(full, config(tmp_path / "a", steps=2), TOKENS, progress=False)
+    b = train(split, config(tmp_path / "b", steps=2, micro_batch_size=2), TOKENS, progress=False)
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5) and ra["load"] == rb["load"]
+    assert torch.equal(biases(full), biases(split))  # the bias update sees the load of the whole step
+
+
 def test_balance_loss_matches_hand_computation():
     torch.manual_seed(0)
     cfg = ModelConfig.tiny(vocab_size=64, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1)
