@@ -153,3 +153,22 @@ def test_logprobs_and_prompt_logprobs_match_a_full_forward(model, tokenizer):
     assert r.prompt_logprobs[0] is None
     torch.testing.assert_close(torch.tensor(got), expected, atol=1e-4, rtol=1e-4)
     assert all(lp.top[0][0] == lp.token_id and len(lp.top) == 2 for lp in r.logprobs)  # greedy: chosen = top 1
+
+
+def test_prefill_token_budget_admits_newcomers_over_several_steps(model, tokenizer):
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=4, max_seq_len=64, max_prefill_tokens=20,
+                                                   prefix_cache_bytes=0))
+    ps = [tokenizer.encode(f"{w} " * 14)[:15] for w in ("red", "green", "blue")]
+    handles = [engine.submit(Request(p, greedy(30), ignore_eos=True)) for p in ps]
+    engine.step()  # 15 of 20 tokens: the second prompt (15 more) waits
+    assert (engine.num_running, engine.num_waiting) == (1, 2)
+    engine.step()
+    assert (engine.num_running, engine.num_waiting) == (2, 1)
+    big = engine.submit(Request(list(range(2, 50)), greedy(10), ignore_eos=True))  # 48 > budget: admitted alone
+    engine.step()
+    engine.step()
+    assert engine.num_waiting == 0 and engine.num_running == 4
+    for h in handles + [big]:
+        h.cancel()
+    engine.step()
+    assert engine.num_running == 0

@@ -457,3 +457,31 @@ def test_failure_mid_stream_ends_with_an_error_event(server, client, monkeypatch
             pass
     monkeypatch.undo()
     assert client.chat.completions.create(model=MODEL_NAME, messages=USER, max_tokens=2).choices  # still serving
+
+
+def test_client_that_goes_away_cancels_a_non_streaming_request(server):
+    engine, registry = engine_of(server), server.app.state.dsv3.metrics.registry
+    finished_before = registry.get_sample_value("dsv3:generation_tokens_total")
+    body = dict(model=MODEL_NAME, messages=USER, max_tokens=200, temperature=0, ignore_eos=True, n=2)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(5, read=0.3))
+    wait_idle(engine, timeout=10)
+    assert engine.num_running == 0 and engine.prefix.referenced_blocks == 0
+    assert registry.get_sample_value("dsv3:generation_tokens_total") == finished_before  # aborted, not run to max_tokens
+
+
+def test_config_file_then_command_line(tmp_path, monkeypatch):
+    from dsv3.cli import build_parser
+    from dsv3.server.cli import resolve_options
+
+    (tmp_path / "serve.toml").write_text('port = 9001\nmax-batch = 4\napi_key = ["from-file"]\n'
+                                         'allow_cidr = ["127.0.0.0/8"]\n')
+    monkeypatch.setenv("DSV3_API_KEY", "from-env")
+    args = build_parser().parse_args(["serve", "--config", str(tmp_path / "serve.toml"), "--max-batch", "16"])
+    options = resolve_options(args)
+    assert options["port"] == 9001 and options["max_batch"] == 16 and options["host"] == "127.0.0.1"
+    assert options["api_key"] == ["from-file", "from-env"] and options["allow_cidr"] == ["127.0.0.0/8"]
+    (tmp_path / "bad.json").write_text('{"max_batchh": 3}')
+    with pytest.raises(SystemExit, match="unknown option 'max_batchh'"):
+        resolve_options(build_parser().parse_args(["serve", "--config", str(tmp_path / "bad.json")]))

@@ -12,7 +12,6 @@ row; the engine copies that row's latents (its `move_row`).
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -35,8 +34,6 @@ class Sequence:
     row: int = -1
     cached_tokens: int = 0  # prompt tokens whose latents came from the prefix cache
     held: dict[int, Block] = field(default_factory=dict)  # prefix-cache blocks this request references
-    arrival: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
 
     def __post_init__(self) -> None:
         self.n_prompt = len(self.tokens)
