@@ -107,6 +107,8 @@ def test_empty_subject_and_unknown_subject_are_errors(tmp_path):
         load_mmlu(tmp_path, "test")
     with pytest.raises(MMLUDataError, match=r"no test questions for subject\(s\) \['astronomy'\]"):
         load_mmlu(tmp_path, "test", subjects=["astronomy"])
+    with pytest.raises(MMLUDataError, match="not a directory"):
+        load_mmlu(tmp_path / "missing", "test")
 
 
 def test_shipped_subset_and_shot_limit():
@@ -164,6 +166,19 @@ def test_scorer_matches_a_plain_forward(tiny, batch_size, max_length):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)
 
 
+def test_subject_in_chunks_reuses_the_prefix_and_scores_the_same(tiny, monkeypatch):
+    model, tok, _ = tiny
+    data = load_mmlu(None, "validation", subjects=["anatomy", "virology"], limit=5)
+    whole = run_mmlu(ModelScorer(model, tok), data, 2, progress=False)
+    starts = []  # start_pos of every forward: 0 = a prefix computed from scratch
+    forward = model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda ids, cache, pos: starts.append(pos) or forward(ids, cache, pos))
+    chunked = run_mmlu(ModelScorer(model, tok), data, 2, progress=False, chunk=2)  # 3 chunks per subject
+    assert starts.count(0) == 2 and len(starts) == 2 + 6
+    torch.testing.assert_close(torch.tensor([p.loglikelihoods for p in chunked]),
+                               torch.tensor([p.loglikelihoods for p in whole]), atol=1e-5, rtol=0)
+
+
 def test_generative_mode_parses_the_first_letter(tiny):
     assert [parse_letter(t) for t in ["B", " (C) because", "Answer: D.", "none", "A B"]] == ["B", "C", "D", None, "A"]
     model, tok, _ = tiny
@@ -199,10 +214,17 @@ def test_api_backend_on_dsv3_serve_matches_in_process(tiny):
     try:
         data = load_mmlu(None, "validation", subjects=["anatomy", "world_religions"], limit=3)
         api = run_mmlu(APIScorer(server.base_url, model="tiny", batch_size=5), data, 1, progress=False)
+        generated = run_mmlu(APIScorer(server.base_url, model="tiny"), data, 1, generative=True, progress=False)
+        chat = run_mmlu(APIScorer(server.base_url, model="tiny", chat=True), data, 0, generative=True,
+                        progress=False, max_new_tokens=3)
     finally:
         server.stop()
     local = run_mmlu(ModelScorer(model, tok), data, 1, progress=False)
     assert [p.pred for p in api] == [p.pred for p in local]
+    assert [p.response for p in generated] == [p.response for p in run_mmlu(
+        ModelScorer(model, tok), data, 1, generative=True, progress=False)]
+    assert [p.response for p in chat] == [p.response for p in run_mmlu(
+        ModelScorer(model, tok, chat=True), data, 0, generative=True, progress=False, max_new_tokens=3)]
     torch.testing.assert_close(torch.tensor([p.loglikelihoods for p in api]),
                                torch.tensor([p.loglikelihoods for p in local]), atol=1e-4, rtol=0)
 

@@ -15,6 +15,7 @@ noise of a mean over a fixed set of subjects. Chance is 25%; an "always A" score
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -51,18 +52,23 @@ def parse_letter(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-def run_mmlu(scorer, data: MMLUData, shots: int = 0, generative: bool = False,
-             progress: bool = True) -> list[Prediction]:
-    """Score every question of `data` with `scorer` (mmlu_scorers.ModelScorer or APIScorer), subject by subject."""
+def run_mmlu(scorer, data: MMLUData, shots: int = 0, generative: bool = False, progress: bool = True,
+             max_new_tokens: int = 8, chunk: int = 64) -> list[Prediction]:
+    """Score every question of `data` with `scorer` (mmlu_scorers.ModelScorer or APIScorer).
+
+    Subjects go to the scorer in chunks of `chunk` questions (so the tqdm bar moves inside large subjects); the
+    in-process scorer keeps the subject's prefix cache across its chunks.
+    """
     data.check_shots(shots)
     total = sum(len(qs) for qs in data.questions.values())
     preds: list[Prediction] = []
     with tqdm(total=total, desc=f"MMLU {shots}-shot", unit="q", disable=not progress) as bar:
-        for subject, questions in data.questions.items():
-            prefix = subject_prefix(subject, data.exemplars.get(subject, [])[:shots])
+        for subject, questions, prefix in (
+                (s, qs[i:i + chunk], subject_prefix(s, data.exemplars.get(s, [])[:shots]))
+                for s, qs in data.questions.items() for i in range(0, len(qs), chunk)):
             contexts = [prefix + format_question(q) for q in questions]
             if generative:
-                responses = scorer.generate(prefix, contexts)
+                responses = scorer.generate(prefix, contexts, max_new_tokens)
                 scores = [None] * len(questions)
                 letters = [parse_letter(r) for r in responses]
             else:
@@ -143,7 +149,11 @@ def write_results(output: str | Path, preds: list[Prediction], summary: dict, co
 def add_cli(subparsers) -> None:
     p = eval_subparsers(subparsers).add_parser(
         "mmlu", help="MMLU accuracy, scored as lm-evaluation-harness's mmlu task",
-        description=__doc__.split("\n\n")[0] + " Writes predictions.jsonl, summary.json and results.csv.")
+        description="MMLU accuracy of a dsv3 model or an OpenAI-compatible server, prompted and scored as\n"
+                    "lm-evaluation-harness's mmlu task (log-likelihood of ' A' .. ' D').\n"
+                    "Writes predictions.jsonl, summary.json and results.csv into --output.",
+        epilog="examples:\n" + "\n".join(__doc__.split("\n\n")[1].splitlines()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="DIR", help="dsv3 checkpoint directory (default: the bundled model)")
     src.add_argument("--api-base", metavar="URL", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
@@ -158,9 +168,12 @@ def add_cli(subparsers) -> None:
     p.add_argument("--output", metavar="DIR", required=True, help="directory for the result files")
     p.add_argument("--subjects", nargs="+", default=None, help="only these subjects (e.g. college_physics)")
     p.add_argument("--limit", type=int, default=None, help="first N questions per subject (as lm-eval --limit)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward / prompts per request")
     p.add_argument("--generative", action="store_true",
-                   help="let the model write the letter instead of comparing log-likelihoods")
+                   help="let the model write the answer (first A-D letter counts) instead of comparing log-likelihoods")
+    p.add_argument("--chat", action="store_true",
+                   help="with --generative: send the prompt as a user message (chat template; /v1/chat/completions)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length in generative mode (default 8)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="in-process model dtype")
     p.add_argument("--device", default=None, help="in-process model device (default: cuda if available)")
     p.set_defaults(func=_main)
@@ -175,14 +188,15 @@ def _model_scorer(args):
 
     if args.model is None:
         from .. import bundled_model_path
-        path = Path(bundled_model_path())
-        if not (path / "model.safetensors").is_file():
-            raise SystemExit(f"error: no bundled model at {path} (model.safetensors missing); pass --model DIR")
+        try:
+            path = bundled_model_path()
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e}; or pass --model DIR / --api-base URL") from None
     else:
         path = Path(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(path, dtype=getattr(torch, args.dtype), device=device)
-    return ModelScorer(model, Tokenizer.from_pretrained(path), batch_size=args.batch_size), str(path)
+    return ModelScorer(model, Tokenizer.from_pretrained(path), args.batch_size, chat=args.chat), str(path)
 
 
 def _main(args) -> int:
@@ -200,19 +214,22 @@ def _evaluate(args) -> int:
 
     from .mmlu_scorers import APIScorer
 
+    if args.chat and not args.generative:
+        raise SystemExit("error: --chat needs --generative (chat answers are parsed, not scored by log-likelihood)")
     split = args.split or ("validation" if args.data is None else "test")
     data = load_mmlu(args.data, split, args.subjects, args.limit)
     data.check_shots(args.shots)
     if args.api_base:
         scorer = APIScorer(args.api_base, args.api_model, args.api_key or os.environ.get("OPENAI_API_KEY"),
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, chat=args.chat)
         model_label = f"{args.api_model} @ {scorer.url}"
     else:
         scorer, model_label = _model_scorer(args)
-    preds = run_mmlu(scorer, data, args.shots, args.generative)
+    preds = run_mmlu(scorer, data, args.shots, args.generative, max_new_tokens=args.max_new_tokens)
     summary = summarize(preds)
     config = {"model": model_label, "data": data.source, "split": split, "shots": args.shots, "limit": args.limit,
-              "mode": "generative" if args.generative else "loglikelihood", "questions": len(preds)}
+              "mode": ("chat " if args.chat else "") + ("generative" if args.generative else "loglikelihood"),
+              "questions": len(preds)}
     write_results(args.output, preds, summary, config)
     print(format_report(summary, f"MMLU {split} ({data.source}), {args.shots}-shot, "
                                  f"{config['mode']}, model {model_label}"))

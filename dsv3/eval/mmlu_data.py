@@ -188,7 +188,8 @@ def _load_hub(dataset_id: str, split: str, subjects: list[str] | None) -> tuple[
         try:
             rows = datasets.load_dataset(dataset_id, config, split=name)
         except Exception as e:  # hub/network/config errors come in many types; keep the cause visible
-            raise MMLUDataError(f"could not load {dataset_id!r} config {config!r} split {name!r}: {e}") from e
+            raise MMLUDataError(f"{dataset_id!r} is no local directory, and loading it from the hub (config "
+                                f"{config!r}, split {name!r}) failed: {e}") from e
         return [_question(dict(r), f"{dataset_id}/{config}/{name} row {n}") for n, r in enumerate(rows, 1)]
 
     configs = subjects or ["all"]
@@ -213,6 +214,9 @@ def load_mmlu(source: str | Path | None = None, split: str = "validation",
             raise MMLUDataError(f"the shipped MMLU subset has only the validation split (and dev exemplars), not "
                                 f"{split!r}; pass --data cais/mmlu or a local directory for {split!r}")
         questions, exemplars = _load_split_dir(root, split), _load_split_dir(root, "dev")
+    elif Path(source).exists() or str(source).startswith((".", "/", "~")):
+        raise MMLUDataError(f"{source}: not a directory (expected one holding {split}.jsonl / {split}.parquet, "
+                            f"or dev/ val/ test/ CSV folders)")
     else:
         label = str(source)
         questions, exemplars = _load_hub(str(source), split, subjects)

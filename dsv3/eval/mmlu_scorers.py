@@ -1,9 +1,11 @@
-"""The two MMLU backends: an in-process dsv3 model and an OpenAI-compatible `/v1/completions` server.
+"""The two MMLU backends: an in-process dsv3 model and an OpenAI-compatible server (`/v1/completions`, or
+`/v1/chat/completions` for generative scoring of chat-only APIs).
 
-Both answer, per subject, either
+Both answer, for a chunk of one subject's questions, either
 - `loglikelihoods(prefix, contexts)` -> [N, 4]: log p(" A" | ctx) ... log p(" D" | ctx), or
 - `generate(prefix, contexts, max_tokens)` -> N strings (greedy), for generative scoring.
-Every context starts with `prefix` (the subject header + exemplars), which the in-process model computes once.
+Every context starts with `prefix` (the subject header + exemplars), which the in-process model computes once
+per subject and keeps while the following chunks share it.
 
 Tokenisation follows lm-eval's `TemplateLM._encode_pair` (lm_eval/api/model.py): trailing context whitespace moves
 into the continuation, then `ctx_enc = encode(ctx)`, `whole = encode(ctx + cont)`, `cont_enc = whole[len(ctx_enc):]`,
@@ -49,10 +51,12 @@ class ModelScorer:
     through the LM head.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None) -> None:
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None,
+                 chat: bool = False) -> None:
+        self.model, self.tokenizer, self.batch_size, self.chat = model, tokenizer, batch_size, chat
         self.max_length = max_length or model.config.max_position_embeddings
         self.device = model.lm_head.weight.device
+        self._prefix: tuple[tuple[int, ...], object] = ((), None)  # last prefix's tokens and batch-1 cache
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         context, continuation = _split_space(context, continuation)
@@ -104,8 +108,7 @@ class ModelScorer:
         longest = max(len(inputs[r]) for r in full)
         cache = self.model.new_cache(min(self.batch_size, len(full)), longest)
         if p:
-            prefix_cache = self.model.new_cache(1, p)
-            self.model.hidden_states(torch.tensor([inputs[full[0]][:p]], device=self.device), prefix_cache, 0)
+            prefix_cache = self._prefix_cache(inputs[full[0]][:p])
             cache.kv[:, :, :p] = prefix_cache.kv[:, :, :p]
             cache.pe[:, :, :p] = prefix_cache.pe[:, :, :p]
         order = sorted(full, key=lambda r: -len(inputs[r]))  # similar lengths together: little padding
@@ -116,6 +119,15 @@ class ModelScorer:
             for r, lp in zip(batch, results):
                 out[r] = lp
         return out
+
+    def _prefix_cache(self, tokens: tuple[int, ...]):
+        """Latents of `tokens` in a batch-1 cache, reused while calls share it (run_mmlu sends a subject in chunks)."""
+        held, cache = self._prefix
+        if held[:len(tokens)] != tokens:
+            cache = self.model.new_cache(1, len(tokens))
+            self.model.hidden_states(torch.tensor([tokens], device=self.device), cache, 0)
+            self._prefix = (tokens, cache)
+        return cache
 
     def _batch(self, inputs, first, p: int, cache) -> list[torch.Tensor]:
         """Run inputs[b][p:] (right-padded) from start_pos p; log-probs at positions first[b]..len-1."""
@@ -133,21 +145,24 @@ class ModelScorer:
         return out
 
     @torch.no_grad()
-    def generate(self, prefix: str, contexts: list[str], max_tokens: int = 4) -> list[str]:
-        """Greedy continuation of each context, stopping at a newline or EOS (lm-eval mmlu_generative: until "\\n")."""
+    def generate(self, prefix: str, contexts: list[str], max_tokens: int = 8) -> list[str]:
+        """Greedy answer to each context, cut at the first newline (lm-eval mmlu_generative: until "\\n").
+
+        chat: the context goes in as one user message through the tokenizer's chat template.
+        """
+        from ..generation import generate
+
         texts = []
         for context in contexts:  # one at a time: the answers are a few tokens, the prompt dominates
-            ids = self.tokenizer.encode(context)[-(self.max_length - max_tokens):]
-            cache = self.model.new_cache(1, len(ids) + max_tokens)
-            logits = self.model(torch.tensor([ids], device=self.device), cache, 0)[:, -1]
-            new: list[int] = []
-            for step in range(max_tokens):
-                token = int(logits.argmax(-1))
-                if token == self.tokenizer.eos_token_id or "\n" in self.tokenizer.decode(new + [token]):
-                    break
-                new.append(token)
-                logits = self.model(torch.tensor([[token]], device=self.device), cache, len(ids) + step)[:, -1]
-            texts.append(self.tokenizer.decode(new, skip_special_tokens=True))
+            if self.chat:
+                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": context}],
+                                                         add_generation_prompt=True)
+            else:
+                ids = self.tokenizer.encode(context)
+            ids = torch.tensor([ids[-(self.max_length - max_tokens):]], device=self.device)
+            out = generate(self.model, ids, max_tokens, stop_token_ids=[self.tokenizer.eos_token_id])
+            new = [t for t in out[0, ids.shape[1]:].tolist() if t != self.tokenizer.eos_token_id]
+            texts.append(self.tokenizer.decode(new, skip_special_tokens=True).split("\n")[0])
         return texts
 
 
@@ -165,14 +180,14 @@ class APIScorer:
     """
 
     def __init__(self, api_base: str, model: str = "dsv3", api_key: str | None = None, batch_size: int = 16,
-                 timeout: float = 600.0) -> None:
+                 timeout: float = 600.0, chat: bool = False) -> None:
         import httpx  # optional dependency (dsv3[server])
 
         base = api_base.rstrip("/")
         if urlparse(base).path in ("", "/"):
             base += "/v1"
-        self.url = base + "/completions"
-        self.model, self.batch_size = model, batch_size
+        self.url = base + ("/chat/completions" if chat else "/completions")
+        self.model, self.batch_size, self.chat = model, batch_size, chat
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(headers=headers, timeout=timeout)
         self._httpx = httpx
@@ -189,8 +204,9 @@ class APIScorer:
             choices = sorted(response.json()["choices"], key=lambda c: c.get("index", 0))
         except (ValueError, KeyError, TypeError) as e:
             raise ServerError(f"{self.url}: response is not a completions object with 'choices' ({e})") from None
-        if len(choices) != len(payload["prompt"]):
-            raise ServerError(f"{self.url}: sent {len(payload['prompt'])} prompts, got {len(choices)} choices")
+        sent = len(payload.get("prompt", [None]))
+        if len(choices) != sent:
+            raise ServerError(f"{self.url}: sent {sent} prompts, got {len(choices)} choices")
         return choices
 
     def _echo_logprobs(self, prompts: list[str]) -> list[list[float]]:
@@ -207,6 +223,8 @@ class APIScorer:
         return out
 
     def loglikelihoods(self, prefix: str, contexts: list[str]) -> list[list[float]]:
+        if self.chat:
+            raise ServerError("chat endpoints give no prompt log-probs: use --generative with --chat")
         pairs = [_split_space(ctx, cont) for ctx in contexts for cont in CONTINUATIONS]
         unique_ctx = list(dict.fromkeys(ctx for ctx, _ in pairs))
         lps = self._echo_logprobs(unique_ctx + [ctx + cont for ctx, cont in pairs])
@@ -220,7 +238,11 @@ class APIScorer:
             scores.append(float(sum(cont_lp)))
         return [scores[i:i + len(LETTERS)] for i in range(0, len(scores), len(LETTERS))]
 
-    def generate(self, prefix: str, contexts: list[str], max_tokens: int = 4) -> list[str]:
+    def generate(self, prefix: str, contexts: list[str], max_tokens: int = 8) -> list[str]:
+        """Greedy answers: batched prompts on /completions, one user message per request on /chat/completions."""
+        if self.chat:
+            return [(self._post({"messages": [{"role": "user", "content": c}], "max_tokens": max_tokens,
+                                 "temperature": 0})[0].get("message") or {}).get("content") or "" for c in contexts]
         out = []
         for i in range(0, len(contexts), self.batch_size):
             chunk = contexts[i:i + self.batch_size]
