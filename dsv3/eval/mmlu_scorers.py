@@ -58,19 +58,22 @@ class ModelScorer:
         self.device = model.lm_head.weight.device
         self._prefix: tuple[tuple[int, ...], object] = ((), None)  # last prefix's tokens and batch-1 cache
 
-    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    def _encode_pair(self, context: str, continuation: str, encoded: dict) -> tuple[list[int], list[int]]:
+        """encoded: memo of context encodings (the four letters share one context)."""
         context, continuation = _split_space(context, continuation)
-        ctx = self.tokenizer.encode(context)
+        if context not in encoded:
+            encoded[context] = self.tokenizer.encode(context)
+        ctx = encoded[context]
         return ctx, self.tokenizer.encode(context + continuation)[len(ctx):]
 
     @torch.no_grad()
     def loglikelihoods(self, prefix: str, contexts: list[str]) -> list[list[float]]:
         # rows: unique model inputs; requests[(q, c)] = (row, continuation ids)
         rows: dict[tuple[int, ...], int] = {}
-        requests, truncated = {}, set()
+        requests, truncated, encoded = {}, set(), {}
         for q, context in enumerate(contexts):
             for c, cont in enumerate(CONTINUATIONS):
-                ctx_enc, cont_enc = self._encode_pair(context, cont)
+                ctx_enc, cont_enc = self._encode_pair(context, cont, encoded)
                 if not cont_enc:
                     raise ValueError(f"continuation {cont!r} tokenised to nothing after context ...{context[-40:]!r}")
                 whole = ctx_enc + cont_enc
@@ -101,7 +104,7 @@ class ModelScorer:
         # shared prefix length p: common to all full rows, and leaving every scored position to be computed
         p = min([_common_prefix(prefix_ids, inputs[r]) for r in full] + [first[r] for r in full], default=0)
         out: list[torch.Tensor | None] = [None] * len(inputs)
-        for r in truncated:
+        for r in truncated:  # no cache: a plain causal forward from position 0
             out[r] = self._batch([inputs[r]], [first[r]], 0, None)[0]
         if not full:
             return out
@@ -135,8 +138,6 @@ class ModelScorer:
         ids = torch.zeros(len(inputs), width, dtype=torch.long)
         for b, x in enumerate(inputs):
             ids[b, :len(x) - p] = torch.tensor(x[p:])
-        if cache is None:
-            cache = self.model.new_cache(len(inputs), width)
         hidden = self.model.hidden_states(ids.to(self.device), cache, p)  # [B, width, D]
         out = []
         for b, x in enumerate(inputs):
