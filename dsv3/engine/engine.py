@@ -232,8 +232,8 @@ class Engine:
                 self.prefix.store(seq.tokens[:-1], self.cache.rows(seq.row), seq.held)
             last_row = len(self.scheduler.running) - 1
             moved = self.scheduler.finish(seq)
-            if moved is not None:
-                self._move_row(last_row, moved.row, len(moved.tokens) - 1)
+            if moved is not None:  # mid-step it may already hold its newest token: copy that position too
+                self._move_row(last_row, moved.row, min(len(moved.tokens), self.max_seq_len))
             seq.row = -1
         self.prefix.release(seq.held.values())
         seq.held = {}

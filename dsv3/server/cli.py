@@ -160,7 +160,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--block-size", type=int, help="prefix-cache block length in tokens (default 16)")
     p.add_argument("--prefix-cache-mb", type=float, help="prefix-cache memory cap in MiB (default 64; 0 = off)")
     p.add_argument("--device", help="torch device (default cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: checkpoint)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
+                   help="weights dtype (default: the checkpoint's)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=serve)
 
