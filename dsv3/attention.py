@@ -21,7 +21,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelConfig
-from .layers import RMSNorm
+from .layers import RMSNorm, linear_weight
 from .rope import apply_rope
 
 AttnImpl = Literal["auto", "naive", "absorb"]
@@ -95,7 +95,7 @@ class MLA(nn.Module):
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         """Scores against the latent: (W_UKᵀ q_nope)·c + q_pe·k_pe; output W_UV (Σ p c)."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.d_nope + self.d_v, self.kv_lora_rank)
+        w = linear_weight(self.kv_b_proj).view(self.n_heads, self.d_nope + self.d_v, self.kv_lora_rank)
         w_uk, w_uv = w[:, :self.d_nope], w[:, self.d_nope:]  # [H, d_n, d_c], [H, d_v, d_c]
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk.to(q_nope.dtype))  # [B, T, H, d_c]
         scores = (torch.einsum("bthc,bsc->bhts", q_lat, c_kv)

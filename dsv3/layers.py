@@ -38,3 +38,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., dim]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def linear_weight(linear: nn.Module) -> torch.Tensor:
+    """The dense [out, in] weight a linear-like module applies.
+
+    Absorbed MLA folds kv_b_proj's weight into the query and output (dsv3/attention.py), so it needs the matrix
+    itself, not just the module's forward. Quantized and LoRA-wrapped linears provide `effective_weight()`.
+    """
+    return linear.weight if isinstance(linear, nn.Linear) else linear.effective_weight()
