@@ -47,8 +47,8 @@ class ModelScorer:
     Per subject the longest token prefix shared by every request (header + exemplars, up to where tokenisation of
     the question starts) runs once into a batch-1 latent cache; its latents are copied into every row of a batch
     cache, and each batch then runs only the question tokens from `start_pos = p`. Rows whose input must be
-    left-truncated (longer than max_length) run alone from position 0. Only the positions that are scored go
-    through the LM head.
+    left-truncated (longer than max_length) share no prefix and run in their own batches from position 0. Only the
+    positions that are scored go through the LM head.
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None,
@@ -104,8 +104,11 @@ class ModelScorer:
         # shared prefix length p: common to all full rows, and leaving every scored position to be computed
         p = min([_common_prefix(prefix_ids, inputs[r]) for r in full] + [first[r] for r in full], default=0)
         out: list[torch.Tensor | None] = [None] * len(inputs)
-        for r in truncated:  # no cache: a plain causal forward from position 0
-            out[r] = self._batch([inputs[r]], [first[r]], 0, None)[0]
+        cut = sorted(truncated)  # all exactly max_length long: batched without padding, no cache, from position 0
+        for i in range(0, len(cut), self.batch_size):
+            batch = cut[i:i + self.batch_size]
+            for r, lp in zip(batch, self._batch([inputs[r] for r in batch], [first[r] for r in batch], 0, None)):
+                out[r] = lp
         if not full:
             return out
         longest = max(len(inputs[r]) for r in full)
