@@ -158,20 +158,41 @@ def test_logprobs_and_prompt_logprobs_match_a_full_forward(model, tokenizer):
     assert all(lp.top[0][0] == lp.token_id and len(lp.top) == 2 for lp in r.logprobs)  # greedy: chosen = top 1
 
 
-def test_prefill_token_budget_admits_newcomers_over_several_steps(model, tokenizer):
-    engine = Engine(model, tokenizer, EngineConfig(max_batch=4, max_seq_len=64, max_prefill_tokens=20,
+def test_long_prompts_are_prefilled_in_chunks_of_the_token_budget(model, tokenizer):
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=4, max_seq_len=128, max_prefill_tokens=20,
                                                    prefix_cache_bytes=0))
-    ps = [tokenizer.encode(f"{w} " * 14)[:15] for w in ("red", "green", "blue")]
-    handles = [engine.submit(Request(p, greedy(30), ignore_eos=True)) for p in ps]
-    engine.step()  # 15 of 20 tokens: the second prompt (15 more) waits
-    assert (engine.num_running, engine.num_waiting) == (1, 2)
-    engine.step()
-    assert (engine.num_running, engine.num_waiting) == (2, 1)
-    big = engine.submit(Request(list(range(2, 50)), greedy(10), ignore_eos=True))  # 48 > budget: admitted alone
-    engine.step()
-    engine.step()
-    assert engine.num_waiting == 0 and engine.num_running == 4
-    for h in handles + [big]:
-        h.cancel()
-    engine.step()
-    assert engine.num_running == 0
+    short = tokenizer.encode("red " * 20)[:15]
+    long = tokenizer.encode("a much longer prompt about rivers " * 10)[:48]
+    a = engine.submit(Request(short, greedy(30), ignore_eos=True))
+    b = engine.submit(Request(long, greedy(6), prompt_logprobs=0, ignore_eos=True))
+    computed = []
+    for _ in range(4):
+        engine.step()
+        seq = engine.scheduler.prefilling
+        computed.append(seq.n_computed if seq else None)
+    assert computed == [5, 25, 45, None]  # 15 of a, then 5 + 20 + 20 + 3 of b; a decoded meanwhile
+    assert engine.num_running == 2
+    while engine.scheduler.has_work():
+        engine.step()
+    ra, rb = Result.of(a), Result.of(b)
+    assert ra.token_ids == generate(model, torch.tensor([short]), 30)[0, 15:].tolist()
+    assert rb.token_ids == generate(model, torch.tensor([long]), 6)[0, 48:].tolist()
+    with torch.no_grad():
+        logp = model(torch.tensor([long]))[0].float().log_softmax(-1)
+    expected = logp[:-1].gather(-1, torch.tensor(long[1:])[:, None])[:, 0]
+    assert rb.prompt_logprobs[0] is None and len(rb.prompt_logprobs) == 48
+    torch.testing.assert_close(torch.tensor([lp.logprob for lp in rb.prompt_logprobs[1:]]), expected)
+
+
+def test_rows_move_correctly_while_a_prompt_is_part_way_through_prefill(model, tokenizer):
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=4, max_seq_len=128, max_prefill_tokens=16,
+                                                   prefix_cache_bytes=0))
+    quick = [tokenizer.encode(f"{w} is a colour") for w in ("red", "blue")]
+    long = tokenizer.encode("the history of the river and its bridges " * 8)[:60]
+    handles = [engine.submit(Request(p, greedy(n), ignore_eos=True)) for p, n in zip(quick, (2, 9))]
+    handles.append(engine.submit(Request(long, greedy(5), ignore_eos=True)))
+    while engine.scheduler.has_work():
+        engine.step()  # the 2-token request leaves while the long prompt is in row 2: both later rows move
+    results = [Result.of(h) for h in handles]
+    for p, n, r in zip(quick + [long], (2, 9, 5), results):
+        assert r.token_ids == generate(model, torch.tensor([p]), n)[0, len(p):].tolist()

@@ -5,9 +5,11 @@
     for delta in handle: print(delta.text, end="")      # or `async for` inside an event loop
     engine.shutdown()
 
-Each step (see scheduler.py): drop cancelled requests, prefill newcomers one by one into their rows (after copying
-whatever prompt prefix the prefix cache holds), then decode one token for all running rows in one batched forward
-with per-row positions (`start_pos` LongTensor[R]). Prefill uses the naive MLA form and decoding the absorbed one
+Each step (see scheduler.py): drop cancelled requests; spend the step's prompt-token budget on prefill (first the
+prompt left part-way by the last step, then newcomers, each after copying whatever prompt prefix the prefix cache
+holds into its row; a prompt that does not fit the rest of the budget is prefilled in chunks over several steps);
+then decode one token for all running rows in one batched forward with per-row positions (`start_pos`
+LongTensor[R]). Prefill uses the naive MLA form and decoding the absorbed one
 (dsv3/attention.py), the split DeepSeek's inference code makes. Sampling is per row (dsv3/sampling.py: each row
 its own temperature, top-p/k, penalties, seed); text and stop strings come from dsv3/generation.py's
 StopStringStreamer, so a stop string is never streamed out.
@@ -34,7 +36,7 @@ log = logging.getLogger("dsv3.engine")
 class EngineConfig:
     """max_batch: cache rows = requests decoded together; max_seq_len: tokens per row (prompt + output);
     max_waiting: queued requests beyond which submit raises QueueFullError; max_prefill_tokens: prompt tokens
-    prefilled per step (the token budget; one newcomer is always admitted so a long prompt cannot starve);
+    prefilled per step (the token budget; longer prompts are prefilled in chunks of it over several steps);
     block_size / prefix_cache_bytes: prefix-cache block length and pool cap (0 disables the prefix cache)."""
 
     max_batch: int = 8
@@ -113,7 +115,8 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self.scheduler.running)
+        """Requests holding a cache row: decoding, or part-way through their prompt."""
+        return len(self.scheduler.running) + (self.scheduler.prefilling is not None)
 
     @property
     def num_waiting(self) -> int:
@@ -122,10 +125,10 @@ class Engine:
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def step(self) -> None:
-        """Drop cancelled requests, admit and prefill newcomers, then decode one token for every running row."""
+        """Drop cancelled requests, prefill within the token budget, then decode one token for every running row."""
         for seq in self.scheduler.take_cancelled_waiting():
             self._retire(seq, "abort")
-        for seq in self.scheduler.cancelled_running():
+        for seq in self.scheduler.cancelled_in_rows():
             self._retire(seq, "abort")
         self._admit()
         if self.scheduler.running:
@@ -143,35 +146,43 @@ class Engine:
                 self._end_all("error", f"the engine failed: {type(error).__name__}")
 
     def _admit(self) -> None:
-        budget, admitted = self.config.max_prefill_tokens, 0
-        while (seq := self.scheduler.peek_waiting()) is not None:
-            wants_prompt_logprobs = seq.request.prompt_logprobs is not None
-            # keep at least the last prompt token to compute: its logits choose the first output token
-            blocks = [] if wants_prompt_logprobs else self.prefix.match(seq.tokens, len(seq.tokens) - 1)
-            cost = len(seq.tokens) - len(blocks) * self.prefix.block_size
-            if admitted and cost > budget:
-                self.prefix.release(blocks)
-                return
-            budget -= cost
-            admitted += 1
+        """Spend the step's prompt-token budget: finish (or continue) the part-way prompt, then start newcomers."""
+        budget = self.config.max_prefill_tokens
+        if self.scheduler.prefilling is not None:
+            budget -= self._prefill_chunk(self.scheduler.prefilling, budget)
+        while budget > 0 and (seq := self.scheduler.peek_waiting()) is not None:
+            # keep at least the last prompt token to compute: its logits choose the first output token; prompt
+            # logprobs need the logits of every position, which cached blocks do not carry
+            limit = 0 if seq.request.prompt_logprobs is not None else len(seq.tokens) - 1
+            blocks = self.prefix.match(seq.tokens, limit)
             self.scheduler.start(seq)
-            self._prefill(seq, blocks)
+            row = self.cache.rows(seq.row)
+            self.prefix.load(blocks, row)
+            seq.held = {b.key: b for b in blocks}
+            seq.n_computed = seq.cached_tokens = len(blocks) * self.prefix.block_size
+            prompt = torch.tensor(seq.tokens, device=self.device)
+            self.counts[seq.row].zero_()
+            self.prompt_mask[seq.row].zero_()
+            self.prompt_mask[seq.row, prompt] = True
+            budget -= self._prefill_chunk(seq, budget)
 
-    def _prefill(self, seq: Sequence, blocks) -> None:
+    def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
+        """Run up to `budget` more prompt tokens of `seq` into its row; once the prompt is complete, choose its
+        first token and let it join the running rows. Returns the number of tokens run."""
+        start = seq.n_computed
+        end = min(seq.n_prompt, start + budget)
         row = self.cache.rows(seq.row)
-        self.prefix.load(blocks, row)
-        seq.held = {b.key: b for b in blocks}
-        start = seq.cached_tokens = len(blocks) * self.prefix.block_size
-        ids = torch.tensor([seq.tokens[start:]], device=self.device)
+        ids = torch.tensor([seq.tokens[start:end]], device=self.device)
         logits = self.model(ids, row, start, impl="naive")[0]  # [T, V]
-        self.prefix.store(seq.tokens, row, seq.held)
-        self.counts[seq.row].zero_()
-        self.prompt_mask[seq.row].zero_()
-        self.prompt_mask[seq.row, ids[0]] = True
-        if start:
-            self.prompt_mask[seq.row, torch.tensor(seq.tokens[:start], device=self.device)] = True
-        prompt_lp = self._prompt_logprobs(seq, logits) if seq.request.prompt_logprobs is not None else None
-        self._sample([seq], logits[-1:], prompt_lp)
+        seq.n_computed = end
+        self.prefix.store(seq.tokens[:end], row, seq.held)
+        if seq.request.prompt_logprobs is not None:
+            seq.prompt_logprobs += self._prompt_logprobs(seq, logits, start, end)
+        if end == seq.n_prompt:
+            self.scheduler.promote(seq)
+            prompt_lp = [None] + seq.prompt_logprobs if seq.request.prompt_logprobs is not None else None
+            self._sample([seq], logits[-1:], prompt_lp)
+        return end - start
 
     def _decode(self) -> None:
         seqs = list(self.scheduler.running)
@@ -197,12 +208,15 @@ class Engine:
                                                              lp.top_logprobs[i, :k])]
             self._advance(seq, token, logprob, prompt_lp)
 
-    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob | None]:
-        """logits [T, V] of the whole prompt -> logprob of each prompt token given the ones before (first: None)."""
-        targets = torch.tensor(seq.tokens[1:], device=self.device)
-        lp = token_logprobs(logits[:-1], targets, seq.request.prompt_logprobs)
-        return [None] + [_token_logprob(t, lp.chosen[i], lp.top_ids[i], lp.top_logprobs[i])
-                         for i, t in enumerate(targets.tolist())]
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int, end: int) -> list[TokenLogprob]:
+        """logits [T, V] of prompt positions start..end-1 -> logprobs of the prompt tokens they predict
+        (positions start+1..end, the last one only if it is still in the prompt)."""
+        targets = seq.tokens[start + 1:min(end + 1, seq.n_prompt)]
+        if not targets:
+            return []
+        lp = token_logprobs(logits[:len(targets)], torch.tensor(targets, device=self.device),
+                            seq.request.prompt_logprobs)
+        return [_token_logprob(t, lp.chosen[i], lp.top_ids[i], lp.top_logprobs[i]) for i, t in enumerate(targets)]
 
     def _advance(self, seq: Sequence, token: int, logprob, prompt_lp) -> None:
         """Append a sampled token, release its text, and decide whether the sequence is done."""
@@ -230,10 +244,12 @@ class Engine:
         if seq.row >= 0:
             if reason in ("stop", "length"):  # the output's blocks serve the next turn of a chat
                 self.prefix.store(seq.tokens[:-1], self.cache.rows(seq.row), seq.held)
-            last_row = len(self.scheduler.running) - 1
-            moved = self.scheduler.finish(seq)
-            if moved is not None:  # mid-step it may already hold its newest token: copy that position too
-                self._move_row(last_row, moved.row, min(len(moved.tokens), self.max_seq_len))
+            for moved, src in self.scheduler.finish(seq):
+                # a prefilling sequence holds n_computed positions; a running one mid-step may already hold its
+                # newest token, so copy that position too
+                prefilling = moved is self.scheduler.prefilling
+                length = moved.n_computed if prefilling else min(len(moved.tokens), self.max_seq_len)
+                self._move_row(src, moved.row, length)
             seq.row = -1
         self.prefix.release(seq.held.values())
         seq.held = {}

@@ -1,12 +1,17 @@
-"""Who runs next: a bounded waiting queue, and the running requests, one static cache row each.
+"""Who runs next: a bounded waiting queue, the running requests (one static cache row each), and at most one
+request whose prompt is being prefilled in chunks.
 
-Continuous batching (Orca, Yu et al. OSDI 2022; vLLM's scheduler): every engine step first admits waiting requests
-while cache rows are free and the step's prefill token budget lasts, then decodes one token for every running
-request in a single batch. Requests join and leave between any two tokens.
+Continuous batching (Orca, Yu et al. OSDI 2022; vLLM's scheduler): every engine step hands out a budget of prompt
+tokens to prefill (first to the request already part-way through its prompt, then to newcomers while cache rows
+are free), then decodes one token for every running request in a single batch. A prompt longer than what is left
+of the budget is prefilled in chunks over several steps (chunked prefill, as vLLM and nano-vllm do for one
+sequence at a time), so a long prompt never stalls the running requests for more than one budget's worth of
+compute. Requests join and leave between any two tokens.
 
 Running requests are kept packed in rows 0..R-1 (running[i] lives in row i), so a decode step works on the cache
-view `cache.rows(slice(0, R))` without gathering. When a request leaves, the request in the last row moves into its
-row; the engine copies that row's latents (its `move_row`).
+view `cache.rows(slice(0, R))` without gathering; the request being prefilled sits in row R. When a request leaves,
+the request in the last running row moves into its row and the prefilling one moves down to the new row R; the
+engine copies their latents (`finish` says who moved from where).
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ class Sequence:
     streamer: StopStringStreamer
     generator: torch.Generator | None
     n_prompt: int = 0
+    n_computed: int = 0  # prompt tokens whose latents are in the row (while prefilling)
     row: int = -1
     cached_tokens: int = 0  # prompt tokens whose latents came from the prefix cache
     held: dict[int, Block] = field(default_factory=dict)  # prefix-cache blocks this request references
+    prompt_logprobs: list = field(default_factory=list)  # accumulated over prefill chunks, when asked for
 
     def __post_init__(self) -> None:
         self.n_prompt = len(self.tokens)
@@ -48,12 +55,14 @@ class Sequence:
 
 
 class Scheduler:
-    """The waiting queue (bounded by max_waiting) and the packed running list (at most max_batch rows)."""
+    """The waiting queue (bounded by max_waiting), the packed running list and the one prefilling sequence
+    (together at most max_batch rows)."""
 
     def __init__(self, max_batch: int, max_waiting: int) -> None:
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.prefilling: Sequence | None = None
         self.lock = threading.Lock()
         self.wakeup = threading.Condition(self.lock)
 
@@ -66,7 +75,7 @@ class Scheduler:
             self.wakeup.notify()
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self.prefilling)
 
     def wait_for_work(self, timeout: float) -> None:
         with self.lock:
@@ -80,36 +89,50 @@ class Scheduler:
                 self.waiting.remove(s)
         return gone
 
-    def cancelled_running(self) -> list[Sequence]:
-        return [s for s in self.running if s.handle.cancelled.is_set()]
+    def cancelled_in_rows(self) -> list[Sequence]:
+        rows = self.running + ([self.prefilling] if self.prefilling else [])
+        return [s for s in rows if s.handle.cancelled.is_set()]
 
     def peek_waiting(self) -> Sequence | None:
-        """The next sequence to admit, if a row is free."""
+        """The next sequence to admit, if a row is free and no prompt is part-way through its prefill."""
         with self.lock:
-            if self.waiting and len(self.running) < self.max_batch:
+            if self.waiting and self.prefilling is None and len(self.running) < self.max_batch:
                 return self.waiting[0]
         return None
 
     def start(self, seq: Sequence) -> None:
-        """Move the head of the waiting queue into the next free row."""
+        """Move the head of the waiting queue into the row after the running ones, to be prefilled."""
         with self.lock:
             assert self.waiting[0] is seq
             self.waiting.popleft()
         seq.row = len(self.running)
+        self.prefilling = seq
+
+    def promote(self, seq: Sequence) -> None:
+        """Its prompt is prefilled: it joins the running rows (it already sits in row R)."""
+        assert self.prefilling is seq and seq.row == len(self.running)
+        self.prefilling = None
         self.running.append(seq)
 
-    def finish(self, seq: Sequence) -> Sequence | None:
-        """Remove a running sequence; return the one moved from the last row into its row (None if no move)."""
+    def finish(self, seq: Sequence) -> list[tuple[Sequence, int]]:
+        """Remove a sequence from the rows; return (sequence, its previous row) for each one that moved."""
+        if seq is self.prefilling:
+            self.prefilling = None
+            return []
+        moves = []
         last = self.running.pop()
-        if last is seq:
-            return None
-        last.row = seq.row
-        self.running[seq.row] = last
-        return last
+        if last is not seq:
+            moves.append((last, last.row))
+            last.row = seq.row
+            self.running[seq.row] = last
+        if self.prefilling is not None:
+            moves.append((self.prefilling, self.prefilling.row))
+            self.prefilling.row = len(self.running)
+        return moves
 
     def take_all(self) -> list[Sequence]:
-        """Everything, running and waiting (when the engine fails or stops)."""
+        """Everything, running, prefilling and waiting (when the engine fails or stops)."""
         with self.lock:
-            seqs = self.running + list(self.waiting)
-            self.running, self.waiting = [], deque()
+            seqs = self.running + ([self.prefilling] if self.prefilling else []) + list(self.waiting)
+            self.running, self.prefilling, self.waiting = [], None, deque()
         return seqs
