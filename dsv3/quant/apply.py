@@ -1,0 +1,209 @@
+"""Quantize a model in place, and save / load quantized checkpoints.
+
+`quantize(model, scheme)` swaps every `nn.Linear` outside `skip` for the scheme's quantized linear: attention
+projections, dense MLPs, shared experts, each routed expert (dsv3 stores experts one module each, as the hub does)
+and the MTP layers' blocks. The router (`mlp.gate`, fp32) and the embedding are not `nn.Linear`s and never change;
+`lm_head` is skipped by default (the same three DeepSeek keeps in BF16 in its FP8 release, architecture.md §6).
+
+Checkpoints keep the hub layout (config.json + model.safetensors) with a `quantization_config` in config.json:
+- fp8: DeepSeek's own `{"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+  "weight_block_size": [128, 128]}`, tensors `<name>.weight` (e4m3) + `<name>.weight_scale_inv` (fp32).
+- int8 / int4: ours, `{"quant_method": "dsv3", "scheme": "int4", "group_size": 128, "skip": [...], "pad": false}`;
+  int8 tensors `<name>.weight` (int8) + `<name>.weight_scale`; int4 `<name>.qweight`, `.scales`, `.zeros`.
+Which layers are quantized is read from the tensors themselves when loading, so a checkpoint with a hand-edited
+skip list still loads.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .base import QuantizationError, QuantizedLinear
+from .fp8 import FP8Linear
+from .int4 import GROUP_SIZES, Int4Linear
+from .int8 import Int8Linear
+
+SCHEMES: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "fp8": FP8Linear}
+DEFAULT_SKIP = ("embed", "lm_head", "gate")
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def skipped(name: str, skip: Sequence[str]) -> bool:
+    """Whether module `name` is left in high precision.
+
+    An entry with a dot matches as a substring of the full name ("layers.0.", "mlp.experts.3."); otherwise it
+    matches a dotted component that equals it or starts with it plus "_" ("embed" -> embed_tokens), except that a
+    `*_proj` component only matches itself: "gate" means the router, never gate_proj.
+    """
+    parts = name.split(".")
+    for entry in skip:
+        if "." in entry:
+            if entry in name:
+                return True
+        elif any(p == entry or (p.startswith(entry + "_") and not p.endswith("_proj")) for p in parts):
+            return True
+    return False
+
+
+def quantization_config(scheme: str, group_size: int = 128, skip: Sequence[str] = DEFAULT_SKIP,
+                        pad: bool = False) -> dict:
+    if scheme == "fp8":
+        return dict(FP8_CONFIG)
+    config = {"quant_method": "dsv3", "scheme": scheme, "skip": list(skip)}
+    return config | ({"group_size": group_size, "pad": pad} if scheme == "int4" else {})
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, scheme: str, group_size: int = 128, skip: Sequence[str] = DEFAULT_SKIP, *,
+             pad: bool = False) -> nn.Module:
+    """Quantize `model`'s linear layers in place and return it; records the scheme in `model.config`.
+
+    scheme: "int8" | "int4" | "fp8". group_size: int4 only (32, 64, 128, 256), along the input dimension.
+    pad: int4 only — zero-pad input widths that group_size does not divide (else that layer's name is reported).
+    Every layer is checked before any is changed, so an error leaves the model as it was.
+    """
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {sorted(SCHEMES)}")
+    if scheme == "int4" and group_size not in GROUP_SIZES:
+        raise QuantizationError(f"int4 group_size {group_size} not supported; expected one of {GROUP_SIZES}")
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(name, skip)]
+    if scheme == "int4" and not pad:
+        bad = [(name, m.in_features) for name, m in targets if m.in_features % group_size]
+        if bad:
+            listed = ", ".join(f"{n} (in_features {k})" for n, k in bad[:4]) + (" ..." if len(bad) > 4 else "")
+            raise QuantizationError(f"int4 group_size {group_size} does not divide the input width of {listed}; "
+                                    "pass pad=True (--pad) to zero-pad them, or a group size that divides them")
+    cls = SCHEMES[scheme]
+    for name, linear in targets:
+        _set_module(model, name, cls.from_linear(linear, group_size=group_size))
+    if hasattr(model, "config"):
+        model.config.quantization_config = quantization_config(scheme, group_size, skip, pad)
+    return model
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def set_impl(model: nn.Module, impl: str) -> nn.Module:
+    """Pick the forward of every quantized layer: "auto", "reference" or "kernel"."""
+    for layer in quantized_layers(model).values():
+        layer.impl = impl
+    return model
+
+
+def save_quantized(model: nn.Module, path: str | Path) -> None:
+    """Write a quantized model as config.json (with its quantization_config) + model.safetensors."""
+    from ..checkpoint import save_pretrained
+
+    if not quantized_layers(model) or not getattr(model.config, "quantization_config", None):
+        raise QuantizationError("save_quantized: the model has no quantized layers; run dsv3.quant.quantize first "
+                                "(or save it with dsv3.save_pretrained)")
+    save_pretrained(model, path)
+
+
+# ---------------------------------------------------------------------------------------- loading (checkpoint hook)
+def loads_quantized(quant_config: dict | None, keep_fp8: bool) -> bool:
+    """Whether dsv3.load_pretrained should build quantized layers for this config.json `quantization_config`."""
+    method = (quant_config or {}).get("quant_method")
+    if method == "dsv3":
+        return True
+    if keep_fp8 and method != "fp8":
+        raise QuantizationError(f"keep_fp8=True but config.json's quantization_config is {quant_config!r}; "
+                                f"expected an FP8 checkpoint ({FP8_CONFIG})")
+    return keep_fp8
+
+
+_SUFFIX = {".weight_scale_inv": "fp8", ".weight_scale": "int8", ".qweight": "int4"}
+
+
+def prepare_for_load(model: nn.Module, quant_config: dict, tensors: dict[str, tuple[torch.Size, torch.dtype]],
+                     dtype: torch.dtype) -> None:
+    """Swap the (meta-device) linears that the checkpoint stores quantized for empty quantized layers.
+
+    tensors: model-side name -> (shape, dtype) of every tensor in the files. A layer is quantized when its scale
+    tensor is there: `weight_scale_inv` (fp8), `weight_scale` (int8), `qweight` (int4).
+    """
+    if quant_config.get("quant_method") == "fp8" and quant_config.get("weight_block_size", [128, 128]) != [128, 128]:
+        raise QuantizationError(f"FP8 weight_block_size {quant_config['weight_block_size']} not supported; "
+                                "expected [128, 128]")
+    for key, (shape, _) in tensors.items():
+        scheme = next((s for suffix, s in _SUFFIX.items() if key.endswith(suffix)), None)
+        if scheme is None:
+            continue
+        name = key.rsplit(".", 1)[0]
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise QuantizationError(f"{key}: no layer {name} in the model built from config.json") from None
+        if not isinstance(linear, nn.Linear):
+            raise QuantizationError(f"{key}: {name} is a {type(linear).__name__}, not a linear layer")
+        bias = linear.bias
+        if scheme == "int4":
+            group_size = quant_config.get("group_size")
+            groups = tensors.get(f"{name}.scales", (None,))[0]
+            if group_size is None or groups is None or groups[1] * group_size < linear.in_features:
+                raise QuantizationError(f"{name}: int4 tensors do not fit group_size {group_size} of "
+                                        f"quantization_config for in_features {linear.in_features}")
+            layer = Int4Linear(linear.in_features, linear.out_features, group_size, dtype, bias, "meta")
+        else:
+            layer = SCHEMES[scheme](linear.in_features, linear.out_features, dtype, bias, "meta")
+        _set_module(model, name, layer)
+
+
+def load_quantized(path: Path, config, dtype: torch.dtype | None, device) -> nn.Module:
+    """Body of `dsv3.load_pretrained` for quantized checkpoints (dsv3 int8/int4, or FP8 with keep_fp8=True).
+
+    Quantized tensors keep their stored dtypes; the other floating tensors become `dtype` (default: as stored),
+    router tensors float32, as the plain loader does. Layers compute in `dtype` (default: the embedding's dtype).
+    """
+    from ..checkpoint import _FP32_KEYS, CheckpointError, _few, _read_tensors, _shard_files, _to_model_key
+    from ..model import Transformer
+    from ..rope import RotaryEmbedding
+
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor, _ in _read_tensors(_shard_files(path)):
+        name = _to_model_key(key, config.num_hidden_layers)
+        if name is not None:
+            state[name] = tensor
+    embed = state.get("model.embed_tokens.weight")
+    compute = dtype or (embed.dtype if embed is not None else torch.bfloat16)
+    with torch.device("meta"):
+        model = Transformer(config)
+    try:
+        prepare_for_load(model, config.quantization_config, {k: (t.shape, t.dtype) for k, t in state.items()},
+                         compute)
+    except QuantizationError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    expected = model.state_dict()
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if missing or unexpected:
+        parts = ([f"missing keys: {_few(missing)}"] if missing else []) + (
+            [f"unexpected keys: {_few(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"{path}: quantized checkpoint does not match config.json ({'; '.join(parts)})")
+    quantized = set(quantized_layers(model))
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected "
+                                  f"{tuple(expected[name].shape)} from config.json and quantization_config")
+        module, _, leaf = name.rpartition(".")
+        if module in quantized and leaf != "bias":
+            target = tensor.dtype
+        elif _FP32_KEYS.match(name):
+            target = torch.float32
+        else:
+            target = dtype or tensor.dtype
+        state[name] = tensor.to(device=device, dtype=target)
+    model.load_state_dict(state, assign=True)
+    model.rotary = RotaryEmbedding(config).to(device)
+    return model.eval()

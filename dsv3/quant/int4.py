@@ -1,0 +1,180 @@
+"""INT4 weight-only, group-wise asymmetric (the tinygemm format of torchao's `Int4WeightOnlyConfig`).
+
+For each output row n and each group g of `group_size` consecutive input columns (../shared/reference/
+eval-lora-quant.md §4.2):
+
+    scale = (max - min) / 15,   zero = min + 8 · scale        (bf16; zero lives in the float domain)
+    q = clamp(round((W - zero) / scale) + 8, 0, 15)           (unsigned 4-bit)
+    W ≈ (q - 8) · scale + zero
+
+State (the on-disk format too): `qweight` uint8 [out, in_padded/2], two values per byte, column 2j in the low
+nibble and 2j+1 in the high one; `scales`, `zeros` bf16 [out, in_padded/group_size]. Bytes per weight:
+0.5 + 4/group_size, i.e. 0.266 of bf16 at g128 (4.25 bits), 0.3125 at g32.
+An input width that is not a multiple of group_size is zero-padded when asked (`pad=True`): the extra columns
+hold zeros and are dropped by the reference path (the kernel pads x instead).
+
+Kernel: `aten._weight_int4pack_mm_for_cpu` (CPU) and `aten._weight_int4pack_mm` (CUDA, sm80+, bf16 only) read the
+weights from their own tiled layouts (`_convert_weight_to_int4pack[_for_cpu]`; the CPU one depends on the CPU's
+vector ISA). The first kernel forward repacks `qweight` in place into that layout and stacks scale/zero into the
+[in_padded/group_size, out, 2] tensor the kernels take, so memory stays 4.25 bits/weight; `state_dict()` and moving
+the module (`.to`) unpack it back to the portable layout first (exactly: the kernel applied to an identity matrix
+with scale 1, zero 8 returns q itself).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import QuantizedLinear, QuantizationError
+
+GROUP_SIZES = (32, 64, 128, 256)
+_UNPACK_CHUNK = 1024  # identity rows per kernel call when unpacking
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w: [out, in] with in % group_size == 0 -> (q uint8 [out, in] values 0..15, scales bf16, zeros bf16 [out, in/G])."""
+    out_dim, in_dim = w.shape
+    g = w.float().view(out_dim, in_dim // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-6).to(torch.bfloat16)
+    zero = (lo + 8 * scale.float()).to(torch.bfloat16)
+    q = torch.round((g - zero.float()[..., None]) / scale.float()[..., None]) + 8  # with the stored bf16 scale/zero
+    return q.clamp(0, 15).to(torch.uint8).view(out_dim, in_dim), scale, zero
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q: [out, in] values 0..15 (in even) -> uint8 [out, in/2], column 2j low nibble, 2j+1 high nibble."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in/2] -> uint8 [out, in] values 0..15 (inverse of pack_nibbles)."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(1)
+
+
+class Int4Linear(QuantizedLinear):
+    scheme = "int4"
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 128,
+                 dtype: torch.dtype = torch.bfloat16, bias: torch.Tensor | None = None,
+                 device: torch.device | str | None = None) -> None:
+        if group_size not in GROUP_SIZES:
+            raise QuantizationError(f"int4 group_size {group_size} not supported; expected one of {GROUP_SIZES}")
+        super().__init__(in_features, out_features, dtype, bias)
+        self.group_size = group_size
+        self.padded_in = -(-in_features // group_size) * group_size
+        groups = self.padded_in // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, self.padded_in // 2, dtype=torch.uint8,
+                                                    device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.bfloat16, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.bfloat16, device=device))
+        self.register_buffer("scale_and_zero", None, persistent=False)  # [groups, out, 2] while packed
+        self.layout = "plain"  # or the device type ("cpu", "cuda") whose kernel layout qweight holds
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, group_size: int = 128, **_) -> "Int4Linear":
+        w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, group_size, w.dtype, linear.bias, w.device)
+        w = F.pad(w.float(), (0, layer.padded_in - layer.in_features))
+        q, layer.scales, layer.zeros = quantize_int4(w, group_size)
+        layer.qweight = pack_nibbles(q)
+        return layer
+
+    # ----------------------------------------------------------------- reference
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.layout != "plain":  # a layer whose dense weight is wanted (absorbed kv_b_proj) stays portable
+            self._unpack_kernel()
+            if self.impl == "auto":
+                self.impl = "reference"
+        q = unpack_nibbles(self.qweight).float().view(self.out_features, -1, self.group_size)
+        w = (q - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]
+        return w.flatten(1)[:, :self.in_features].to(dtype)
+
+    # ----------------------------------------------------------------- kernel
+    def kernel_available(self, x: torch.Tensor) -> bool:
+        if x.device.type == "cpu":
+            return (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and self.out_features % 16 == 0
+                    and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
+        if x.device.type == "cuda":
+            return (x.dtype == torch.bfloat16 and self.out_features % 8 == 0
+                    and torch.cuda.get_device_capability(x.device)[0] >= 8)
+        return False
+
+    def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self.layout != x2d.device.type:
+            self._pack_kernel(x2d.device.type)
+        if self.padded_in != self.in_features:
+            x2d = F.pad(x2d, (0, self.padded_in - self.in_features))
+        sz = self.scale_and_zero if self.scale_and_zero.dtype == x2d.dtype else self.scale_and_zero.to(x2d.dtype)
+        return self._mm(x2d.contiguous(), sz)
+
+    def _mm(self, x2d: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+        if self.layout == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.qweight, self.group_size, sz)
+        return torch.ops.aten._weight_int4pack_mm(x2d, self.qweight, self.group_size, sz)
+
+    def _inner_k_tiles(self) -> int:
+        return next(t for t in (8, 4, 2) if self.padded_in % (16 * t) == 0)
+
+    @torch.no_grad()
+    def _pack_kernel(self, device_type: str) -> None:
+        if self.layout != "plain":
+            self._unpack_kernel()
+        if device_type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                unpack_nibbles(self.qweight).to(torch.int32), 1)
+        else:  # the CUDA converter takes uint8 [out, in/2] with column 2j in the HIGH nibble (torchao's convention)
+            swapped = (self.qweight << 4) | (self.qweight >> 4)
+            packed = torch.ops.aten._convert_weight_to_int4pack(swapped, self._inner_k_tiles())
+        self.scale_and_zero = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous()
+        self.qweight, self.scales, self.zeros, self.layout = packed, None, None, device_type
+
+    @torch.no_grad()
+    def _plain_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qweight, scales, zeros) in the portable layout, unpacked from the kernel layout if need be: rows of the
+        identity through the kernel with scale 1 and zero 8 give q itself (exact in bf16: q <= 15)."""
+        if self.layout == "plain":
+            return self.qweight, self.scales, self.zeros
+        sz = self.scale_and_zero
+        unit = torch.stack((torch.ones_like(sz[..., 0]), torch.full_like(sz[..., 0], 8)), dim=-1)
+        unit = unit.to(torch.bfloat16)
+        cols = []
+        for k0 in range(0, self.padded_in, _UNPACK_CHUNK):
+            n = min(_UNPACK_CHUNK, self.padded_in - k0)
+            eye = torch.zeros(n, self.padded_in, dtype=torch.bfloat16, device=sz.device)
+            eye[torch.arange(n), k0 + torch.arange(n)] = 1
+            cols.append(self._mm(eye, unit))  # [n, out] = q[:, k0:k0+n]ᵀ
+        q = torch.cat(cols).t().round().to(torch.uint8)
+        return pack_nibbles(q), sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous()
+
+    def _unpack_kernel(self) -> None:
+        self.qweight, self.scales, self.zeros = self._plain_tensors()
+        self.scale_and_zero, self.layout = None, "plain"
+
+    # ----------------------------------------------------------------- state and moves see the portable layout
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != "plain":
+            plain = self._plain_tensors()
+            for name, tensor in zip(("qweight", "scales", "zeros"), plain):
+                destination[prefix + name] = tensor
+
+    def nbytes(self) -> int:
+        groups = self.padded_in // self.group_size
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.out_features * (self.padded_in // 2 + 2 * 2 * groups) + bias
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if self.layout != "plain":
+            self._unpack_kernel()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        if self.layout != "plain":
+            self._unpack_kernel()
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}, layout={self.layout}"
