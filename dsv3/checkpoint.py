@@ -92,16 +92,22 @@ def _few(keys) -> str:
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None) -> Transformer:
+                    device: torch.device | str | None = None, *, keep_fp8: bool = False) -> Transformer:
     """Load a deepseek_v3 / deepseek_v2 checkpoint directory (single file or sharded; bf16, fp32 or FP8).
 
     dtype: the model's dtype (default: the checkpoint's; FP8 weights are dequantised to bf16 unless given).
     The MTP layers (`model.layers.{num_hidden_layers}+`) load into `model.mtp`.
+    keep_fp8: keep an FP8 checkpoint's weights in FP8 (dsv3.quant.FP8Linear) instead of dequantising them.
+    Checkpoints written by dsv3.quant.save_quantized (int8/int4) always load quantized.
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     config = ModelConfig.from_hf(path)
+    from .quant import apply as quant  # here, not at the top: dsv3.quant imports this module
+
+    if quant.loads_quantized(config.quantization_config, keep_fp8):
+        return quant.load_quantized(path, config, dtype, device)
     with torch.device("meta"):
         model = Transformer(config)
     expected = model.state_dict()
