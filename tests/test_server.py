@@ -333,7 +333,8 @@ dataset_kwargs:
     test: {data}
 test_split: test
 output_type: multiple_choice
-doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\nC. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
+doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\n\\
+  C. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
 doc_to_choice: ["A", "B", "C", "D"]
 doc_to_target: answer
 target_delimiter: " "
@@ -354,7 +355,8 @@ def test_lm_eval_local_completions_loglikelihoods_match_the_model(server, model_
         model="local-completions",
         model_args=f"model={MODEL_NAME},base_url={server.base_url}/completions,tokenizer_backend=huggingface,"
                    f"tokenizer={model_dir},num_concurrent=1,max_retries=1",
-        tasks=["tiny_mmlu"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False), log_samples=True)
+        tasks=["tiny_mmlu"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        log_samples=True)
     assert 0 <= out["results"]["tiny_mmlu"]["acc,none"] <= 1
     # each answer's log-likelihood equals the model's own, computed directly
     from dsv3 import load_pretrained
@@ -363,6 +365,7 @@ def test_lm_eval_local_completions_loglikelihoods_match_the_model(server, model_
     model, tokenizer = load_pretrained(model_dir).eval(), Tokenizer.from_pretrained(model_dir)
     sample = out["samples"]["tiny_mmlu"][0]
     context, continuation = sample["arguments"][0]  # choice "A"; lm-eval's API models add no bos token
+    assert context.endswith("?\nA. Berlin\nB. Madrid\nC. Paris\nD. Rome\nAnswer:") and continuation == " A"
     ctx = tokenizer.encode(context, add_special_tokens=False)
     whole = tokenizer.encode(context + continuation, add_special_tokens=False)
     with torch.no_grad():
@@ -478,7 +481,8 @@ def test_client_that_goes_away_cancels_a_non_streaming_request(server):
                    timeout=httpx.Timeout(5, read=0.3))
     wait_idle(engine, timeout=10)
     assert engine.num_running == 0 and engine.prefix.referenced_blocks == 0
-    assert registry.get_sample_value("dsv3:generation_tokens_total") == finished_before  # aborted, not run to max_tokens
+    # aborted, not run to max_tokens: finished generations add their tokens, aborted ones do not
+    assert registry.get_sample_value("dsv3:generation_tokens_total") == finished_before
 
 
 def test_config_file_then_command_line(tmp_path, monkeypatch):

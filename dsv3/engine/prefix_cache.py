@@ -36,7 +36,7 @@ class Block:
 
 
 def block_keys(tokens: list[int], block_size: int) -> list[tuple[int, tuple[int, ...]]]:
-    """(chained hash, tokens) of every full block of `tokens`; the hash of block i covers tokens[: (i+1)·block_size]."""
+    """(chained hash, tokens) of every full block; the hash of block i covers tokens[: (i + 1) · block_size]."""
     keys, parent = [], 0
     for start in range(0, len(tokens) - block_size + 1, block_size):
         chunk = tuple(tokens[start:start + block_size])

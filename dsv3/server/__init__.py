@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP server over dsv3.engine (`dsv3 serve`): app.py (routes, auth, request ids, metrics
-middleware), openai_api.py (chat / completions shapes and SSE), schemas.py, security.py, metrics.py, errors.py,
-cli.py (`serve`, `token create`).
+middleware), chat.py and completions.py (the two generation endpoints), common.py (what they share: engine
+requests, usage, SSE), schemas.py, security.py, metrics.py, errors.py, cli.py (`serve`, `token create`).
 
 The server's dependencies (fastapi, uvicorn, prometheus-client: the `server` extra) load on first use, so `dsv3`'s
 other subcommands run without them.

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
-from . import openai_api
+from .chat import chat_completions
+from .completions import completions
 from .errors import APIError, error_response, validation_message
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -190,11 +191,11 @@ def create_app(engine, tokenizer, settings: ServerSettings | None = None) -> Fas
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(request: Request, body: ChatCompletionRequest):
-        return await openai_api.chat_completions(state, request, body)
+        return await chat_completions(state, request, body)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def complete(request: Request, body: CompletionRequest):
-        return await openai_api.completions(state, request, body)
+        return await completions(state, request, body)
 
     app.add_middleware(RequestContext, state=state)
     return app

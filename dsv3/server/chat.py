@@ -1,0 +1,143 @@
+"""`POST /v1/chat/completions`: messages -> the chat template -> the engine -> a ChatCompletion or an SSE stream.
+
+Stream shape (../shared/reference/compat-server.md §1.5): every chunk has the same id; the first delta carries
+`role: assistant`; content deltas follow; a `delta: {}` chunk carries finish_reason; with
+`stream_options.include_usage` every chunk has `usage: null` and one last chunk has `choices: []` and the usage;
+`data: [DONE]` ends it. `: keep-alive` comments are sent while nothing is produced, and a failure mid-stream is a
+`data: {"error": ...}` event. Image, audio and file parts, tools and JSON response formats get a 400 that says the
+model cannot honour them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..engine import Delta, Request, TokenLogprob
+from .common import (FINGERPRINT, Job, check_model, collect_results, engine_failure, max_new_tokens,
+                     merged_deltas, observe_finish, post_process, sampling_params, sse, stop_strings, submit,
+                     token_text, usage_body)
+from .errors import bad_request
+from .schemas import ChatCompletionRequest
+
+_NON_TEXT_PARTS = ("image_url", "input_image", "image", "input_audio", "audio", "file", "video_url")
+
+
+def chat_prompt(state, body: ChatCompletionRequest) -> list[int]:
+    """Messages -> the chat template's token ids (with the assistant prompt), after the plugins' pre_process."""
+    messages = []
+    for i, m in enumerate(body.messages):
+        role = "system" if m.role == "developer" else m.role
+        if role in ("tool", "function"):
+            raise bad_request(f"messages[{i}]: role '{m.role}' is not supported: this model has no tool calling",
+                              "messages")
+        if m.content is None:
+            if role != "assistant":
+                raise bad_request(f"messages[{i}]: content is null; only assistant messages may omit it",
+                                  "messages")
+            text = ""
+        elif isinstance(m.content, str):
+            text = m.content
+        else:
+            pieces = []
+            for j, part in enumerate(m.content):
+                kind = part.get("type")
+                if kind == "text" and isinstance(part.get("text"), str):
+                    pieces.append(part["text"])
+                elif kind in _NON_TEXT_PARTS:
+                    raise bad_request(f"messages[{i}].content[{j}]: '{kind}' parts are not supported: this is a "
+                                      "text-only model", "messages")
+                else:
+                    raise bad_request(f"messages[{i}].content[{j}]: expected {{'type': 'text', 'text': str}}, "
+                                      f"got type {kind!r}", "messages")
+            text = "\n".join(pieces)
+        messages.append({"role": role, "content": text})
+    for plugin in state.plugins:
+        if hasattr(plugin, "pre_process"):
+            messages = plugin.pre_process(messages)
+    try:
+        return state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except Exception as error:  # template rejections, unencodable text: the request's fault
+        raise bad_request(f"messages could not be rendered with the chat template: {error}", "messages") from None
+
+
+def _chat_logprobs(state, logprobs: list[TokenLogprob] | None) -> dict | None:
+    if logprobs is None:
+        return None
+
+    def entry(token_id, lp):
+        s = token_text(state, token_id)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8", "replace"))}
+
+    return {"content": [{**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]}
+                        for e in logprobs], "refusal": None}
+
+
+# ---------------------------------------------------------------------------------------------- chat
+async def chat_completions(state, request: HTTPRequest, body: ChatCompletionRequest):
+    check_model(state, body.model)
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise bad_request(f"response_format {body.response_format.get('type')!r} is not supported: this server "
+                          "cannot constrain output to JSON", "response_format")
+    if body.tools and body.tool_choice != "none":
+        raise bad_request("tools are not supported: this model has no tool calling", "tools")
+    prompt = chat_prompt(state, body)
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if requested == 0:
+        raise bad_request("max_tokens must be at least 1", "max_tokens")
+    max_new = max_new_tokens(state, body, len(prompt), requested, "messages")
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    requests = [Request(prompt, sampling_params(state, body, max_new, k), stop_strings(body), logprobs=top,
+                        ignore_eos=body.ignore_eos) for k in range(body.n)]
+    job = Job(submit(state, requests, "messages"), [0] * body.n)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        return StreamingResponse(_chat_stream(state, body, job, rid, created), media_type="text/event-stream")
+    results = await collect_results(request, job)
+    for k, r in enumerate(results):
+        if r.finish_reason not in ("stop", "length"):
+            raise engine_failure(Delta(finish_reason=r.finish_reason, error=r.error))
+        observe_finish(state, job, k, Delta(finish_reason=r.finish_reason, usage=r.usage))
+    choices = [{"index": k, "message": {"role": "assistant", "content": post_process(state, r.text), "refusal": None},
+                "logprobs": _chat_logprobs(state, r.logprobs) if top is not None else None,
+                "finish_reason": r.finish_reason} for k, r in enumerate(results)]
+    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
+                         "system_fingerprint": FINGERPRINT, "choices": choices,
+                         "usage": usage_body(job, [r.usage for r in results])})
+
+
+async def _chat_stream(state, body, job: Job, rid: str, created: int):
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    want_logprobs = bool(body.logprobs)
+
+    def chunk(choices, usage=None):
+        payload = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                   "system_fingerprint": FINGERPRINT, "choices": choices}
+        if include_usage:
+            payload["usage"] = usage
+        return sse(payload)
+
+    yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None} for k in range(len(job.handles))])
+    usages = [None] * len(job.handles)
+    async for k, delta in merged_deltas(job):
+        if k is None:
+            yield ": keep-alive\n\n"
+            continue
+        if delta.finish_reason in ("error", "abort"):
+            yield sse(engine_failure(delta).body())
+            return
+        text = post_process(state, delta.text) if delta.text else ""
+        if text or (want_logprobs and delta.logprobs):
+            logprobs = _chat_logprobs(state, delta.logprobs) if want_logprobs else None
+            yield chunk([{"index": k, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}])
+        if delta.finish_reason is not None:
+            usages[k] = delta.usage
+            observe_finish(state, job, k, delta)
+            yield chunk([{"index": k, "delta": {}, "logprobs": None, "finish_reason": delta.finish_reason}])
+    if include_usage:
+        yield chunk([], usage_body(job, usages))
+    yield "data: [DONE]\n\n"
