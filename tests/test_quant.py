@@ -88,6 +88,15 @@ def test_state_dict_holds_only_packed_bytes(cls, kwargs, limit):
     assert stored == q.nbytes() and stored / (512 * 1024 * 2) <= limit
 
 
+def test_model_to_dtype_keeps_packed_formats(tiny):
+    model = quantize(copy.deepcopy(tiny), "fp8").to(torch.bfloat16)
+    layer = model.model.layers[0].self_attn.o_proj
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale_inv.dtype == torch.float32
+    assert layer.dtype == torch.bfloat16 and layer.effective_weight().dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(IDS).dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------------------------------------- kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_cpu_kernel_matches_reference(dtype):

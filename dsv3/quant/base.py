@@ -70,6 +70,17 @@ class QuantizedLinear(nn.Module):
         y = self.forward_kernel(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` moves the packed tensors; a dtype change (`model.to(torch.bfloat16)`) reaches only the compute
+        dtype and the bias — float8 weights and bf16 int4 scales keep their format."""
+        formats = {name: b.dtype for name, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for name, dtype in formats.items():
+            if self._buffers[name].dtype != dtype:
+                self._buffers[name] = self._buffers[name].to(dtype)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        return self
+
     def nbytes(self) -> int:
         """Bytes of the layer's tensors as stored (packed weights + scales + bias)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
