@@ -196,3 +196,26 @@ def test_rows_move_correctly_while_a_prompt_is_part_way_through_prefill(model, t
     results = [Result.of(h) for h in handles]
     for p, n, r in zip(quick + [long], (2, 9, 5), results):
         assert r.token_ids == generate(model, torch.tensor([p]), n)[0, len(p):].tolist()
+
+
+def test_newcomers_prefill_together_from_different_cached_lengths(model, tokenizer):
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=4, max_seq_len=128, block_size=8))
+    shared = tokenizer.encode("a long shared system prompt about owls " * 4)[:40]
+    run(engine, [Request(shared, greedy(1))])  # caches 4 blocks of it
+    prompts_ = [shared + tokenizer.encode(" first", add_special_tokens=False),  # 40 cached, a few to run
+                tokenizer.encode("something else entirely"),  # nothing cached
+                shared[:20]]  # 16 cached, 4 to run
+    handles = [engine.submit(Request(p, greedy(5), ignore_eos=True)) for p in prompts_]
+    handles.append(engine.submit(Request(shared[:30], greedy(5), prompt_logprobs=0, ignore_eos=True)))
+    engine.step()  # all four fit the budget: one padded prefill forward, then one decode
+    assert engine.num_running == 4 and engine.scheduler.prefilling is None
+    while engine.scheduler.has_work():
+        engine.step()
+    results = [Result.of(h) for h in handles]
+    assert [r.usage.cached_tokens for r in results] == [40, 0, 16, 0]  # prompt logprobs recompute everything
+    for p, r in zip(prompts_ + [shared[:30]], results):
+        assert r.token_ids == generate(model, torch.tensor([p]), 5)[0, len(p):].tolist()
+    with torch.no_grad():
+        logp = model(torch.tensor([shared[:30]]))[0].float().log_softmax(-1)
+    expected = logp[:-1].gather(-1, torch.tensor(shared[1:30])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor([lp.logprob for lp in results[3].prompt_logprobs[1:]]), expected)

@@ -146,29 +146,68 @@ class Engine:
                 self._end_all("error", f"the engine failed: {type(error).__name__}")
 
     def _admit(self) -> None:
-        """Spend the step's prompt-token budget: finish (or continue) the part-way prompt, then start newcomers."""
+        """Spend the step's prompt-token budget: continue the part-way prompt, then admit newcomers. Newcomers whose
+        whole remaining prompt fits are prefilled together in one padded batch; the first one that does not fit
+        starts a chunked prefill with what is left of the budget."""
         budget = self.config.max_prefill_tokens
         if self.scheduler.prefilling is not None:
             budget -= self._prefill_chunk(self.scheduler.prefilling, budget)
+        group, longest, furthest = [], 0, 0
         while budget > 0 and (seq := self.scheduler.peek_waiting()) is not None:
             # keep at least the last prompt token to compute: its logits choose the first output token; prompt
             # logprobs need the logits of every position, which cached blocks do not carry
             limit = 0 if seq.request.prompt_logprobs is not None else len(seq.tokens) - 1
             blocks = self.prefix.match(seq.tokens, limit)
-            self.scheduler.start(seq)
-            row = self.cache.rows(seq.row)
-            self.prefix.load(blocks, row)
-            seq.held = {b.key: b for b in blocks}
-            seq.n_computed = seq.cached_tokens = len(blocks) * self.prefix.block_size
-            prompt = torch.tensor(seq.tokens, device=self.device)
-            self.counts[seq.row].zero_()
-            self.prompt_mask[seq.row].zero_()
-            self.prompt_mask[seq.row, prompt] = True
-            budget -= self._prefill_chunk(seq, budget)
+            start = len(blocks) * self.prefix.block_size
+            need = seq.n_prompt - start
+            # padded rows run positions up to max(start) + max(need) - 1, which must stay inside the cache
+            if need > budget or max(furthest, start) + max(longest, need) > self.max_seq_len:
+                self.scheduler.start(seq)
+                self._begin(seq, blocks)
+                self._prefill_chunk(seq, budget)
+                break
+            self.scheduler.join(seq)
+            self._begin(seq, blocks)
+            group.append(seq)
+            budget, longest, furthest = budget - need, max(longest, need), max(furthest, start)
+        if group:
+            self._prefill_group(group)
+
+    def _begin(self, seq: Sequence, blocks) -> None:
+        """Give a newly admitted sequence its cached prefix blocks and its penalty history."""
+        row = self.cache.rows(seq.row)
+        self.prefix.load(blocks, row)
+        seq.held = {b.key: b for b in blocks}
+        seq.n_computed = seq.cached_tokens = len(blocks) * self.prefix.block_size
+        self.counts[seq.row].zero_()
+        self.prompt_mask[seq.row].zero_()
+        self.prompt_mask[seq.row, torch.tensor(seq.tokens, device=self.device)] = True
+
+    def _prefill_group(self, group: list[Sequence]) -> None:
+        """Prefill the rest of several prompts in consecutive rows with one forward: ids [k, T_max], right-padded,
+        each row from its own start position. Padding writes latents past a row's prompt, where no query of that
+        row looks (the mask only shows positions <= the query's) and decoding overwrites them."""
+        starts = [s.n_computed for s in group]
+        lengths = [s.n_prompt - s.n_computed for s in group]
+        ids = torch.zeros(len(group), max(lengths), dtype=torch.long, device=self.device)
+        for b, seq in enumerate(group):
+            ids[b, :lengths[b]] = torch.tensor(seq.tokens[starts[b]:], device=self.device)
+        first = group[0].row
+        rows = self.cache.rows(slice(first, first + len(group)))
+        logits = self.model(ids, rows, torch.tensor(starts, device=self.device), impl="naive")  # [k, T, V]
+        prompt_lps = []
+        for b, seq in enumerate(group):
+            seq.n_computed = seq.n_prompt
+            self.prefix.store(seq.tokens, rows.rows(b), seq.held)
+            wanted = seq.request.prompt_logprobs is not None
+            lps = self._prompt_logprobs(seq, logits[b, :lengths[b]], starts[b], seq.n_prompt) if wanted else None
+            prompt_lps.append([None] + lps if wanted else None)
+        last = logits[torch.arange(len(group), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        self._sample(group, last, prompt_lps)
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
-        """Run up to `budget` more prompt tokens of `seq` into its row; once the prompt is complete, choose its
-        first token and let it join the running rows. Returns the number of tokens run."""
+        """Run up to `budget` more prompt tokens of the chunk-prefilled `seq` into its row; once its prompt is
+        complete, choose its first token and let it join the running rows. Returns the number of tokens run."""
         start = seq.n_computed
         end = min(seq.n_prompt, start + budget)
         row = self.cache.rows(seq.row)
@@ -181,7 +220,7 @@ class Engine:
         if end == seq.n_prompt:
             self.scheduler.promote(seq)
             prompt_lp = [None] + seq.prompt_logprobs if seq.request.prompt_logprobs is not None else None
-            self._sample([seq], logits[-1:], prompt_lp)
+            self._sample([seq], logits[-1:], [prompt_lp])
         return end - start
 
     def _decode(self) -> None:
@@ -191,8 +230,9 @@ class Engine:
         logits = self.model(ids, self.cache.rows(slice(0, len(seqs))), positions)[:, -1]  # [R, V]
         self._sample(seqs, logits)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, prompt_lp=None) -> None:
-        """Choose one token per sequence from logits [B, V] and hand each sequence its delta."""
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, prompt_lps: list | None = None) -> None:
+        """Choose one token per sequence from logits [B, V] and hand each sequence its delta (with its prompt
+        logprobs, prompt_lps[b], on the first one)."""
         rows = torch.tensor([s.row for s in seqs], device=self.device)
         params = [s.request.params for s in seqs]
         history = {}
@@ -206,7 +246,7 @@ class Engine:
             k = seq.request.logprobs
             logprob = None if k is None else [_token_logprob(token, lp.chosen[i], lp.top_ids[i, :k],
                                                              lp.top_logprobs[i, :k])]
-            self._advance(seq, token, logprob, prompt_lp)
+            self._advance(seq, token, logprob, prompt_lps[i] if prompt_lps else None)
 
     def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int, end: int) -> list[TokenLogprob]:
         """logits [T, V] of prompt positions start..end-1 -> logprobs of the prompt tokens they predict

@@ -8,8 +8,9 @@ of the budget is prefilled in chunks over several steps (chunked prefill, as vLL
 sequence at a time), so a long prompt never stalls the running requests for more than one budget's worth of
 compute. Requests join and leave between any two tokens.
 
+Newcomers whose whole prompt fits the budget are prefilled together in one padded forward over consecutive rows.
 Running requests are kept packed in rows 0..R-1 (running[i] lives in row i), so a decode step works on the cache
-view `cache.rows(slice(0, R))` without gathering; the request being prefilled sits in row R. When a request leaves,
+view `cache.rows(slice(0, R))` without gathering; the request being prefilled in chunks sits in row R. When a request leaves,
 the request in the last running row moves into its row and the prefilling one moves down to the new row R; the
 engine copies their latents (`finish` says who moved from where).
 """
@@ -100,13 +101,23 @@ class Scheduler:
                 return self.waiting[0]
         return None
 
+    def join(self, seq: Sequence) -> None:
+        """Move the head of the waiting queue into the next row as a running sequence (its whole prompt is
+        prefilled in this step, before anything else reads the row)."""
+        self._pop(seq)
+        seq.row = len(self.running)
+        self.running.append(seq)
+
     def start(self, seq: Sequence) -> None:
-        """Move the head of the waiting queue into the row after the running ones, to be prefilled."""
+        """Move the head of the waiting queue into the row after the running ones, to be prefilled in chunks."""
+        self._pop(seq)
+        seq.row = len(self.running)
+        self.prefilling = seq
+
+    def _pop(self, seq: Sequence) -> None:
         with self.lock:
             assert self.waiting[0] is seq
             self.waiting.popleft()
-        seq.row = len(self.running)
-        self.prefilling = seq
 
     def promote(self, seq: Sequence) -> None:
         """Its prompt is prefilled: it joins the running rows (it already sits in row R)."""
