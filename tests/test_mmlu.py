@@ -82,6 +82,28 @@ def test_jsonl_parquet_and_csv_layouts_load_the_same(tmp_path):
         assert load_mmlu(root, "validation").questions == {"college_physics": [E2]}, root
 
 
+def test_hub_path_loads_configs_through_datasets(tmp_path):
+    """The `datasets.load_dataset(id, subject or "all", split)` path, on a local repo laid out like cais/mmlu."""
+    pytest.importorskip("datasets")
+    from dsv3.eval.mmlu_data import _load_hub
+
+    anatomy = Question("anatomy", "Bones?", ("206", "12", "1", "0"), 0)
+    configs = {"all": {"test": [Q1, E2, anatomy], "dev": [E1, anatomy]},
+               "anatomy": {"test": [anatomy], "dev": [anatomy]}}
+    card = ["---", "configs:"]
+    for config, splits in configs.items():
+        card += [f"- config_name: {config}", "  data_files:"]
+        for split, qs in splits.items():
+            (tmp_path / config).mkdir(exist_ok=True)
+            (tmp_path / config / f"{split}.jsonl").write_text("".join(json.dumps(_row(q)) + "\n" for q in qs))
+            card += [f"  - split: {split}", f"    path: {config}/{split}.jsonl"]
+    (tmp_path / "README.md").write_text("\n".join(card + ["---", ""]))
+    questions, exemplars = _load_hub(str(tmp_path), "test", None)
+    assert questions == {"college_physics": [Q1, E2], "anatomy": [anatomy]}
+    assert exemplars == {"college_physics": [E1], "anatomy": [anatomy]}
+    assert _load_hub(str(tmp_path), "test", ["anatomy"]) == ({"anatomy": [anatomy]}, {"anatomy": [anatomy]})
+
+
 def test_malformed_rows_name_file_and_line(tmp_path):
     lines = [json.dumps(_row(E1)), json.dumps(_row(E2)), json.dumps({**_row(E1), "answer": 7})]
     (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
