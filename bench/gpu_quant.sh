@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Decode speed of bf16 against int8 / int4 weights on a GPU, on a DeepSeek-V2-Lite-shaped random model:
 # hidden 2048, 16 heads, no q-LoRA, kv_lora 512, 64 routed experts (top-6) + 2 shared of width 1408, first layer
-# dense (10944), 12 layers, vocab 102400 (~6.7B parameters, ~13 GB in bf16).
+# dense (10944; padded to 11008 for int4 g128), 12 layers, vocab 102400 (~6.9B parameters, ~14 GB in bf16).
 #
 #   bash bench/gpu_quant.sh [NEW_TOKENS=128]
 #
@@ -28,7 +28,7 @@ config = dsv3.ModelConfig(
     qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
     num_experts_per_tok=6, n_group=1, topk_group=1, first_k_dense_replace=1, scoring_func="softmax",
     topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0, max_position_embeddings=4096)
-VARIANTS = {"bf16": None, "int8": ("int8", {}), "int4 g128": ("int4", {"group_size": 128}),
+VARIANTS = {"bf16": None, "int8": ("int8", {}), "int4 g128": ("int4", {"group_size": 128, "pad": True}),
             "int4 g32": ("int4", {"group_size": 32})}
 if torch.cuda.get_device_capability() == (9, 0):
     VARIANTS["fp8"] = ("fp8", {})
