@@ -23,7 +23,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import eval_subparsers
 from .mmlu_data import CATEGORIES, LETTERS, SUBJECT_CATEGORY, MMLUData, format_question, load_mmlu, subject_prefix
