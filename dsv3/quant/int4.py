@@ -88,9 +88,9 @@ class Int4Linear(QuantizedLinear):
             self._unpack_kernel()
             if self.impl == "auto":
                 self.impl = "reference"
-        q = unpack_nibbles(self.qweight).float().view(self.out_features, -1, self.group_size)
-        w = (q - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]
-        return w.flatten(1)[:, :self.in_features].to(dtype)
+        q = unpack_nibbles(self.qweight).view(self.out_features, -1, self.group_size).float()
+        w = torch.addcmul(self.zeros.float()[..., None], q.sub_(8), self.scales.float()[..., None])
+        return w.view(self.out_features, -1)[:, :self.in_features].to(dtype)
 
     # ----------------------------------------------------------------- kernel
     def kernel_available(self, x: torch.Tensor) -> bool:
