@@ -1,0 +1,187 @@
+"""LoRA (dsv3.lora): PEFT interop in both directions, init, scaling, merge, freezing, QLoRA, refusals.
+
+Interop runs against peft on transformers' DeepseekV3ForCausalLM (transformers 5: routed experts are fused 3-D
+parameters, adapted through PEFT target_parameters), float32, same logits within 1e-5 relative error.
+"""
+
+import copy
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.lora import (AdapterError, LoRALinear, apply_lora, load_adapter, lora_modules, merge_and_unload,
+                       merge_lora, quantized_reference_forward, save_adapter, unmerge_lora)
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+ATTN = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+IDS = torch.randint(0, 320, (2, 13), generator=torch.Generator().manual_seed(3))
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny V3 (q-LoRA, dense layer, 8 routed + 1 shared expert, MTP layer) saved in hub layout."""
+    torch.manual_seed(0)
+    model = dsv3.Transformer(dsv3.ModelConfig.tiny(vocab_size=320)).eval()
+    path = tmp_path_factory.mktemp("ckpt")
+    dsv3.save_pretrained(model, path)
+    return path
+
+
+def hf_model(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def randomize_b(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("style", ["target_parameters", "v4_names"])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_adapter_loads_with_same_logits(checkpoint, tmp_path, style, rslora):
+    if style == "target_parameters":  # dense/shared MLP as 2-D parameters, routed experts as fused 3-D ones
+        cfg = dict(target_modules=ATTN, target_parameters=["gate_proj.weight", "up_proj.weight", "down_proj.weight",
+                                                           "mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    else:  # transformers-4 names: PEFT rewrites them to the fused experts (rank 2r for gate_up_proj)
+        cfg = dict(target_modules=["kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    torch.manual_seed(5)
+    peft_model = peft.get_peft_model(hf_model(checkpoint), peft.LoraConfig(
+        r=4, lora_alpha=8, use_rslora=rslora, init_lora_weights=False, **cfg)).eval()
+    peft_model.save_pretrained(tmp_path)
+    ours = load_adapter(dsv3.load_pretrained(checkpoint, dtype=torch.float32), tmp_path)
+    with torch.no_grad():
+        expected = peft_model(IDS).logits
+        assert rel_err(ours(IDS), expected) < 1e-5
+    assert {n.rpartition(".")[2] for n in lora_modules(ours)} >= {"kv_b_proj", "o_proj"}
+
+
+@pytest.mark.parametrize("targets,rslora", [("all-linear", False), (ATTN + ["down_proj"], True)])
+def test_dsv3_adapter_loads_in_peft_with_same_logits(checkpoint, tmp_path, targets, rslora):
+    ours = apply_lora(dsv3.load_pretrained(checkpoint, dtype=torch.float32), 4, 8, targets, use_rslora=rslora)
+    randomize_b(ours)
+    save_adapter(ours, tmp_path, base_model_name_or_path=str(checkpoint))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["use_rslora"] is rslora and config["bias"] == "none" and config["task_type"] == "CAUSAL_LM"
+    peft_model = peft.PeftModel.from_pretrained(hf_model(checkpoint), tmp_path).eval()
+    with torch.no_grad():
+        assert rel_err(ours(IDS), peft_model(IDS).logits) < 1e-5
+    # and back into dsv3, MTP layer included
+    again = load_adapter(dsv3.load_pretrained(checkpoint, dtype=torch.float32), tmp_path)
+    with torch.no_grad():
+        assert rel_err(again(IDS), ours(IDS)) < 1e-6
+        h = ours.hidden_states(IDS)[:, :-1]
+        assert rel_err(again.mtp_logits(h, IDS), ours.mtp_logits(h, IDS)) < 1e-6
+
+
+def test_init_scaling_and_frozen_base(checkpoint):
+    base = dsv3.load_pretrained(checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        expected = base(IDS)
+    model = apply_lora(copy.deepcopy(base), 8, 16, "all-linear", use_rslora=True)
+    mods = lora_modules(model)
+    # attention, dense MLP, shared and routed experts, MTP layer
+    assert "model.layers.1.mlp.experts.7.down_proj" in mods and "mtp.0.self_attn.kv_b_proj" in mods
+    assert "model.layers.0.mlp.gate_proj" in mods and "model.layers.2.mlp.shared_experts.up_proj" in mods
+    m = mods["model.layers.1.self_attn.q_b_proj"]
+    assert m.scaling == pytest.approx(16 / math.sqrt(8))
+    assert torch.all(m.lora_B == 0) and m.lora_A.abs().max() <= 1 / math.sqrt(m.in_features)  # kaiming a=sqrt(5)
+    assert m.lora_A.std() > 0.5 / math.sqrt(3 * m.in_features)
+    assert apply_lora(copy.deepcopy(base), 8, 16, ["o_proj"]).model.layers[0].self_attn.o_proj.scaling == 2.0
+    with torch.no_grad():
+        assert torch.equal(model(IDS), expected)  # B = 0: starts as the base model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    randomize_b(model)
+    model(IDS).square().mean().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    assert mods["model.layers.0.self_attn.o_proj"].lora_A.grad.abs().sum() > 0
+
+
+def test_merge_unmerge_and_absorbed_attention(checkpoint):
+    model = apply_lora(dsv3.load_pretrained(checkpoint, dtype=torch.float32), 4, 8, "all-linear")
+    randomize_b(model)
+    w0 = {n: m.base_layer.weight.clone() for n, m in lora_modules(model).items()}
+    with torch.no_grad():
+        unmerged = model(IDS)
+        # absorbed MLA reads kv_b_proj through effective_weight(): same next-token logits as the naive path
+        cache = model.new_cache(2, 16)
+        model(IDS[:, :-1], cache)
+        step = model(IDS[:, -1:], cache, IDS.shape[1] - 1, impl="absorb")
+        assert rel_err(step, unmerged[:, -1:]) < 1e-5
+        merge_lora(model)
+        assert rel_err(model(IDS), unmerged) < 1e-6
+        unmerge_lora(model)
+        assert rel_err(model(IDS), unmerged) < 1e-6
+    for n, m in lora_modules(model).items():
+        assert (m.base_layer.weight - w0[n]).abs().max() < 1e-6
+    plain = merge_and_unload(model)
+    assert not lora_modules(plain) and isinstance(plain.model.layers[0].self_attn.o_proj, torch.nn.Linear)
+    with torch.no_grad():
+        assert rel_err(plain(IDS), unmerged) < 1e-6
+
+
+def test_shape_mismatch_names_the_module(checkpoint, tmp_path):
+    other = dsv3.Transformer(dsv3.ModelConfig.tiny(vocab_size=320, kv_lora_rank=16))
+    apply_lora(other, 4, 8, ["kv_b_proj"])
+    save_adapter(other, tmp_path)
+    with pytest.raises(AdapterError, match=r"model\.layers\.0\.self_attn\.kv_b_proj"):
+        load_adapter(dsv3.load_pretrained(checkpoint), tmp_path)
+
+
+def test_bad_targets_and_configs(checkpoint, tmp_path):
+    model = dsv3.load_pretrained(checkpoint)
+    with pytest.raises(ValueError, match="q_proj"):
+        apply_lora(model, 4, 8, ["q_proj"])  # this model has q_a_proj / q_b_proj
+    with pytest.raises(ValueError, match="lm_head"):
+        apply_lora(model, 4, 8, ["lm_head"])
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
+    with pytest.raises(AdapterError, match="DoRA"):
+        load_adapter(model, tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dsv3.quant") is None, reason="dsv3/quant.py (issue 6) not there yet")
+def test_qlora_on_int4_base(checkpoint):
+    from dsv3 import quant
+    base = dsv3.load_pretrained(checkpoint, dtype=torch.float32)
+    qmodel = quant.quantize(copy.deepcopy(base), "int4", group_size=32)
+    model = apply_lora(qmodel, 4, 8, "all-linear")
+    m = lora_modules(model)["model.layers.0.self_attn.kv_b_proj"]
+    assert isinstance(m, LoRALinear) and m.quantized
+    randomize_b(model)
+    with quantized_reference_forward(model):
+        model(IDS).square().mean().backward()
+    assert m.lora_A.grad.abs().sum() > 0
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not n.endswith(("lora_A", "lora_B")))
+    with pytest.raises(AdapterError, match="quantized"):
+        m.merge()
+    with torch.no_grad():
+        before = model(IDS)
+        merge_lora(model, dequantize=True)
+        assert rel_err(model(IDS), before) < 1e-5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dsv3.quant") is None, reason="dsv3/quant.py (issue 6) not there yet")
+def test_qlora_bf16_backward_through_int4_kernels(checkpoint):
+    """bf16 int4 layers use fused kernels without a backward: training runs them in reference mode."""
+    from dsv3 import quant
+    model = quant.quantize(dsv3.load_pretrained(checkpoint, dtype=torch.bfloat16), "int4", group_size=32)
+    apply_lora(model, 4, 8, ["q_b_proj", "kv_b_proj", "down_proj"])
+    randomize_b(model)
+    with quantized_reference_forward(model):
+        model(IDS).float().square().mean().backward()
+    assert {m.impl for m in quant.quantized_layers(model).values()} == {"auto"}
+    assert all(m.lora_A.grad is not None and m.lora_A.grad.abs().sum() > 0
+               for name, m in lora_modules(model).items() if not name.startswith("mtp."))  # MTP: not in forward
