@@ -143,6 +143,8 @@ def test_shipped_subset_and_shot_limit():
         data.check_shots(5)
     with pytest.raises(MMLUDataError, match="only the validation split"):
         load_mmlu(None, "test")
+    with pytest.raises(MMLUDataError, match="limit must be >= 1"):
+        load_mmlu(limit=0)
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
@@ -276,6 +278,9 @@ def test_cli_writes_predictions_summary_and_csv(tiny, tmp_path, capsys):
     assert "overall" in out and "chance (4 choices)" in out and "25.0%" in out
     with pytest.raises(SystemExit, match="5-shot asked for"):
         main(["eval", "mmlu", "--model", str(path), "--shots", "5", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit):  # argparse: "argument --limit: expected an integer >= 1"
+        main(["eval", "mmlu", "--model", str(path), "--limit", "0", "--output", str(tmp_path)])
+    assert "--limit: expected an integer >= 1, got '0'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------- lm-eval

@@ -146,6 +146,18 @@ def write_results(output: str | Path, preds: list[Prediction], summary: dict, co
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
 def add_cli(subparsers) -> None:
     p = eval_subparsers(subparsers).add_parser(
         "mmlu", help="MMLU accuracy, scored as lm-evaluation-harness's mmlu task",
@@ -164,16 +176,16 @@ def add_cli(subparsers) -> None:
                         "dataset id like cais/mmlu (default: the shipped subset: 857 validation questions, 4 shots max)")
     p.add_argument("--split", choices=["test", "validation"], default=None,
                    help="default: validation for the shipped subset, test otherwise")
-    p.add_argument("--shots", type=int, default=0, help="dev exemplars per prompt (default 0, as lm-eval)")
+    p.add_argument("--shots", type=_count(0), default=0, help="dev exemplars per prompt (default 0, as lm-eval)")
     p.add_argument("--output", metavar="DIR", required=True, help="directory for the result files")
     p.add_argument("--subjects", nargs="+", default=None, help="only these subjects (e.g. college_physics)")
-    p.add_argument("--limit", type=int, default=None, help="first N questions per subject (as lm-eval --limit)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward / prompts per request")
+    p.add_argument("--limit", type=_count(1), default=None, help="first N questions per subject (as lm-eval --limit)")
+    p.add_argument("--batch-size", type=_count(1), default=16, help="sequences per forward / prompts per request")
     p.add_argument("--generative", action="store_true",
                    help="let the model write the answer (first A-D letter counts) instead of comparing log-likelihoods")
     p.add_argument("--chat", action="store_true",
                    help="with --generative: send the prompt as a user message (chat template; /v1/chat/completions)")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length in generative mode (default 8)")
+    p.add_argument("--max-new-tokens", type=_count(1), default=8, help="answer length in generative mode (default 8)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="in-process model dtype")
     p.add_argument("--device", default=None, help="in-process model device (default: cuda if available)")
     p.set_defaults(func=_main)

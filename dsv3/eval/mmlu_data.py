@@ -71,6 +71,8 @@ class MMLUData:
 
     def check_shots(self, shots: int) -> None:
         """Raise unless every subject has `shots` dev exemplars (the shipped subset has 4 per subject)."""
+        if shots < 0:
+            raise MMLUDataError(f"shots must be >= 0, got {shots}")
         for subject in self.questions:
             have = len(self.exemplars.get(subject, []))
             if have < shots:
@@ -207,6 +209,8 @@ def load_mmlu(source: str | Path | None = None, split: str = "validation",
     """
     if split not in SPLITS:
         raise MMLUDataError(f"split must be one of {SPLITS}, got {split!r}")
+    if limit is not None and limit < 1:
+        raise MMLUDataError(f"limit must be >= 1 question per subject, got {limit}")
     if source is None or (Path(source).is_dir()):
         root = SHIPPED_DIR if source is None else Path(source)
         label = "shipped" if source is None else str(root)
