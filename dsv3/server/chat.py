@@ -4,8 +4,9 @@ Stream shape (../shared/reference/compat-server.md §1.5): every chunk has the s
 `role: assistant`; content deltas follow; a `delta: {}` chunk carries finish_reason; with
 `stream_options.include_usage` every chunk has `usage: null` and one last chunk has `choices: []` and the usage;
 `data: [DONE]` ends it. `: keep-alive` comments are sent while nothing is produced, and a failure mid-stream is a
-`data: {"error": ...}` event. Image, audio and file parts, tools and JSON response formats get a 400 that says the
-model cannot honour them.
+`data: {"error": ...}` event. What the model cannot honour gets a 400 that says so: image, audio and file parts,
+JSON response formats, and a tool_choice that forces a call ("required" or a named function). Tools offered with
+tool_choice "auto" (or none given) are accepted and the model answers in text, which "auto" allows.
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ async def chat_completions(state, request: HTTPRequest, body: ChatCompletionRequ
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise bad_request(f"response_format {body.response_format.get('type')!r} is not supported: this server "
                           "cannot constrain output to JSON", "response_format")
-    if body.tools and body.tool_choice != "none":
-        raise bad_request("tools are not supported: this model has no tool calling", "tools")
+    if body.tools and body.tool_choice not in (None, "none", "auto"):
+        raise bad_request("tool_choice that requires a tool call is not supported: this model has no tool calling",
+                          "tool_choice")
     prompt = chat_prompt(state, body)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if requested == 0:
