@@ -506,3 +506,24 @@ def test_config_file_then_command_line(tmp_path, monkeypatch):
     (tmp_path / "bad.json").write_text('{"max_batchh": 3}')
     with pytest.raises(SystemExit, match="unknown option 'max_batchh'"):
         resolve_options(build_parser().parse_args(["serve", "--config", str(tmp_path / "bad.json")]))
+
+
+def test_keep_alive_comments_while_nothing_is_produced(server, monkeypatch):
+    from dsv3.server import common
+
+    engine = engine_of(server)
+    real_step = engine.step
+
+    def slow_step():
+        time.sleep(0.15)
+        real_step()
+
+    monkeypatch.setattr(common, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(engine, "step", slow_step)
+    body = dict(model=MODEL_NAME, messages=USER, max_tokens=2, stream=True)
+    with httpx.stream("POST", server.base_url + "/chat/completions", json=body,
+                      headers={"authorization": f"Bearer {KEY}"}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert ": keep-alive" in lines and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
