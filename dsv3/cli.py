@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "dsv3.train",
     "dsv3.eval.mmlu",
     "dsv3.server",
+    "dsv3.lora_train",
     "dsv3.quant",
 ]
 

@@ -516,12 +516,18 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         alpha = _pattern_value(config.get("alpha_pattern"), pattern_name, alpha_default)
         plans.append((name, module, base, A, B, r, alpha))
     for name, module, base, A, B, r, alpha in plans:
-        wrapper = LoRALinear(base, r, alpha, dropout, rslora)
+        if isinstance(module, LoRALinear) and module.r == r and not module.merged:  # keep its dropout, parameters
+            wrapper = module
+            wrapper.alpha, wrapper.use_rslora, wrapper.scaling = alpha, rslora, lora_scaling(r, alpha, rslora)
+        else:
+            wrapper = LoRALinear(base, r, alpha, dropout, rslora)
+            _replace(model, name, wrapper)
         with torch.no_grad():
             wrapper.lora_A.copy_(A)
             wrapper.lora_B.copy_(B)
-        _replace(model, name, wrapper)
     freeze_base(model)
     leaves = sorted({n.rpartition(".")[2] for n in lora_modules(model)})
-    model.lora_settings = LoraSettings(r_default, alpha_default, leaves, dropout, rslora)
+    previous = getattr(model, "lora_settings", None)
+    model.lora_settings = LoraSettings(r_default, alpha_default, leaves,
+                                       previous.dropout if previous else dropout, rslora)
     return model

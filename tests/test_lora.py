@@ -185,3 +185,63 @@ def test_qlora_bf16_backward_through_int4_kernels(checkpoint):
     assert {m.impl for m in quant.quantized_layers(model).values()} == {"auto"}
     assert all(m.lora_A.grad is not None and m.lora_A.grad.abs().sum() > 0
                for name, m in lora_modules(model).items() if not name.startswith("mtp."))  # MTP: not in forward
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+from dsv3.lora_train import DataError, LoRATrainer, read_examples  # noqa: E402
+
+BUNDLED = dsv3.Tokenizer.from_pretrained(__import__("pathlib").Path(dsv3.__file__).parent / "bundled")
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def test_loss_masks_cover_assistant_and_completion_tokens_only(tmp_path):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Define: dog"},
+            {"role": "assistant", "content": "Definition of dog (noun): a canid."},
+            {"role": "user", "content": "And cat?"}, {"role": "assistant", "content": "A felid."}]
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": chat}, {"prompt": "Q: 2+2?", "completion": " 4"}])
+    chat_ex, pc_ex = read_examples(data, BUNDLED, max_length=512)
+    targets = [t for t in chat_ex.labels if t != -100]
+    assert BUNDLED.decode(targets) == ("Definition of dog (noun): a canid." + BUNDLED.eos_token
+                                       + "A felid." + BUNDLED.eos_token)
+    assert BUNDLED.decode([t for t in pc_ex.labels if t != -100]) == " 4" + BUNDLED.eos_token
+    assert pc_ex.ids[0] == BUNDLED.bos_token_id and pc_ex.labels[0] == -100
+
+
+@pytest.mark.parametrize("line,why", [("{not json", "not valid JSON"), ('{"text": "x"}', "expected an object"),
+                                      ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant"),
+                                      ('{"prompt": "a", "completion": 3}', "must be strings")])
+def test_malformed_line_is_reported_with_its_number(tmp_path, line, why):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, "", line])
+    with pytest.raises(DataError, match=rf"d\.jsonl:3: .*{why}"):
+        read_examples(data, BUNDLED, 64)
+
+
+def test_trainer_learns_checkpoints_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    base = dsv3.Transformer(dsv3.ModelConfig.tiny(vocab_size=8192, hidden_size=32, num_hidden_layers=2))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": f"Define: w{i}"},
+                                                            {"role": "assistant", "content": f"Definition {i}."}]}
+                                              for i in range(12)])
+    kw = dict(rank=4, alpha=8, lr=1e-2, max_length=64, tokenizer=BUNDLED, progress=False, eval_fraction=0.25)
+    full = LoRATrainer(copy.deepcopy(base), data, output_dir=tmp_path / "full", **kw)
+    assert len(full.eval_examples) == 3 and len(full.train_examples) == 9
+    history = full.train(epochs=3, batch_size=4)
+    epochs = [r for r in history if "eval_loss" in r]
+    assert len(epochs) == 3 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert [p.name for p in full.checkpoints()] == ["checkpoint-epoch002", "checkpoint-epoch003"]
+    assert not list((tmp_path / "full").glob(".*tmp*"))  # temporary directories renamed or removed
+    # 2 epochs, then resume to 3: the same adapter as 3 in one go
+    part = LoRATrainer(copy.deepcopy(base), data, output_dir=tmp_path / "part", **kw)
+    part.train(epochs=2, batch_size=4)
+    resumed = LoRATrainer(copy.deepcopy(base), data, output_dir=tmp_path / "part", **kw)
+    assert resumed.train(epochs=3, batch_size=4, resume=True)[-1] == epochs[-1]
+    a, b = lora_modules(full.model), lora_modules(resumed.model)
+    assert all(torch.allclose(a[n].lora_B, b[n].lora_B, atol=1e-6) for n in a)
+    reloaded = load_adapter(copy.deepcopy(base), tmp_path / "part")  # the final adapter, PEFT format
+    ids = torch.tensor([full.train_examples[0].ids])
+    with torch.no_grad():
+        assert rel_err(reloaded(ids), resumed.model(ids)) < 1e-5
