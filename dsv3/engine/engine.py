@@ -7,12 +7,12 @@
 
 Each step (see scheduler.py): drop cancelled requests; spend the step's prompt-token budget on prefill (first the
 prompt left part-way by the last step, then newcomers, each after copying whatever prompt prefix the prefix cache
-holds into its row; a prompt that does not fit the rest of the budget is prefilled in chunks over several steps);
-then decode one token for all running rows in one batched forward with per-row positions (`start_pos`
-LongTensor[R]). Prefill uses the naive MLA form and decoding the absorbed one
-(dsv3/attention.py), the split DeepSeek's inference code makes. Sampling is per row (dsv3/sampling.py: each row
-its own temperature, top-p/k, penalties, seed); text and stop strings come from dsv3/generation.py's
-StopStringStreamer, so a stop string is never streamed out.
+holds into its row; newcomers that fit run together in one right-padded forward, and a prompt that does not fit
+what is left is prefilled in chunks over several steps); then decode one token for all running rows in one
+batched forward with per-row positions (`start_pos` LongTensor[R]). Prefill uses the naive MLA form and decoding
+the absorbed one (dsv3/attention.py), the split DeepSeek's inference code makes. Sampling is per row
+(dsv3/sampling.py: each row its own temperature, top-p/k, penalties, seed); text and stop strings come from
+dsv3/generation.py's StopStringStreamer, so a stop string is never streamed out.
 """
 
 from __future__ import annotations
