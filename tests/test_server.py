@@ -527,3 +527,16 @@ def test_keep_alive_comments_while_nothing_is_produced(server, monkeypatch):
     assert ": keep-alive" in lines and lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_token_bucket_refills_and_forgets_idle_callers():
+    from dsv3.server.security import RateLimiter
+
+    limiter = RateLimiter(rate=2, burst=2)
+    assert [limiter.check("a", now=0.0) for _ in range(3)] == [0.0, 0.0, 0.5]
+    assert limiter.check("a", now=0.5) == 0.0 and limiter.check("a", now=0.5) > 0
+    limiter.MAX_CALLERS = 3
+    for i in range(5):
+        limiter.check(f"ip{i}", now=10.0)
+    limiter.check("late", now=20.0)  # everyone else has refilled by now: their buckets are dropped
+    assert set(limiter._buckets) == {"late"}

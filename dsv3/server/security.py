@@ -102,12 +102,17 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
+    MAX_CALLERS = 10_000  # beyond this many buckets, forget the callers whose buckets have refilled
+
     def check(self, caller: str, now: float | None = None) -> float:
         """Take one token; return 0 if allowed, else the seconds until one is available."""
         if self.rate <= 0:
             return 0.0
         now = time.monotonic() if now is None else now
         with self._lock:
+            if len(self._buckets) > self.MAX_CALLERS:  # a full bucket is the same as no bucket
+                full = now - self.burst / self.rate
+                self._buckets = {k: v for k, v in self._buckets.items() if v[1] > full}
             tokens, last = self._buckets.get(caller, (self.burst, now))
             tokens = min(self.burst, tokens + (now - last) * self.rate)
             if tokens >= 1:
