@@ -10,9 +10,9 @@ compute. Requests join and leave between any two tokens.
 
 Newcomers whose whole prompt fits the budget are prefilled together in one padded forward over consecutive rows.
 Running requests are kept packed in rows 0..R-1 (running[i] lives in row i), so a decode step works on the cache
-view `cache.rows(slice(0, R))` without gathering; the request being prefilled in chunks sits in row R. When a request leaves,
-the request in the last running row moves into its row and the prefilling one moves down to the new row R; the
-engine copies their latents (`finish` says who moved from where).
+view `cache.rows(slice(0, R))` without gathering; the request being prefilled in chunks sits in row R. When a
+request leaves, the request in the last running row moves into its row and the prefilling one moves down to the
+new row R; the engine copies their latents (`finish` says who moved from where).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import uuid
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from ..engine import Delta, Request, TokenLogprob
 from .common import (FINGERPRINT, Job, check_model, collect_results, engine_failure, max_new_tokens,
@@ -97,13 +98,15 @@ async def chat_completions(state, request: HTTPRequest, body: ChatCompletionRequ
     job = Job(submit(state, requests, "messages"), [0] * body.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return StreamingResponse(_chat_stream(state, body, job, rid, created), media_type="text/event-stream")
+        return StreamingResponse(_chat_stream(state, body, job, rid, created), media_type="text/event-stream",
+                                 background=BackgroundTask(job.cancel))
     results = await collect_results(request, job)
     for k, r in enumerate(results):
         if r.finish_reason not in ("stop", "length"):
             raise engine_failure(Delta(finish_reason=r.finish_reason, error=r.error))
         observe_finish(state, job, k, Delta(finish_reason=r.finish_reason, usage=r.usage))
-    choices = [{"index": k, "message": {"role": "assistant", "content": post_process(state, r.text), "refusal": None},
+    choices = [{"index": k,
+                "message": {"role": "assistant", "content": post_process(state, r.text), "refusal": None},
                 "logprobs": _chat_logprobs(state, r.logprobs) if top is not None else None,
                 "finish_reason": r.finish_reason} for k, r in enumerate(results)]
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,

@@ -36,6 +36,12 @@ class Job:
     arrival: float = field(default_factory=time.monotonic)
     first_token: dict[int, float] = field(default_factory=dict)
 
+    def cancel(self) -> None:
+        """Cancel every choice (finished ones ignore it). Also run after a streamed response, because a client
+        that leaves before the stream's first chunk never starts the generator whose cleanup would do it."""
+        for h in self.handles:
+            h.cancel()
+
 
 # ---------------------------------------------------------------------------------------------- request -> engine
 def sampling_params(state, body, max_new: int, index: int) -> SamplingParams:
@@ -138,8 +144,7 @@ async def merged_deltas(job: Job):
             remaining -= delta.finish_reason is not None
             yield k, delta
     finally:
-        for h in job.handles:
-            h.cancel()
+        job.cancel()
         for t in tasks:
             t.cancel()
 
@@ -151,8 +156,7 @@ async def collect_results(request: HTTPRequest, job: Job) -> list[Result]:
     async def watch():
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        for h in job.handles:
-            h.cancel()
+        job.cancel()
 
     watcher = asyncio.create_task(watch())
     try:

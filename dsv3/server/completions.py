@@ -14,6 +14,7 @@ import uuid
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from ..engine import Delta, Request, TokenLogprob
 from .common import (FINGERPRINT, Job, check_model, collect_results, engine_failure, max_new_tokens,
@@ -85,7 +86,8 @@ async def completions(state, request: HTTPRequest, body: CompletionRequest):
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return StreamingResponse(_completion_stream(state, body, job, texts, rid, created),
-                                 media_type="text/event-stream")
+                                 media_type="text/event-stream",
+                                 background=BackgroundTask(job.cancel))
     results = await collect_results(request, job)
     choices = []
     for k, r in enumerate(results):
