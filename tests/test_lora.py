@@ -101,7 +101,7 @@ def test_init_scaling_and_frozen_base(checkpoint):
     assert m.lora_A.std() > 0.5 / math.sqrt(3 * m.in_features)
     assert apply_lora(copy.deepcopy(base), 8, 16, ["o_proj"]).model.layers[0].self_attn.o_proj.scaling == 2.0
     with torch.no_grad():
-        assert torch.equal(model(IDS), expected)  # B = 0: starts as the base model
+        assert rel_err(model(IDS), expected) < 1e-6  # B = 0: starts as the base model (MoE may pick another path)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
     randomize_b(model)
