@@ -9,9 +9,10 @@ forward dequantises each weight: the "reference" path).
 - bytes: the quantized layers (packed weights + scales) against the same layers in bf16, and the whole model
   (embedding, lm_head, router and norms stay bf16/fp32 in every row; the MTP layer counts too).
 - perplexity: exp(mean NLL) over the first --tokens tokens of data/corpus/valid.txt, in --seq-len windows.
-- MMLU: dsv3.eval.mmlu on the shipped validation subset (857 questions, 0-shot, log-likelihood of " A".." D").
+- MMLU: dsv3.eval.mmlu on the shipped validation subset (857 questions, or --mmlu-limit per subject; 0-shot,
+  log-likelihood of " A".." D").
 - decode: ms per generated token at batch 1, greedy, after a 64-token prompt: (t(N tokens) - t(1 token)) / (N-1),
-  best of --repeats, each variant timed in this one process with --threads torch threads.
+  best of --repeats, all variants in this one process (taking turns) with --threads torch threads.
 - layer matvec: one linear at batch 1 (x [1, in]) in the shapes of DeepSeek-V3's big matrices, where reading the
   weight is the cost: a model as small as the bundled one is bound by per-op overhead on a CPU instead, so its
   decode row says little about what 4-bit weights do for a real checkpoint.
@@ -69,16 +70,24 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, batch: i
     return math.exp(total / count)
 
 
-def decode_ms(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, repeats: int = 2) -> float:
-    """ms per decoded token at batch 1 (prefill excluded): (t(new_tokens) - t(1)) / (new_tokens - 1), best run."""
-    dsv3.generate(model, prompt, 4)  # warm-up: kernels packed, allocator primed
+def decode_ms(models: dict[str, torch.nn.Module], prompt: torch.Tensor, new_tokens: int,
+              repeats: int = 3) -> dict[str, float]:
+    """ms per decoded token at batch 1 (prefill excluded): (t(new_tokens) - t(1)) / (new_tokens - 1), best run.
 
-    def timed(n: int) -> float:
+    The variants take turns within each repeat, so load from other processes on the machine hits them alike.
+    """
+    def timed(model: torch.nn.Module, n: int) -> float:
         start = time.perf_counter()
         dsv3.generate(model, prompt, n)
         return time.perf_counter() - start
 
-    return min((timed(new_tokens) - timed(1)) / (new_tokens - 1) for _ in range(repeats)) * 1000
+    for model in models.values():
+        dsv3.generate(model, prompt, 4)  # warm-up: int4 repacks into the kernel layout, allocator primed
+    best = {label: math.inf for label in models}
+    for _ in range(repeats):
+        for label, model in models.items():
+            best[label] = min(best[label], (timed(model, new_tokens) - timed(model, 1)) / (new_tokens - 1) * 1000)
+    return best
 
 
 def mmlu_accuracy(model: torch.nn.Module, tokenizer, limit: int | None) -> float:
@@ -134,15 +143,16 @@ def run(path: Path, labels: list[str], tokens: int, seq_len: int, new_tokens: in
     ids = torch.tensor(tokenizer.encode((REPO / "data/corpus/valid.txt").read_text(), add_special_tokens=False))
     ids = ids[:tokens + 1]
     prompt = ids[None, :64]
-    rows = []
+    rows, models = [], {}
     for label in labels:
-        model = load_variant(path, label)
+        model = models[label] = load_variant(path, label)
         row = {"variant": label, "path": forward_path(model), **nbytes(model),
                "ppl": perplexity(model, ids, seq_len)}
         row["mmlu"] = mmlu_accuracy(model, tokenizer, mmlu_limit) if mmlu else None
-        row["decode_ms"] = decode_ms(model, prompt, new_tokens, repeats)
         rows.append(row)
-        print(f"  {label}: done", flush=True)
+        print(f"  {label}: bytes, perplexity{', MMLU' if mmlu else ''} done", flush=True)
+    for row, ms in zip(rows, decode_ms(models, prompt, new_tokens, repeats).values()):
+        row["decode_ms"] = ms
     return rows
 
 
@@ -165,7 +175,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="checkpoint dir with tokenizer files (default: the bundled model)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--tokens", type=int, default=32768, help="held-out tokens for perplexity")
+    ap.add_argument("--tokens", type=int, default=16384, help="held-out tokens for perplexity")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per timing run")
     ap.add_argument("--repeats", type=int, default=3)
