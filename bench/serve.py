@@ -132,10 +132,18 @@ async def throughput(base_url: str, clients: int, per_client: int, max_tokens: i
             "ttft": [r["ttft"] for r in results], "latency": [r["latency"] for r in results]}
 
 
-async def multi_turn(base_url: str, conversations: int, turns: int, system_words: int, max_tokens: int) -> list:
+def system_prompt(path: Path, tokens: int) -> str:
+    """A system prompt of about `tokens` tokens under the model's tokenizer."""
+    tokenizer = dsv3.Tokenizer.from_pretrained(path)
+    rules = []
+    while len(tokenizer.encode(" ".join(rules))) < tokens:
+        rules.append(f"Rule {len(rules)}: answer politely about animals and plants.")
+    return " ".join(rules)
+
+
+async def multi_turn(base_url: str, system: str, conversations: int, turns: int, max_tokens: int) -> list:
     """Sequential multi-turn chats sharing one long system prompt; returns every turn's measurements."""
     client = _client(base_url)
-    system = " ".join(f"Rule {i}: answer politely about animals and plants." for i in range(system_words // 8))
     await one_stream(client, [{"role": "user", "content": "warm up"}], 2)
     out = []
     for c in range(conversations):
@@ -160,14 +168,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request in the throughput phase")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=64, help="requests per throughput phase (>= clients)")
-    parser.add_argument("--system-words", type=int, default=800, help="length of the shared system prompt")
+    parser.add_argument("--system-tokens", type=int, default=1500,
+                        help="length of the shared system prompt (at most half the model's context)")
     parser.add_argument("--conversations", type=int, default=3)
     parser.add_argument("--turns", type=int, default=4)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
         path, what = model_dir(args.model, Path(scratch))
-        sizes = ["--max-batch", str(max(args.clients)), "--max-seq-len", "4096"]
+        context = json.loads((path / "config.json").read_text())["max_position_embeddings"]
+        sizes = ["--max-batch", str(max(args.clients)), "--max-seq-len", str(context)]
         print(f"model: {what} ({path}); {_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}")
         with server(path, *sizes) as url:
             rows = [asyncio.run(throughput(url, c, max(1, args.requests // c) if c > 1 else max(4, args.requests // 8),
@@ -181,10 +191,10 @@ def main() -> None:
                   f"{pct(r['ttft'], .5):>8.3f}s {pct(r['ttft'], .99):>8.3f}s {pct(r['latency'], .5):>7.3f}s "
                   f"{pct(r['latency'], .99):>7.3f}s")
 
-        chats = {}
+        chats, system = {}, system_prompt(path, min(args.system_tokens, context // 2))
         for label, flags in (("prefix cache off", ["--prefix-cache-mb", "0"]), ("prefix cache on", [])):
             with server(path, *sizes, *flags) as url:
-                chats[label] = asyncio.run(multi_turn(url, args.conversations, args.turns, args.system_words, 8))
+                chats[label] = asyncio.run(multi_turn(url, system, args.conversations, args.turns, 8))
         print(f"\nMulti-turn chat: {args.conversations} conversations x {args.turns} turns, shared system prompt "
               f"of {chats['prefix cache on'][0]['prompt']} tokens (first turn)")
         print(f"{'':>17} {'TTFT mean':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'cached/prompt':>14}")
