@@ -96,22 +96,18 @@ def max_new_tokens(state, body, prompt_len: int, requested: int | None, param: s
 
 
 def submit(state, requests: list[Request], param: str) -> list:
+    """Submit every choice, or none: if one is refused, the ones already queued are cancelled."""
     handles = []
     try:
         for request in requests:
             handles.append(state.engine.submit(request))
-    except QueueFullError as error:
+    except (QueueFullError, ValueError) as error:
         for h in handles:
             h.cancel()
-        raise APIError(503, str(error), code="queue_full", headers=retry_after_header(1)) from None
-    except ContextLengthError as error:
-        for h in handles:
-            h.cancel()
-        raise bad_request(str(error), param, "context_length_exceeded") from None
-    except ValueError as error:
-        for h in handles:
-            h.cancel()
-        raise bad_request(str(error), param) from None
+        if isinstance(error, QueueFullError):
+            raise APIError(503, str(error), code="queue_full", headers=retry_after_header(1)) from None
+        code = "context_length_exceeded" if isinstance(error, ContextLengthError) else None
+        raise bad_request(str(error), param, code) from None
     return handles
 
 
