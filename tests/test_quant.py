@@ -197,6 +197,8 @@ def test_errors_name_the_layer(tiny):
     with pytest.raises(QuantizationError, match=r"group_size 48 not supported"):
         quantize(model, "int4", group_size=48)
     padded = quantize(model, "int4", group_size=64, pad=True)
+    with pytest.raises(QuantizationError, match=r"already quantized \(model.layers.0.self_attn.q_a_proj is int4\)"):
+        quantize(padded, "int8")
     q_b = padded.model.layers[0].self_attn.q_b_proj
     assert q_b.padded_in == 64 and q_b.qweight.shape == (q_b.out_features, 32)
 

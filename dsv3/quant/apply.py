@@ -71,6 +71,11 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 128, skip: Sequenc
         raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {sorted(SCHEMES)}")
     if scheme == "int4" and group_size not in GROUP_SIZES:
         raise QuantizationError(f"int4 group_size {group_size} not supported; expected one of {GROUP_SIZES}")
+    done = quantized_layers(model)
+    if done:
+        name, layer = next(iter(done.items()))
+        raise QuantizationError(f"the model is already quantized ({name} is {layer.scheme}); quantize the "
+                                "unquantized checkpoint instead of quantizing twice")
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(name, skip)]
     if scheme == "int4" and not pad:
         bad = [(name, m.in_features) for name, m in targets if m.in_features % group_size]
