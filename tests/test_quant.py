@@ -97,6 +97,13 @@ def test_model_to_dtype_keeps_packed_formats(tiny):
         assert model(IDS).dtype == torch.bfloat16
 
 
+def test_gradients_reach_the_input_through_the_reference_path():
+    for q in (Int8Linear.from_linear(linear(32, 64)), Int4Linear.from_linear(linear(32, 64), group_size=32)):
+        x = torch.randn(2, 64, requires_grad=True)
+        q(x).sum().backward()  # the fused CPU ops have no derivative: "auto" must not pick them here
+        assert torch.allclose(x.grad, q.dequantize(torch.float32).sum(0).expand(2, -1), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_cpu_kernel_matches_reference(dtype):

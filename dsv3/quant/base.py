@@ -6,7 +6,8 @@ Two forwards compute the same function:
 - `forward_reference`: dequantise the whole weight to the activation dtype, then `F.linear` — the definition.
 - `forward_kernel`: a fused low-bit matmul where this device has one (subclasses say which); tests check that it
   agrees with the reference.
-`impl` picks one: "auto" (kernel when `kernel_available(x)`, else reference), "reference" or "kernel".
+`impl` picks one: "auto" (kernel when `kernel_available(x)` and x needs no gradient, else reference), "reference"
+or "kernel". Gradients flow to the input through the reference path (frozen quantized base + adapters, QLoRA-style).
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         impl = self.impl
-        if impl == "auto":
-            impl = "kernel" if self.kernel_available(x) else "reference"
+        if impl == "auto":  # the fused ops have no backward: inputs that need a gradient take the reference path
+            wants_grad = x.requires_grad and torch.is_grad_enabled()
+            impl = "kernel" if self.kernel_available(x) and not wants_grad else "reference"
         if impl == "reference":
             return self.forward_reference(x)
         if not self.kernel_available(x):
