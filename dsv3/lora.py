@@ -478,12 +478,15 @@ def _check_target_parameters(config: dict, where: str) -> None:
                            "and linear weights (e.g. 'mlp.gate_proj.weight') are supported")
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | Path, *, merge: bool = False) -> nn.Module:
     """Read a PEFT LoRA adapter (saved by `save_adapter` or by PEFT on transformers' DeepseekV3ForCausalLM).
 
     Wraps the adapter's modules in LoRALinear (reusing wrappers already there), copies A and B, and freezes the
     base. Per-module rank and alpha come from the tensors and from rank_pattern / alpha_pattern. Refuses, naming the
     module, any adapter whose module is not in the model or whose shapes do not fit it.
+    merge=True (inference: `dsv3 serve --adapter`, `dsv3 eval mmlu --adapter`) then folds the adapter into float
+    base weights and removes the wrappers, so the model runs at the base model's speed; adapters on quantized bases
+    stay unmerged (merging would re-quantise them away).
     """
     directory = Path(directory)
     config = read_adapter_config(directory)
@@ -530,4 +533,11 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     previous = getattr(model, "lora_settings", None)
     model.lora_settings = LoraSettings(r_default, alpha_default, leaves,
                                        previous.dropout if previous else dropout, rslora)
+    if merge:
+        for name, m in lora_modules(model).items():
+            if not m.quantized:
+                m.merge()
+                _replace(model, name, m.base_layer)
+        if not lora_modules(model):
+            del model.lora_settings
     return model

@@ -84,6 +84,10 @@ def test_dsv3_adapter_loads_in_peft_with_same_logits(checkpoint, tmp_path, targe
         assert rel_err(again(IDS), ours(IDS)) < 1e-6
         h = ours.hidden_states(IDS)[:, :-1]
         assert rel_err(again.mtp_logits(h, IDS), ours.mtp_logits(h, IDS)) < 1e-6
+    merged = load_adapter(dsv3.load_pretrained(checkpoint, dtype=torch.float32), tmp_path, merge=True)
+    assert not lora_modules(merged)  # folded into the weights: plain nn.Linear again
+    with torch.no_grad():
+        assert rel_err(merged(IDS), ours(IDS)) < 1e-6
 
 
 def test_init_scaling_and_frozen_base(checkpoint):
