@@ -50,10 +50,17 @@ def stream_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
                     top_p: float = 1.0, top_k: int = 0, presence_penalty: float = 0.0,
                     frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
                     stop_token_ids: Sequence[int] = (), seed: int | None = None, *,
-                    pad_token_id: int | None = None) -> Iterator[GenerationStep]:
+                    pad_token_id: int | None = None, sync_every: int = 1,
+                    compile: bool = False) -> Iterator[GenerationStep]:
     """Yield one `GenerationStep` per decoding step, at most `max_new_tokens`, ending early once every row is
-    finished. Arguments as in `generate`; they are checked here, before the first step is asked for."""
+    finished. Arguments as in `generate`; they are checked here, before the first step is asked for.
+
+    Whether every row has finished is read on the host only every `sync_every` steps (1: after each step), so
+    with sync_every > 1 up to sync_every - 1 trailing steps may have no active row.
+    """
     _check_input_ids(model, input_ids)
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
     if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)
                                      or pad_token_id < 0):
         raise ValueError(f"pad_token_id must be a token id (integer >= 0) or None, got {pad_token_id!r}")
@@ -66,13 +73,33 @@ def stream_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
     if T + max_new_tokens > limit:
         raise ValueError(f"max_new_tokens={max_new_tokens} with a prompt of {T} tokens exceeds the model's "
                          f"max_position_embeddings={limit}")
-    return _decode(model, input_ids, params, pad_token_id)
+    return _decode(model, input_ids, params, pad_token_id, sync_every, compile)
+
+
+def _step(model: torch.nn.Module, tokens: torch.Tensor, cache, pos: int) -> torch.Tensor:
+    """One decoding step: tokens [B] at position `pos` -> next-token logits [B, V] (absorbed MLA, T = 1)."""
+    return model(tokens[:, None], cache, pos)[:, -1]
+
+
+_compiled_step = None
+
+
+def decode_step(compile: bool = False):
+    """`_step`, or its torch.compile'd form (dynamic shapes: the attended length grows by one per step).
+    Eager is the reference; tests check that both give the same tokens."""
+    global _compiled_step
+    if not compile:
+        return _step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(_step, dynamic=True)
+    return _compiled_step
 
 
 @torch.inference_mode()
 def _decode(model: torch.nn.Module, input_ids: torch.Tensor, params: list[SamplingParams],
-            pad_token_id: int | None) -> Iterator[GenerationStep]:
-    """Prefill, then one token per step through the cache. All rows share stop ids and max_new_tokens."""
+            pad_token_id: int | None, sync_every: int = 1, compile: bool = False) -> Iterator[GenerationStep]:
+    """Prefill, then one token per step through the cache. All rows share stop ids and max_new_tokens.
+    Greedy steps read nothing back to the host except `finished.all()` every `sync_every` steps."""
     B, T = input_ids.shape
     max_new_tokens = params[0].max_new_tokens
     device = model.lm_head.weight.device
@@ -87,6 +114,7 @@ def _decode(model: torch.nn.Module, input_ids: torch.Tensor, params: list[Sampli
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     pad = torch.zeros(B, dtype=torch.long, device=device)  # per row: the stop token it hit, or pad_token_id
 
+    step_fn = decode_step(compile)
     cache = model.new_cache(B, T + max_new_tokens - 1)
     logits = model(input_ids, cache, 0)[:, -1]  # prefill: positions 0..T-1
     for step in range(max_new_tokens):
@@ -94,20 +122,20 @@ def _decode(model: torch.nn.Module, input_ids: torch.Tensor, params: list[Sampli
         tokens = sample(logits, params, generators, output_counts=output_counts, prompt_mask=prompt_mask)
         tokens = torch.where(active, tokens, pad)
         if penalised:
-            output_counts[rows[active], tokens[active]] += 1
+            output_counts[rows, tokens] += active.long()  # no boolean indexing: it would sync
         hit = active & torch.isin(tokens, stops)
         pad = torch.where(hit, tokens if pad_token_id is None else torch.full_like(tokens, pad_token_id), pad)
         finished = finished | hit
         yield GenerationStep(tokens, active, finished)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if step == max_new_tokens - 1 or ((step + 1) % sync_every == 0 and bool(finished.all())):
             return
-        logits = model(tokens[:, None], cache, T + step)[:, -1]  # the token at position T + step
+        logits = step_fn(model, tokens, cache, T + step)  # the token at position T + step
 
 
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
              repetition_penalty: float = 1.0, stop_token_ids: Sequence[int] = (), seed: int | None = None, *,
-             pad_token_id: int | None = None) -> torch.Tensor:
+             pad_token_id: int | None = None, sync_every: int = 16, compile: bool = False) -> torch.Tensor:
     """Continue each row of input_ids [B, T]; return LongTensor [B, T + N] (prompt included), N <= max_new_tokens.
 
     temperature 0 is greedy; otherwise tokens are sampled with top_k / top_p and the penalties of
@@ -119,11 +147,20 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     it emitted (or `pad_token_id` when given), and decoding ends early (N < max_new_tokens) once all rows are
     finished. All rows share the prompt length T (no left padding). Runs under torch.inference_mode; put the model
     in eval mode first. Invalid arguments raise ValueError naming the argument.
+
+    Speed: the loop reads the device only every `sync_every` steps (to see whether all rows have stopped) and
+    once at the end (steps after the last active one are dropped, so the result does not depend on it);
+    `compile=True` runs the decode step through torch.compile (eager is the reference).
     """
-    steps = [step.tokens for step in stream_generate(
+    steps = list(stream_generate(
         model, input_ids, max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty,
-        repetition_penalty, stop_token_ids, seed, pad_token_id=pad_token_id)]
-    return torch.cat([input_ids.to(steps[0].device), torch.stack(steps, dim=1)], dim=1)
+        repetition_penalty, stop_token_ids, seed, pad_token_id=pad_token_id, sync_every=sync_every,
+        compile=compile))
+    tokens = torch.stack([s.tokens for s in steps], dim=1)  # [B, N]
+    if sync_every > 1:  # drop trailing steps in which no row was active (at least the first step is)
+        ran = torch.stack([s.active.any() for s in steps])
+        tokens = tokens[:, :int(ran.nonzero().max()) + 1]
+    return torch.cat([input_ids.to(tokens.device), tokens], dim=1)
 
 
 class StopStringStreamer:

@@ -126,25 +126,29 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, mask, positions, cache, i, length, impl)
         return self.model.norm(h)
 
-    def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, depth: int = 0) -> torch.Tensor:
+    def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, depth: int = 0,
+                   cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         """Logits of MTP module `depth` (0-based, predicting k = depth + 2 tokens ahead).
 
         hidden: [B, T', D] — the main model's normed final hidden states for depth 0, or the previous MTP module's
         output; input_ids: [B, T] with T = T' + 1 (the tokens one step ahead of `hidden` are embedded).
         Returns logits [B, T', V]: position i predicts token i + depth + 2 of the original sequence.
+        cache/start_pos: a one-layer latent cache of this module (drafting in dsv3/speculative.py) and the position
+        of hidden[:, 0], as for the main model.
         """
-        x = self.mtp_hidden(hidden, input_ids, depth)
+        x = self.mtp_hidden(hidden, input_ids, depth, cache, start_pos)
         return self.lm_head(self.mtp[depth].shared_head.norm(x))
 
-    def mtp_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor, depth: int = 0) -> torch.Tensor:
+    def mtp_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor, depth: int = 0,
+                   cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         """The output h^k of MTP module `depth` (before its shared_head norm): [B, T', D]."""
         mtp = self.mtp[depth]
         emb = self.model.embed_tokens(input_ids[:, 1:hidden.shape[1] + 1])
         x = mtp.eh_proj(torch.cat((mtp.enorm(emb), mtp.hnorm(hidden)), dim=-1))
         B, T = x.shape[:2]
-        positions, mask, length = self._positions_and_mask(B, T, x.device, None, 0)
+        positions, mask, length = self._positions_and_mask(B, T, x.device, cache, start_pos)
         cos, sin = self.rotary(positions)
-        return mtp(x, cos, sin, mask, positions, None, 0, length, "naive")
+        return mtp(x, cos, sin, mask, positions, cache, 0, length, "naive" if cache is None else "auto")
 
     def _positions_and_mask(self, B: int, T: int, device, cache: KVCache | None, start_pos):
         """positions [B, T]; mask [B, T, S] (key j visible to query t iff j <= position t); S (= cache length)."""

@@ -11,12 +11,23 @@ Facts: ../shared/reference/architecture.md §3. Routing per `topk_method`:
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
 from .layers import MLP
+
+MoEImpl = Literal["auto", "loop", "gather", "grouped"]
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    """torch._grouped_mm runs on CPU (fp32/bf16, torch 2.13) and on CUDA for bf16 on sm90+ only."""
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 class Gate(nn.Module):
@@ -61,6 +72,9 @@ class Gate(nn.Module):
 class MoE(nn.Module):
     """y = Σ_shared FFN(x) + Σ_k g_k FFN_{i_k}(x) (eq. 12). Experts are stored one module each, as the hub does.
 
+    `impl` picks the routed-expert path ("auto", "loop", "gather", "grouped"; see `routed`), all equal to
+    `routed_reference`. style-and-performance.md §B6 describes the three strategies.
+
     In training mode the forward leaves two things for the trainer (paper-V3 §2.1.2):
     `last_load` [E] — tokens routed to each expert in this batch (for the bias update), and
     `last_balance_loss` — the sequence-wise balance loss Σ_i f_i P_i averaged over sequences (eqs. 17-20), unscaled.
@@ -76,6 +90,11 @@ class MoE(nn.Module):
                                if config.n_shared_experts else None)
         self.last_load: torch.Tensor | None = None
         self.last_balance_loss: torch.Tensor | None = None
+        self.impl: MoEImpl = "auto"
+        self.gather_max_pairs = 64  # N·K up to this uses routed_gather under "auto" (decoding, small batches)
+        self._stacks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stacked_linears: tuple[nn.Linear, ...] = ()
+        self.register_load_state_dict_post_hook(self._drop_stacks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, D]
         B, T, D = x.shape
@@ -89,7 +108,29 @@ class MoE(nn.Module):
         return y.view(B, T, D)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Grouped dispatch: sort the N·K (token, expert) pairs by expert, one matmul chain per used expert."""
+        """x: [N, D], weights/indices: [N, K] -> Σ_k w_k FFN_{i_k}(x): [N, D], by the path `self.impl` picks.
+
+        "auto": the per-expert loop when gradients must reach the expert modules (training) or the experts are not
+        plain nn.Linear (quantized, LoRA); else gathered weights + bmm for small N·K (decoding) and grouped
+        matmuls for the rest (prefill, large batches). The two fast paths never read a tensor back to the host.
+        """
+        impl = self.impl
+        stacked = None if impl == "loop" else self._stacked_weights()
+        if stacked is None:
+            if impl not in ("auto", "loop"):
+                raise ValueError(f"MoE.impl={impl!r} needs plain nn.Linear experts and no gradient to them")
+            return self.routed_loop(x, weights, indices)
+        if impl == "gather" or (impl == "auto" and indices.numel() <= self.gather_max_pairs):
+            return self.routed_gather(x, weights, indices, *stacked)
+        if hasattr(torch, "_grouped_mm") and _grouped_mm_ok(x):
+            return self.routed_grouped(x, weights, indices, *stacked)
+        if impl == "grouped":
+            raise ValueError(f"MoE.impl='grouped': torch._grouped_mm is unavailable for {x.dtype} on {x.device}")
+        return self.routed_loop(x, weights, indices)
+
+    def routed_loop(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Sort the N·K (token, expert) pairs by expert, one module call per used expert (gradients flow to the
+        expert modules; `.tolist()` of the counts is a host sync, which is why decoding avoids this path)."""
         order = indices.flatten().argsort()  # pairs sorted by expert
         counts = torch.bincount(indices.flatten(), minlength=self.n_experts).tolist()
         token = order // self.top_k  # which token each sorted pair belongs to
@@ -103,6 +144,84 @@ class MoE(nn.Module):
             out.index_add_(0, idx, self.experts[e](x[idx]) * w[:, None].to(x.dtype))
             start += n
         return out
+
+    def routed_gather(self, x, weights, indices, gate_up, down) -> torch.Tensor:
+        """Decode path (gpt-fast Mixtral, HF batched_mm): gather the K chosen experts' weights per token and
+        multiply with bmm. gate_up: [E, 2I, D], down: [E, D, I]. Reads only the selected experts; static shapes."""
+        N, K = indices.shape
+        flat = indices.flatten()  # [N·K]
+        xs = x.repeat_interleave(K, dim=0)[:, :, None]  # [N·K, D, 1]
+        gate, up = torch.bmm(gate_up[flat], xs).squeeze(-1).chunk(2, dim=-1)  # [N·K, I] each
+        y = torch.bmm(down[flat], (F.silu(gate) * up)[:, :, None]).squeeze(-1)  # [N·K, D]
+        return (y.view(N, K, -1) * weights[:, :, None].to(x.dtype)).sum(dim=1)
+
+    def routed_grouped(self, x, weights, indices, gate_up, down) -> torch.Tensor:
+        """Prefill path (HF grouped_mm_experts_forward, torchtitan GroupedExperts): sort pairs by expert, one
+        grouped matmul over all experts for gate/up and one for down; each touched expert is read once.
+        Counts come from scatter_add (not bincount, whose output size needs the max on the host)."""
+        K = indices.shape[1]
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)
+        token = order // K
+        counts = torch.zeros(self.n_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
+        h = torch._grouped_mm(x[token], gate_up.transpose(-2, -1), offs=offs)  # [N·K, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        y = torch._grouped_mm((F.silu(gate) * up).contiguous(), down.transpose(-2, -1), offs=offs)  # [N·K, D]
+        y = y * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+    def _stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate_up [E, 2I, D], down [E, D, I]) for the fast paths, or None where they must not run.
+
+        Built once; afterwards each expert's weights are *views* into these stacks, so in-place updates (optimizer
+        steps, load_state_dict copies, LoRA merges) reach both at no extra memory. Whatever replaces a weight or a
+        module drops the stacks: `_apply` (.to/.cuda/.half), load_state_dict (post hook), a replaced expert
+        linear (quantize, LoRA: identity check) or parameter (pointer check on the first and last expert).
+        """
+        if torch.is_grad_enabled() and self.experts[0].gate_proj.weight.requires_grad:
+            return None  # gradients must reach the expert modules: the loop calls them
+        if torch.compiler.is_compiling():
+            return self._stacks  # no checks inside a compiled graph (the eager warm-up built them)
+        linears = self._expert_linears()
+        if linears is None:
+            return None
+        stacks = self._stacks
+        if (stacks is None or linears != self._stacked_linears
+                or linears[0].weight.data_ptr() != stacks[0].data_ptr()
+                or linears[-1].weight.data_ptr() != stacks[1][-1].data_ptr()):
+            self._stacks, self._stacked_linears = self._build_stacks(linears), linears
+        return self._stacks
+
+    def _expert_linears(self) -> tuple[nn.Linear, ...] | None:
+        """(gate_proj, up_proj, down_proj) of every expert in order, or None if any is not a plain nn.Linear."""
+        out = []
+        for expert in self.experts._modules.values():
+            for linear in expert._modules.values():
+                if type(linear) is not nn.Linear:
+                    return None
+                out.append(linear)
+        return tuple(out)
+
+    @torch.inference_mode(False)  # the parameters become views of these: they must stay usable by autograd
+    @torch.no_grad()
+    def _build_stacks(self, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        gates, ups, downs = linears[0::3], linears[1::3], linears[2::3]
+        inter = gates[0].weight.shape[0]
+        self._stacks = None  # free the old stacks before allocating new ones
+        gate_up = torch.stack([torch.cat((g.weight, u.weight)) for g, u in zip(gates, ups)])
+        down = torch.stack([d.weight for d in downs])
+        for i, (g, u, d) in enumerate(zip(gates, ups, downs)):
+            g.weight.data, u.weight.data, d.weight.data = gate_up[i, :inter], gate_up[i, inter:], down[i]
+        return gate_up, down
+
+    def _apply(self, fn, recurse: bool = True):
+        self._stacks = None  # parameters are about to be replaced (.to, .cuda, .half, ...)
+        return super()._apply(fn, recurse)
+
+    def _drop_stacks(self, *_) -> None:
+        self._stacks = None
 
     def routed_reference(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Plain per-token loop over its K experts; the definition `routed` must agree with."""

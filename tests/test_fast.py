@@ -1,0 +1,145 @@
+"""Fast inference paths against their references: MoE gather/grouped vs the per-token loop, the stacked expert
+weights staying in step with the modules, and sync-free greedy decoding vs the per-step check.
+(compile=True is checked against eager by bench/gpu.sh: compiling takes minutes on a loaded CPU.)"""
+
+import pytest
+import torch
+
+import dsv3
+from dsv3 import ModelConfig, Transformer
+from dsv3.moe import MoE
+
+
+def _moe(dtype=torch.float32, **overrides) -> MoE:
+    torch.manual_seed(0)
+    cfg = ModelConfig.tiny(**overrides)
+    moe = MoE(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(std=0.1)
+    return moe
+
+
+def _route(moe: MoE, n: int, dtype=torch.float32):
+    x = torch.randn(n, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(n)).to(dtype)
+    weights, indices, _ = moe.gate(x)
+    return x, weights, indices
+
+
+@pytest.mark.parametrize("impl", ["loop", "gather", "grouped"])
+@pytest.mark.parametrize("n", [1, 3, 40])
+def test_routed_paths_equal_the_reference_fp32(impl, n):
+    moe = _moe()
+    moe.impl = impl
+    x, weights, indices = _route(moe, n)
+    with torch.inference_mode():
+        ref = moe.routed_reference(x, weights, indices)
+        out = moe.routed(x, weights, indices)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["gather", "grouped"])
+def test_routed_paths_agree_in_bf16(impl):
+    moe = _moe(torch.bfloat16)
+    x, weights, indices = _route(moe, 17, torch.bfloat16)
+    with torch.inference_mode():
+        ref = moe.routed_reference(x, weights, indices).float()
+        moe.impl = impl
+        out = moe.routed(x, weights, indices).float()
+    assert (out - ref).norm() / ref.norm() < 2e-2
+
+
+def test_auto_picks_gather_for_decoding_and_grouped_for_prefill(monkeypatch):
+    moe = _moe()
+    called = []
+    for name in ("routed_loop", "routed_gather", "routed_grouped"):
+        original = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, _n=name, _f=original: called.append(_n) or _f(*a))
+    with torch.inference_mode():
+        moe.routed(*_route(moe, 1))
+        moe.routed(*_route(moe, 200))
+    with torch.enable_grad():  # training: gradients must reach the modules, so the loop runs
+        moe.routed(*_route(moe, 1))
+    assert called == ["routed_gather", "routed_grouped", "routed_loop"]
+
+
+def test_stacked_weights_follow_in_place_updates_load_state_dict_and_dtype_changes():
+    moe = _moe()
+    x, weights, indices = _route(moe, 5)
+    with torch.inference_mode():
+        moe.routed(x, weights, indices)  # builds the stacks
+    with torch.no_grad():
+        moe.experts[2].up_proj.weight.mul_(3.0)  # in place: goes through the views
+    moe.impl = "gather"
+    with torch.inference_mode():
+        torch.testing.assert_close(moe.routed(x, weights, indices), moe.routed_reference(x, weights, indices))
+    fresh = _moe()
+    fresh.experts[1].down_proj.weight.data.mul_(-1)
+    for assign in (False, True):
+        moe.load_state_dict(fresh.state_dict(), assign=assign)
+        with torch.inference_mode():
+            torch.testing.assert_close(moe.routed(x, weights, indices), fresh.routed_reference(x, weights, indices))
+    moe.double()
+    with torch.inference_mode():
+        out = moe.routed(x.double(), weights, indices)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, fresh.double().routed_reference(x.double(), weights, indices))
+
+
+def test_replaced_expert_linear_falls_back_to_the_loop():
+    moe = _moe()
+    x, weights, indices = _route(moe, 4)
+    with torch.inference_mode():
+        moe.routed(x, weights, indices)
+
+    class Scaled(torch.nn.Linear):  # stands in for a quantized or LoRA linear: not a plain nn.Linear
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    old = moe.experts[3].gate_proj
+    moe.experts[3].gate_proj = Scaled(old.in_features, old.out_features, bias=False)
+    moe.experts[3].gate_proj.weight.data.copy_(old.weight)
+    with torch.inference_mode():
+        torch.testing.assert_close(moe.routed(x, weights, indices), moe.routed_reference(x, weights, indices))
+
+
+def test_training_gradients_reach_the_expert_modules_after_fast_inference():
+    moe = _moe()
+    x, weights, indices = _route(moe, 6)
+    with torch.inference_mode():
+        moe.routed(x, weights, indices)
+    moe.train()
+    moe(x[None]).sum().backward()
+    assert all(e.gate_proj.weight.grad is not None for e, n in zip(moe.experts, indices.flatten().bincount(
+        minlength=len(moe.experts))) if n > 0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.tiny()).eval()
+
+
+def test_model_logits_are_the_same_with_every_moe_path(model):
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    outs = []
+    with torch.inference_mode():
+        for impl in ("loop", "gather", "grouped"):
+            for m in moes:
+                m.impl = impl
+            outs.append(model(ids))
+    for m in moes:
+        m.impl = "auto"
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sync_free_decoding_with_stops_equals_the_per_step_check(model):
+    ids = torch.randint(2, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(2))
+    free = dsv3.generate(model, ids, 12)
+    stop = int(free[1, 8])  # a token row 1 emits mid-way: rows stop at different steps
+    ref = dsv3.generate(model, ids, 12, stop_token_ids=[stop], sync_every=1)
+    for every in (4, 100):
+        assert torch.equal(dsv3.generate(model, ids, 12, stop_token_ids=[stop], sync_every=every), ref)
+
