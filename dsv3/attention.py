@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dsa
 from .cache import KVCache
 from .config import ModelConfig
 from .layers import RMSNorm, linear_weight
@@ -51,6 +52,9 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim),
                                    bias=False)
         self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+        # DeepSeek Sparse Attention (V3.2): a lightning indexer picks the entries each query attends to (dsv3/dsa.py)
+        self.indexer = dsa.Indexer(c) if c.uses_dsa else None
+        self.dsa_mode: dsa.DSAMode = "sparse"
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, D] -> q: [B, T, H, d_n + d_r] (nope first, rope last, as the checkpoints lay it out)."""
@@ -68,7 +72,11 @@ class MLA(nn.Module):
         With a cache, the new latents are written at `positions` and attention runs over its first `length` slots
         (S = length); without one, S = T. impl "auto": absorbed for single-token decoding, naive otherwise.
         """
-        q = self.query(x)
+        if self.indexer is None:
+            q = self.query(x)
+        else:  # the indexer reads the query latent too
+            q_latent = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(q_latent).view(*x.shape[:2], self.n_heads, self.d_nope + self.d_rope)
         q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin, self.interleave)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.d_rope], dim=-1)
@@ -76,6 +84,11 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe, cos, sin, self.interleave)  # [B, T, d_r]
         if cache is not None:
             c_kv, k_pe = cache.update(layer, positions, c_kv, k_pe, length)  # -> [B, S, d_c], [B, S, d_r]
+        if self.indexer is not None:
+            out = dsa.attend(self, x, q_latent, q_nope, q_pe, c_kv.to(x.dtype), k_pe.to(x.dtype), mask, cos, sin,
+                             positions, cache, layer, length)
+            if out is not None:
+                return self.o_proj(out.flatten(2))
         if impl == "auto":
             impl = "absorb" if x.shape[1] == 1 else "naive"
         attend = self._absorbed if impl == "absorb" else self._naive

@@ -13,7 +13,11 @@ from .config import ModelConfig
 
 
 class KVCache:
-    """Static latent cache. kv: [L, B, S, kv_lora_rank], pe: [L, B, S, qk_rope_head_dim]."""
+    """Static latent cache. kv: [L, B, S, kv_lora_rank], pe: [L, B, S, qk_rope_head_dim].
+
+    With DeepSeek Sparse Attention (config.index_topk set) also `ik`: [L, B, S, index_head_dim], the lightning
+    indexer's one shared key per token (dsv3/dsa.py); otherwise `ik` is None.
+    """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int, *, num_layers: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -23,11 +27,14 @@ class KVCache:
         self.max_seq_len = max_seq_len
         self.kv = torch.zeros(layers, batch_size, max_seq_len, config.kv_lora_rank, dtype=dtype, device=device)
         self.pe = torch.zeros(layers, batch_size, max_seq_len, config.qk_rope_head_dim, dtype=dtype, device=device)
+        self.ik = (torch.zeros(layers, batch_size, max_seq_len, config.index_head_dim, dtype=dtype, device=device)
+                   if config.uses_dsa else None)
 
     @classmethod
-    def _from_views(cls, kv: torch.Tensor, pe: torch.Tensor, max_seq_len: int) -> "KVCache":
+    def _from_views(cls, kv: torch.Tensor, pe: torch.Tensor, max_seq_len: int,
+                    ik: torch.Tensor | None = None) -> "KVCache":
         cache = cls.__new__(cls)
-        cache.kv, cache.pe, cache.max_seq_len = kv, pe, max_seq_len
+        cache.kv, cache.pe, cache.max_seq_len, cache.ik = kv, pe, max_seq_len, ik
         return cache
 
     @property
@@ -38,12 +45,14 @@ class KVCache:
         """A cache over some batch rows that shares storage with this one (writes go through)."""
         if isinstance(index, int):
             index = slice(index, index + 1)
-        return KVCache._from_views(self.kv[:, index], self.pe[:, index], self.max_seq_len)
+        return KVCache._from_views(self.kv[:, index], self.pe[:, index], self.max_seq_len,
+                                   None if self.ik is None else self.ik[:, index])
 
     def bytes_per_token(self) -> int:
-        """(kv_lora_rank + qk_rope_head_dim) × layers × element size."""
+        """(kv_lora_rank + qk_rope_head_dim [+ index_head_dim with DSA]) × layers × element size."""
         layers, _, _, d_c = self.kv.shape
-        return (d_c + self.pe.shape[-1]) * layers * self.kv.element_size()
+        d_i = 0 if self.ik is None else self.ik.shape[-1]
+        return (d_c + self.pe.shape[-1] + d_i) * layers * self.kv.element_size()
 
     def update(self, layer: int, positions: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
                length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,3 +66,11 @@ class KVCache:
         self.kv[layer][rows, positions] = kv.to(self.kv.dtype)
         self.pe[layer][rows, positions] = pe.to(self.pe.dtype)
         return self.kv[layer, :, :length], self.pe[layer, :, :length]
+
+    def update_index(self, layer: int, positions: torch.Tensor, k: torch.Tensor, length: int) -> torch.Tensor:
+        """Write the indexer keys k: [B, T, index_head_dim] at positions: [B, T]; return the first `length` slots."""
+        if self.ik is None:
+            raise ValueError("KVCache.update_index: this cache has no indexer keys (config.index_topk is None)")
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.ik[layer][rows, positions] = k.to(self.ik.dtype)
+        return self.ik[layer, :, :length]

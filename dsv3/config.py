@@ -80,11 +80,21 @@ class ModelConfig:
     initializer_range: float = 0.02
     # FP8 block format etc., passed through unchanged (../shared/reference/architecture.md §6)
     quantization_config: dict[str, Any] | None = None
+    # DeepSeek Sparse Attention (V3.2-Exp, §8; dsv3/dsa.py): lightning-indexer heads, head dim, tokens kept per
+    # query. index_topk None = dense MLA (no indexer weights); config.json model_type is then deepseek_v32.
+    index_n_heads: int | None = None
+    index_head_dim: int | None = None
+    index_topk: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
 
     # ------------------------------------------------------------------ derived sizes
+    @property
+    def uses_dsa(self) -> bool:
+        """True when every attention layer carries a lightning indexer (DeepSeek Sparse Attention)."""
+        return self.index_topk is not None
+
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -136,6 +146,16 @@ class ModelConfig:
                 bad("n_group", "noaux_tc scores a group by its top-2 experts, so groups need >= 2 experts")
             if self.topk_group * per_group < self.num_experts_per_tok:
                 bad("topk_group", "the kept groups hold fewer experts than num_experts_per_tok")
+        dsa = ("index_n_heads", "index_head_dim", "index_topk")
+        if any(getattr(self, n) is not None for n in dsa):
+            for name in dsa:
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    bad(name, "must be a positive integer when DeepSeek Sparse Attention is on (all three or none)")
+            if self.q_lora_rank is None:
+                bad("q_lora_rank", "DSA's indexer reads MLA's query latent, so it needs q-LoRA (q_lora_rank set)")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                bad("index_head_dim", f"must be >= qk_rope_head_dim={self.qk_rope_head_dim} (its rope slice)")
         if self.rope_scaling is not None:
             unknown = set(self.rope_scaling) - _ROPE_KEYS
             if unknown:
@@ -182,9 +202,14 @@ class ModelConfig:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
         hf = dict(config)
         model_type = hf.get("model_type")
-        if model_type not in ("deepseek_v3", "deepseek_v2"):
-            raise ValueError(f"{source}: unsupported model_type {model_type!r}; expected 'deepseek_v3' or "
-                             "'deepseek_v2' (DeepSeek-V3.2's deepseek_v32 is not supported yet)")
+        if model_type == "deepseek_v32":
+            # V3.2-Exp = V3 + a lightning indexer per layer; transformers' DeepseekV32Config defaults apply.
+            model_type = "deepseek_v3"
+            for key, default in (("index_n_heads", 64), ("index_head_dim", 128), ("index_topk", 2048)):
+                hf.setdefault(key, default)
+        elif model_type not in ("deepseek_v3", "deepseek_v2"):
+            raise ValueError(f"{source}: unsupported model_type {model_type!r}; expected 'deepseek_v3', "
+                             "'deepseek_v32' or 'deepseek_v2'")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in hf if k not in names and k not in _IGNORED_HF_KEYS)
         if unknown:
@@ -229,6 +254,11 @@ class ModelConfig:
             out[f.name] = value
         out["num_key_value_heads"] = self.num_attention_heads
         out["moe_layer_freq"] = 1
+        if self.uses_dsa:
+            out["architectures"], out["model_type"] = ["DeepseekV32ForCausalLM"], "deepseek_v32"
+        else:
+            for name in ("index_n_heads", "index_head_dim", "index_topk"):
+                del out[name]
         return out
 
     def to_json(self, path: str | Path) -> None:

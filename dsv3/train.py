@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import dsa
 from .checkpoint import load_pretrained
 from .data import EpochSampler, PackedSequences
 from .model import Transformer
@@ -61,6 +62,9 @@ class TrainConfig:
     out_dir: str = "runs/train"
     device: str = "auto"  # "auto": cuda when available, else cpu
     dtype: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "float32" / "bfloat16" (autocast)
+    # DeepSeek Sparse Attention stage (V3.2 report §2.1, dsv3/dsa.py): "off"; "warmup" (dense attention, only the
+    # indexers learn, by their KL to the attention distribution); "sparse" (top-k attention, all weights learn)
+    dsa_stage: str = "off"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -78,6 +82,8 @@ class TrainConfig:
                                                   or self.batch_size % self.micro_batch_size):
             raise ValueError(f"TrainConfig.micro_batch_size={self.micro_batch_size} must divide "
                              f"batch_size={self.batch_size}")
+        if self.dsa_stage not in ("off", "warmup", "sparse"):
+            raise ValueError(f"TrainConfig.dsa_stage must be 'off', 'warmup' or 'sparse', got {self.dsa_stage!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"TrainConfig.dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
 
@@ -136,6 +142,8 @@ def compute_loss(model: Transformer, batch: torch.Tensor, cfg: TrainConfig) -> t
     moes = moe_layers(model).values()
     for m in moes:  # only MoE layers that run in this forward report (MTP layers are skipped when λ = 0)
         m.last_balance_loss = m.last_load = None
+    for ind in dsa.indexers(model):  # likewise for the DSA indexers' KL
+        ind.last_loss = None
     use_mtp = cfg.mtp_loss_weight > 0 and len(model.mtp) > 0
     logits, hidden = model(x, return_hidden=True)
     lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
@@ -151,6 +159,10 @@ def compute_loss(model: Transformer, batch: torch.Tensor, cfg: TrainConfig) -> t
         mtp_loss = torch.stack(mtp_losses).mean()
         total = total + cfg.mtp_loss_weight * mtp_loss
         parts["mtp_loss"] = mtp_loss.detach()
+    kl = dsa.indexer_loss(model)  # DSA stages: the indexers' KL (their only training signal), summed over layers
+    if kl is not None:
+        total = total + kl
+        parts["indexer_loss"] = kl.detach()
     balance = [m.last_balance_loss for m in moes if m.last_balance_loss is not None]
     if balance:
         balance_sum = torch.stack(balance).sum()
@@ -225,6 +237,8 @@ def train(model: Transformer, cfg: TrainConfig, train_data, eval_data=None, *, r
     out_dir.mkdir(parents=True, exist_ok=True)
     device, autocast = _device_and_autocast(cfg)
     model.to(device).train()
+    if cfg.dsa_stage != "off":  # before the optimizer: the warm-up freezes all but the indexers
+        dsa.configure_training(model, cfg.dsa_stage)
     train_seqs = PackedSequences(train_data, cfg.seq_len)
     eval_seqs = PackedSequences(eval_data, cfg.seq_len) if eval_data is not None else None
     optimizer = make_optimizer(model, cfg)
@@ -268,7 +282,7 @@ def train(model: Transformer, cfg: TrainConfig, train_data, eval_data=None, *, r
         sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if cfg.bias_update_speed > 0:
+        if cfg.bias_update_speed > 0 and cfg.dsa_stage != "warmup":  # the warm-up leaves the main model as is
             update_router_bias(loads, moes, cfg.bias_update_speed)
         step += 1
         n_since += 1
@@ -342,6 +356,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-balance-loss", action="store_true", help="α = 0: no sequence-wise balance loss")
     p.add_argument("--no-mtp", action="store_true", help="λ = 0: no MTP loss")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--index-topk", type=int, help="with --dsa-stage on a dense model: add lightning indexers "
+                   "keeping this many tokens per query (DeepSeek Sparse Attention)")
+    p.add_argument("--index-n-heads", type=int, default=4, help="indexer heads for --index-topk (default 4)")
+    p.add_argument("--index-head-dim", type=int, default=32, help="indexer head dim for --index-topk (default 32)")
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
@@ -375,6 +393,13 @@ def run(args: argparse.Namespace) -> int:
         model = load_pretrained(checkpoints(out)[-1], dtype=torch.float32)
     else:
         raise SystemExit("dsv3 train: give --config CONFIG.json or --model DIR (or --resume with checkpoints in --out)")
+    if args.index_topk is not None:
+        if cfg.dsa_stage == "off" or model.config.uses_dsa:
+            raise SystemExit("dsv3 train: --index-topk adds indexers to a dense model for --dsa-stage warmup|sparse")
+        dsa.add_indexers(model, args.index_n_heads, args.index_head_dim, args.index_topk)
+    elif cfg.dsa_stage != "off" and not model.config.uses_dsa:
+        raise SystemExit(f"dsv3 train: --dsa-stage {cfg.dsa_stage} needs a model with indexers (config index_topk) "
+                         "or --index-topk K to add them")
     tok_dir = Path(args.tokenizer or (args.model if args.model and Path(args.model, "tokenizer.json").is_file()
                                       else _BUNDLED))
     tokenizer = Tokenizer.from_pretrained(tok_dir)

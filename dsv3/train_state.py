@@ -102,7 +102,7 @@ class MetricsLog:
     def __init__(self, out_dir: Path, layer_names: list[str], resume_step: int | None) -> None:
         self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
         self.fields = ["step", "loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s",
-                       "maxvio", *[f"maxvio/{n}" for n in layer_names], "eval_loss"]
+                       "indexer_loss", "maxvio", *[f"maxvio/{n}" for n in layer_names], "eval_loss"]
         kept = []
         if resume_step is not None and self.jsonl.is_file():  # drop records past the checkpoint we resume from
             kept = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= resume_step]

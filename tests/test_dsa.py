@@ -1,0 +1,127 @@
+"""DeepSeek Sparse Attention (dsv3/dsa.py): gathered top-k MLA vs the dense-masked reference, exactness at
+k >= context, prefill vs decoding, the sliding window, V3.2 checkpoints (transformers' DeepseekV32), training."""
+
+import json
+
+import pytest
+import torch
+
+import dsv3
+from dsv3 import dsa
+from dsv3.checkpoint import load_pretrained, save_pretrained
+from dsv3.train import TrainConfig, compute_loss
+
+
+def dsa_model(topk=5, heads=4, seed=0, **kw):
+    torch.manual_seed(seed)
+    config = dsv3.ModelConfig.tiny(index_n_heads=heads, index_head_dim=16, index_topk=topk, **kw)
+    model = dsv3.Transformer(config).eval()
+    for m in model.modules():  # non-trivial LayerNorm parameters, so a wrong norm would show
+        if isinstance(m, torch.nn.LayerNorm):
+            torch.nn.init.normal_(m.weight, 1.0, 0.1)
+            torch.nn.init.normal_(m.bias, 0.0, 0.1)
+    return model
+
+
+@torch.no_grad()
+def test_gathered_equals_masked_reference(monkeypatch):
+    monkeypatch.setattr(dsa, "BLOCK", 8)  # several query blocks, each with its own causal reach
+    model = dsa_model(topk=6)
+    ids = torch.randint(0, model.config.vocab_size, (2, 30))
+    sparse = model(ids)
+    dsa.set_mode(model, "masked")
+    masked = model(ids)
+    dsa.set_mode(model, "dense")
+    dense = model(ids)
+    torch.testing.assert_close(sparse, masked, rtol=1e-5, atol=1e-5)
+    assert (sparse - dense).abs().max() > 1e-2  # k = 6 of up to 30 tokens really drops something
+
+
+@torch.no_grad()
+def test_topk_at_least_context_is_dense_mla():
+    model = dsa_model(topk=16)
+    dense = dsv3.Transformer(dsv3.ModelConfig.tiny()).eval()
+    dense.load_state_dict(model.state_dict(), strict=False)  # same weights minus the indexers
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    torch.testing.assert_close(model(ids), dense(ids), rtol=1e-5, atol=1e-5)
+    cache = model.new_cache(2, 16)
+    steps = [model(ids[:, :9], cache, 0)] + [model(ids[:, t:t + 1], cache, t) for t in range(9, 16)]
+    torch.testing.assert_close(torch.cat(steps, 1), dense(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "window"])
+@torch.no_grad()
+def test_decoding_with_cache_matches_prefill(mode):
+    model = dsa_model(topk=5)
+    dsa.set_mode(model, mode)
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    cache = model.new_cache(2, 24)
+    assert cache.ik.shape == (3, 2, 24, 16)
+    steps = [model(ids[:, :11], cache, 0)] + [model(ids[:, t:t + 1], cache, t) for t in range(11, 20)]
+    torch.testing.assert_close(torch.cat(steps, 1), model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_window_and_topk_selection():
+    mask = torch.ones(1, 5, 5, dtype=torch.bool).tril()
+    idx, valid = dsa.window_select(mask, 3)
+    assert idx[0, 4].tolist() == [4, 3, 2] and valid[0, 4].all()
+    assert valid[0, 1].tolist() == [True, True, False]
+    scores = torch.tensor([[[0.0, 0.0, 2.0, 0.0, -1.0]]])
+    idx, valid = dsa.topk_select(scores, torch.ones(1, 1, 5, dtype=torch.bool), 3)
+    assert idx[0, 0].tolist() == [2, 3, 1]  # ties at 0 go to the later key; -1 is out
+    idx, valid = dsa.topk_select(scores, torch.tensor([[[True, True, False, False, False]]]), 3)
+    assert sorted(idx[0, 0][valid[0, 0]].tolist()) == [0, 1] and valid.sum() == 2
+
+
+@torch.no_grad()
+def test_v32_checkpoint_round_trip_and_transformers_parity(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    # 16 indexer heads: exact ties (every ReLU 0) are rare, and transformers breaks ties its own way
+    model = dsa_model(topk=5, heads=16, num_nextn_predict_layers=0)
+    save_pretrained(model, tmp_path)
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    assert hf_config["model_type"] == "deepseek_v32" and hf_config["index_topk"] == 5
+    assert "model.layers.1.self_attn.indexer.weights_proj.weight" in model.state_dict()
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    ours = model(ids)
+    torch.testing.assert_close(load_pretrained(tmp_path)(ids), ours, rtol=0, atol=0)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float()
+    torch.testing.assert_close(theirs(ids).logits, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_config_dsa_off_is_unchanged_and_validated():
+    plain = dsv3.ModelConfig.tiny()
+    assert not plain.uses_dsa and "index_topk" not in plain.to_hf()
+    assert dsv3.KVCache(plain, 1, 4).ik is None
+    assert "indexer" not in " ".join(dsv3.Transformer(plain).state_dict())
+    v32 = dsv3.ModelConfig.from_hf({**plain.to_hf(), "model_type": "deepseek_v32"})  # transformers' defaults
+    assert (v32.index_n_heads, v32.index_head_dim, v32.index_topk) == (64, 128, 2048)
+    with pytest.raises(ValueError, match="q_lora_rank"):
+        dsv3.ModelConfig.tiny(q_lora_rank=None, index_n_heads=2, index_head_dim=16, index_topk=4)
+    with pytest.raises(ValueError, match="index_head_dim"):
+        dsv3.ModelConfig.tiny(index_n_heads=2, index_topk=4)
+
+
+def test_warmup_trains_only_the_indexers_and_sparse_keeps_them_off_the_lm_loss():
+    model = dsa_model(topk=4).train()
+    batch = torch.randint(0, model.config.vocab_size, (2, 17))
+    dsa.configure_training(model, "warmup")
+    loss, parts = compute_loss(model, batch, TrainConfig())
+    assert parts["indexer_loss"] > 0
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (".indexer." in name), name
+        assert (p.grad is not None) == (".indexer." in name), name
+    model.zero_grad(set_to_none=True)
+    dsa.configure_training(model, "sparse")
+    assert all(p.requires_grad for p in model.parameters())
+    for ind in dsa.indexers(model):
+        ind.last_loss = None
+    logits = model(batch[:, :-1])  # the LM loss alone: no gradient may reach an indexer
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if n.startswith("model.")}
+    assert all(g is None for n, g in grads.items() if ".indexer." in n)  # top-k is not differentiable
+    assert grads["model.layers.0.self_attn.kv_b_proj.weight"] is not None
+    dsa.indexer_loss(model).backward()
+    assert model.model.layers[0].self_attn.indexer.wq_b.weight.grad is not None
+    assert model.model.layers[0].self_attn.kv_b_proj.weight.grad.abs().sum() > 0
