@@ -160,8 +160,13 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     return model.eval()
 
 
-def hub_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The model's tensors under hub names, MTP layers as `model.layers.{L + k}` with their shared copies."""
+def hub_state_dict(model: Transformer, dtype: torch.dtype | None = None, *,
+                   mtp_copies: bool = True) -> dict[str, torch.Tensor]:
+    """The model's tensors under hub names, MTP layers as `model.layers.{L + k}`.
+
+    mtp_copies: also store the embedding and output head inside each MTP layer, as DeepSeek-V3's checkpoints do
+    (loaders, dsv3's included, use the main model's; dropping the copies saves 2 × vocab × hidden per MTP layer).
+    """
     n_layers = model.config.num_hidden_layers
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
@@ -169,7 +174,7 @@ def hub_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict
             k, rest = name[4:].split(".", 1)
             name = f"model.layers.{n_layers + int(k)}.{rest}"
         out[name] = tensor
-    for k in range(len(model.mtp)):
+    for k in range(len(model.mtp) if mtp_copies else 0):
         out[f"model.layers.{n_layers + k}.embed_tokens.weight"] = model.model.embed_tokens.weight
         out[f"model.layers.{n_layers + k}.shared_head.head.weight"] = model.lm_head.weight
     if dtype is not None:
@@ -178,14 +183,16 @@ def hub_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
-def save_pretrained(model: Transformer, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
+def save_pretrained(model: Transformer, path: str | Path, *, dtype: torch.dtype | None = None,
+                    mtp_copies: bool = True) -> None:
     """Write `config.json` + `model.safetensors` so that dsv3 and transformers' AutoModelForCausalLM load it.
 
+    mtp_copies: see `hub_state_dict`.
     Each file is written to a temporary name and renamed, so a crash never leaves a half-written file.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = hub_state_dict(model, dtype)
+    tensors = hub_state_dict(model, dtype, mtp_copies=mtp_copies)
     hf = model.config.to_hf()
     hf["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
     _atomic_write(path / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2) + "\n"))

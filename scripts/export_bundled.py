@@ -55,7 +55,7 @@ def main() -> None:
     state = json.loads((ckpt / "trainer_state.json").read_text())
     cfg = state["train_config"]
     model = dsv3.load_pretrained(ckpt, dtype=torch.float32)
-    dsv3.save_pretrained(model, out, dtype=torch.bfloat16)
+    dsv3.save_pretrained(model, out, dtype=torch.bfloat16, mtp_copies=False)  # 25 MB budget
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if not (out / name).exists():
             shutil.copy(ckpt / name, out / name)
