@@ -113,6 +113,7 @@ class MoE(nn.Module):
         "auto": the per-expert loop when gradients must reach the expert modules (training) or the experts are not
         plain nn.Linear (quantized, LoRA); else gathered weights + bmm for small N·K (decoding) and grouped
         matmuls for the rest (prefill, large batches). The two fast paths never read a tensor back to the host.
+        One token on CPU (no device to sync with) takes `routed_one`, which copies no weights.
         """
         impl = self.impl
         stacked = None if impl == "loop" else self._stacked_weights()
@@ -120,6 +121,8 @@ class MoE(nn.Module):
             if impl not in ("auto", "loop"):
                 raise ValueError(f"MoE.impl={impl!r} needs plain nn.Linear experts and no gradient to them")
             return self.routed_loop(x, weights, indices)
+        if impl == "auto" and x.shape[0] == 1 and x.device.type == "cpu":
+            return self.routed_one(x, weights, indices, *stacked)
         if impl == "gather" or (impl == "auto" and indices.numel() <= self.gather_max_pairs):
             return self.routed_gather(x, weights, indices, *stacked)
         if hasattr(torch, "_grouped_mm") and _grouped_mm_ok(x):
@@ -143,6 +146,16 @@ class MoE(nn.Module):
             w = weights.flatten()[order[start:start + n]]
             out.index_add_(0, idx, self.experts[e](x[idx]) * w[:, None].to(x.dtype))
             start += n
+        return out
+
+    def routed_one(self, x, weights, indices, gate_up, down) -> torch.Tensor:
+        """One token on CPU (batch-1 decoding): read the K expert ids on the host (free without a device) and
+        multiply by views of the stacks, instead of copying K weight slabs as `routed_gather` does."""
+        out = None
+        for k, e in enumerate(indices[0].tolist()):
+            gate, up = F.linear(x, gate_up[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, down[e]) * weights[:, k:k + 1].to(x.dtype)
+            out = y if out is None else out + y
         return out
 
     def routed_gather(self, x, weights, indices, gate_up, down) -> torch.Tensor:

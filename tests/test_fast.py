@@ -26,7 +26,7 @@ def _route(moe: MoE, n: int, dtype=torch.float32):
     return x, weights, indices
 
 
-@pytest.mark.parametrize("impl", ["loop", "gather", "grouped"])
+@pytest.mark.parametrize("impl", ["auto", "loop", "gather", "grouped"])
 @pytest.mark.parametrize("n", [1, 3, 40])
 def test_routed_paths_equal_the_reference_fp32(impl, n):
     moe = _moe()
@@ -52,15 +52,16 @@ def test_routed_paths_agree_in_bf16(impl):
 def test_auto_picks_gather_for_decoding_and_grouped_for_prefill(monkeypatch):
     moe = _moe()
     called = []
-    for name in ("routed_loop", "routed_gather", "routed_grouped"):
+    for name in ("routed_loop", "routed_one", "routed_gather", "routed_grouped"):
         original = getattr(moe, name)
         monkeypatch.setattr(moe, name, lambda *a, _n=name, _f=original: called.append(_n) or _f(*a))
     with torch.inference_mode():
         moe.routed(*_route(moe, 1))
+        moe.routed(*_route(moe, 2))
         moe.routed(*_route(moe, 200))
     with torch.enable_grad():  # training: gradients must reach the modules, so the loop runs
         moe.routed(*_route(moe, 1))
-    assert called == ["routed_gather", "routed_grouped", "routed_loop"]
+    assert called == ["routed_one", "routed_gather", "routed_grouped", "routed_loop"]
 
 
 def test_stacked_weights_follow_in_place_updates_load_state_dict_and_dtype_changes():
