@@ -18,7 +18,9 @@ d_c kv_lora_rank, d_r qk_rope_head_dim, k the token budget (index_topk, or fewer
   only looks at the keys some query of the block can see (causal reach), which also halves the indexer's work.
 - Modes (`MLA.dsa_mode`): "sparse" (default), "masked" (dense absorbed scores with everything but the top-k masked:
   the reference the gathered path must equal), "window" (sliding window of the last k tokens, the same budget,
-  no indexer: the baseline), "dense" (plain MLA; the indexer only runs when training it).
+  no indexer: the baseline), "dense" (plain MLA; the indexer only runs when training it), "blocked" (dense MLA in
+  its MHA form, keys/values expanded once, SDPA per query block over its causal reach: dense attention whose memory
+  stays O(BLOCK·S), the long-context dense baseline of bench/attention.py).
 - Training stages (`Indexer.stage`, report §2.1): "warmup" — dense attention, only the indexer learns, by
   KL(p_t ‖ softmax(I_t)) with p_t the main attention probabilities summed over heads and L1-normalised;
   "sparse" — sparse attention, all weights learn from the LM loss, the indexer only from the KL restricted to the
@@ -37,7 +39,7 @@ from .config import ModelConfig
 from .layers import linear_weight
 from .rope import apply_rope
 
-DSAMode = Literal["sparse", "masked", "window", "dense"]
+DSAMode = Literal["sparse", "masked", "window", "dense", "blocked"]
 Stage = Literal["warmup", "sparse"]
 BLOCK = 512  # queries per block of the sparse path
 
@@ -102,17 +104,18 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x: [B, S, d], idx: [B, T, k] -> x[b, idx[b, t, j]]: [B, T, k, d] (row copies: an embedding lookup)."""
     B, S, d = x.shape
     rows = idx + torch.arange(B, device=idx.device).view(B, 1, 1) * S
-    return x.reshape(B * S, d)[rows.flatten()].view(*idx.shape, d)
+    return torch.index_select(x.reshape(B * S, d), 0, rows.flatten()).view(*idx.shape, d)
 
 
-def sparse_mla(q_lat, q_pe, c_kv, k_pe, idx, valid, scale: float):
-    """Absorbed MLA over the gathered entries. q_lat: [B,T,H,d_c], q_pe: [B,T,H,d_r], c_kv: [B,S,d_c],
-    k_pe: [B,S,d_r], idx/valid: [B,T,k] -> (o_lat [B,T,H,d_c], logits [B,T,H,k] fp32, masked -inf)."""
-    kv, pe = gather_rows(c_kv, idx), gather_rows(k_pe, idx)  # [B, T, k, d_c], [B, T, k, d_r]
-    logits = (torch.einsum("bthc,btkc->bthk", q_lat, kv) + torch.einsum("bthr,btkr->bthk", q_pe, pe)) * scale
+def sparse_mla(q: torch.Tensor, entries: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, scale: float,
+               d_c: int):
+    """Absorbed MLA over the gathered entries. q: [B,T,H,d_c+d_r] = [W_UKᵀq_nope ; q_pe], entries: [B,S,d_c+d_r]
+    = [c_kv ; k_pe] (one gather for both), idx/valid: [B,T,k] -> (o_lat [B,T,H,d_c], logits [B,T,H,k] fp32)."""
+    rows = gather_rows(entries, idx)  # [B, T, k, d_c + d_r]
+    logits = torch.matmul(q, rows.transpose(-1, -2)) * scale  # [B, T, H, k]
     logits = logits.float().masked_fill(~valid[:, :, None], float("-inf"))
-    probs = logits.softmax(-1).to(q_lat.dtype)
-    return torch.einsum("bthk,btkc->bthc", probs, kv), logits
+    probs = logits.softmax(-1).to(q.dtype)
+    return torch.matmul(probs, rows[..., :d_c]), logits
 
 
 def dense_logits(q_lat, q_pe, c_kv, k_pe, mask, scale: float) -> torch.Tensor:
@@ -148,6 +151,8 @@ def attend(mla, x, q_latent, q_nope, q_pe, c_kv, k_pe, mask, cos, sin, positions
     ind.last_loss = None
     if mode == "dense" and stage is None:
         return None
+    if mode == "blocked":
+        return _blocked_dense(mla, q_nope, q_pe, c_kv, k_pe, mask)
     w_kv = linear_weight(mla.kv_b_proj).view(mla.n_heads, mla.d_nope + mla.d_v, mla.kv_lora_rank)
     w_uk, w_uv = w_kv[:, :mla.d_nope].to(x.dtype), w_kv[:, mla.d_nope:].to(x.dtype)
     q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # [B, T, H, d_c]
@@ -157,6 +162,8 @@ def attend(mla, x, q_latent, q_nope, q_pe, c_kv, k_pe, mask, cos, sin, positions
         qi, ki, wi = ind(x, q_latent, cos, sin)
         if cache is not None:
             ki = cache.update_index(layer, positions, ki, length).to(qi.dtype)
+    if mode in ("sparse", "window"):
+        q_cat, entries = torch.cat((q_lat, q_pe), -1), torch.cat((c_kv, k_pe), -1)  # [B,T,H,d_c+d_r], [B,S,·]
     B, T = x.shape[:2]
     outs, kl = [], torch.zeros((), device=x.device)
     for t0 in range(0, T, BLOCK):
@@ -164,7 +171,6 @@ def attend(mla, x, q_latent, q_nope, q_pe, c_kv, k_pe, mask, cos, sin, positions
         hi = _reach(mask[:, t0:t1])
         m = mask[:, t0:t1, :hi]
         args = (q_lat[:, t0:t1], q_pe[:, t0:t1], c_kv[:, :hi], k_pe[:, :hi])
-        full = (q_lat[:, t0:t1], q_pe[:, t0:t1], c_kv, k_pe)  # gather from the whole (contiguous) tensors
         if mode == "window":
             idx, valid = window_select(m, ind.topk)
         else:
@@ -180,7 +186,7 @@ def attend(mla, x, q_latent, q_nope, q_pe, c_kv, k_pe, mask, cos, sin, positions
             logits = dense_logits(*args, m & chosen, mla.softmax_scale)
             o_lat = torch.einsum("bths,bsc->bthc", logits.softmax(-1).to(x.dtype), args[2])
         else:
-            o_lat, logits = sparse_mla(*full, idx, valid, mla.softmax_scale)
+            o_lat, logits = sparse_mla(q_cat[:, t0:t1], entries, idx, valid, mla.softmax_scale, mla.kv_lora_rank)
             if stage == "sparse":
                 p = head_summed_probs(logits.detach())  # [B, Tb, k]
                 kl = kl + kl_to_indexer(p, torch.gather(scores, -1, idx), valid)
@@ -190,10 +196,26 @@ def attend(mla, x, q_latent, q_nope, q_pe, c_kv, k_pe, mask, cos, sin, positions
     return None if mode == "dense" else torch.cat(outs, dim=1)
 
 
+def _blocked_dense(mla, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+    """Dense MLA, MHA mode, one query block at a time: [B, T, H, d_v]."""
+    B, S, _ = c_kv.shape
+    kv = mla.kv_b_proj(c_kv).view(B, S, mla.n_heads, mla.d_nope + mla.d_v)
+    k_nope, v = kv.split([mla.d_nope, mla.d_v], dim=-1)
+    k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, mla.n_heads, -1)), dim=-1).transpose(1, 2)
+    q, v = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2), v.transpose(1, 2)  # [B, H, ·, ·]
+    outs = []
+    for t0 in range(0, q.shape[2], BLOCK):
+        t1 = min(q.shape[2], t0 + BLOCK)
+        hi = _reach(mask[:, t0:t1])
+        outs.append(F.scaled_dot_product_attention(q[:, :, t0:t1], k[:, :, :hi], v[:, :, :hi],
+                                                   attn_mask=mask[:, None, t0:t1, :hi], scale=mla.softmax_scale))
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
 def set_mode(model: nn.Module, mode: DSAMode) -> None:
     """Switch every DSA attention layer of `model` to `mode` ("sparse", "masked", "window", "dense")."""
-    if mode not in ("sparse", "masked", "window", "dense"):
-        raise ValueError(f"dsa mode {mode!r}: expected 'sparse', 'masked', 'window' or 'dense'")
+    if mode not in ("sparse", "masked", "window", "dense", "blocked"):
+        raise ValueError(f"dsa mode {mode!r}: expected 'sparse', 'masked', 'window', 'dense' or 'blocked'")
     layers = [m for m in model.modules() if getattr(m, "indexer", None) is not None]
     if not layers:
         raise ValueError("set_mode: the model has no lightning indexer (config.index_topk is None)")

@@ -33,6 +33,8 @@ def test_gathered_equals_masked_reference(monkeypatch):
     masked = model(ids)
     dsa.set_mode(model, "dense")
     dense = model(ids)
+    dsa.set_mode(model, "blocked")  # dense MLA, query-blocked (the long-context dense baseline)
+    torch.testing.assert_close(model(ids), dense, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sparse, masked, rtol=1e-5, atol=1e-5)
     assert (sparse - dense).abs().max() > 1e-2  # k = 6 of up to 30 tokens really drops something
 
