@@ -48,9 +48,11 @@ def main() -> None:
         err = ((logits_ours - logits_hf).norm() / logits_hf.norm()).item()
         n = args.new_tokens
         g_ours, out_ours = timed(lambda: dsv3.generate(ours, prompt, n), 1)
-        g_hf, out_hf = timed(lambda: theirs.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        # neither side stops at eos (min_new_tokens would instead suppress eos in transformers and change tokens)
+        theirs.generation_config.eos_token_id = None
+        g_hf, out_hf = timed(lambda: theirs.generate(prompt, max_new_tokens=n, do_sample=False,
                                                      pad_token_id=ours.config.eos_token_id), 1)
-    same = torch.equal(out_ours[:, : out_hf.shape[1]], out_hf[:, : out_ours.shape[1]])
+    same = torch.equal(out_ours, out_hf)
     # decode time per token: generate's time minus one prefill, over the new tokens
     d_ours, d_hf = (g_ours - t_ours) / (n - 1), (g_hf - t_hf) / (n - 1)
     print(f"model {path}: {ours.num_parameters() / 1e6:.2f}M parameters, float32, {args.threads} thread(s), "
