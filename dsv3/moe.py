@@ -113,7 +113,7 @@ class MoE(nn.Module):
         "auto": the per-expert loop when gradients must reach the expert modules (training) or the experts are not
         plain nn.Linear (quantized, LoRA); else gathered weights + bmm for small N·K (decoding) and grouped
         matmuls for the rest (prefill, large batches). The two fast paths never read a tensor back to the host.
-        One token on CPU (no device to sync with) takes `routed_one`, which copies no weights.
+        On CPU small N·K takes `routed_pairs` (N·K <= 16) or the loop over views of the stacks: no weight copies.
         """
         impl = self.impl
         stacked = None if impl == "loop" else self._stacked_weights()
@@ -121,8 +121,10 @@ class MoE(nn.Module):
             if impl not in ("auto", "loop"):
                 raise ValueError(f"MoE.impl={impl!r} needs plain nn.Linear experts and no gradient to them")
             return self.routed_loop(x, weights, indices)
-        if impl == "auto" and x.shape[0] == 1 and x.device.type == "cpu":
-            return self.routed_one(x, weights, indices, *stacked)
+        if impl == "auto" and x.device.type == "cpu" and indices.numel() <= self.gather_max_pairs:
+            # no device to sync with: read the expert ids and multiply by views, copying no weights
+            return self.routed_pairs(x, weights, indices, *stacked) if indices.numel() <= 16 else \
+                self.routed_loop(x, weights, indices)
         if impl == "gather" or (impl == "auto" and indices.numel() <= self.gather_max_pairs):
             return self.routed_gather(x, weights, indices, *stacked)
         if hasattr(torch, "_grouped_mm") and _grouped_mm_ok(x):
@@ -148,15 +150,18 @@ class MoE(nn.Module):
             start += n
         return out
 
-    def routed_one(self, x, weights, indices, gate_up, down) -> torch.Tensor:
-        """One token on CPU (batch-1 decoding): read the K expert ids on the host (free without a device) and
-        multiply by views of the stacks, instead of copying K weight slabs as `routed_gather` does."""
-        out = None
-        for k, e in enumerate(indices[0].tolist()):
-            gate, up = F.linear(x, gate_up[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, down[e]) * weights[:, k:k + 1].to(x.dtype)
-            out = y if out is None else out + y
-        return out
+    def routed_pairs(self, x, weights, indices, gate_up, down) -> torch.Tensor:
+        """A few tokens on CPU (decoding, speculative verification): read the N·K expert ids on the host (free
+        without a device) and multiply each token by views of its experts' stacks, copying no weights."""
+        rows = []
+        for t, experts in enumerate(indices.tolist()):
+            xt, out = x[t:t + 1], None
+            for k, e in enumerate(experts):
+                gate, up = F.linear(xt, gate_up[e]).chunk(2, dim=-1)
+                y = F.linear(F.silu(gate) * up, down[e]) * weights[t:t + 1, k:k + 1].to(x.dtype)
+                out = y if out is None else out + y
+            rows.append(out)
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def routed_gather(self, x, weights, indices, gate_up, down) -> torch.Tensor:
         """Decode path (gpt-fast Mixtral, HF batched_mm): gather the K chosen experts' weights per token and

@@ -40,6 +40,13 @@ class SpeculativeStats:
         return self.accepted / max(self.drafted, 1)
 
 
+def _draft(model, hidden, input_ids, mtp_cache, start_pos) -> torch.Tensor:
+    """The MTP module's greedy token after the last position: [1, 1]. All positions go through the module (its
+    cache needs their latents); only the last one goes through the output head."""
+    x = model.mtp_hidden(hidden, input_ids, 0, mtp_cache, start_pos)[:, -1:]
+    return model.lm_head(model.mtp[0].shared_head.norm(x))[:, -1].argmax(-1, keepdim=True)
+
+
 @torch.inference_mode()
 def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
                          stop_token_ids: Sequence[int] = (), return_stats: bool = False):
@@ -73,7 +80,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_ne
     stats.forwards += 1
     a = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1] token T
     # MTP over positions 0..T-1: (h_i, token i+1) -> token i+2; the last one drafts token T+1
-    draft = model.mtp_logits(hidden, torch.cat((ids, a), dim=1), 0, mtp_cache, 0)[:, -1].argmax(-1, keepdim=True)
+    draft = _draft(model, hidden, torch.cat((ids, a), dim=1), mtp_cache, 0)
     out = [int(a)]
     n = T  # position of `a`
     while len(out) < max_new_tokens and out[-1] not in stops:
@@ -93,8 +100,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_ne
             out.append(int(a))
             mtp_in, mtp_hidden = torch.cat((pair[:, :1], a), dim=1), hidden[:, :1]  # (h_n, a)
             n += 1
-        draft = model.mtp_logits(mtp_hidden, mtp_in, 0, mtp_cache, n - mtp_hidden.shape[1])[:, -1]
-        draft = draft.argmax(-1, keepdim=True)
+        draft = _draft(model, mtp_hidden, mtp_in, mtp_cache, n - mtp_hidden.shape[1])
     if stops and any(t in stops for t in out):
         out = out[:next(i for i, t in enumerate(out) if t in stops) + 1]
     out = out[:max_new_tokens]

@@ -49,19 +49,20 @@ def test_routed_paths_agree_in_bf16(impl):
     assert (out - ref).norm() / ref.norm() < 2e-2
 
 
-def test_auto_picks_gather_for_decoding_and_grouped_for_prefill(monkeypatch):
+def test_auto_picks_copy_free_paths_for_cpu_decoding_and_grouped_for_prefill(monkeypatch):
     moe = _moe()
     called = []
-    for name in ("routed_loop", "routed_one", "routed_gather", "routed_grouped"):
+    for name in ("routed_loop", "routed_pairs", "routed_gather", "routed_grouped"):
         original = getattr(moe, name)
         monkeypatch.setattr(moe, name, lambda *a, _n=name, _f=original: called.append(_n) or _f(*a))
     with torch.inference_mode():
         moe.routed(*_route(moe, 1))
         moe.routed(*_route(moe, 2))
+        moe.routed(*_route(moe, 20))
         moe.routed(*_route(moe, 200))
     with torch.enable_grad():  # training: gradients must reach the modules, so the loop runs
         moe.routed(*_route(moe, 1))
-    assert called == ["routed_one", "routed_gather", "routed_grouped", "routed_loop"]
+    assert called == ["routed_pairs", "routed_pairs", "routed_loop", "routed_grouped", "routed_loop"]  # CPU: no copies
 
 
 def test_stacked_weights_follow_in_place_updates_load_state_dict_and_dtype_changes():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dsv3
+import dsv3.speculative
 from dsv3 import ModelConfig, Transformer
 from dsv3.speculative import speculative_generate
 
@@ -16,20 +17,18 @@ def _model(seed: int) -> Transformer:
 
 
 def _oracle(model, reference: torch.Tensor, wrong_every: int = 0):
-    """An mtp_logits stand-in that drafts the reference's token (or a wrong one every `wrong_every` drafts)."""
+    """A drafter that proposes the reference's token (or a wrong one every `wrong_every` drafts)."""
     calls = []
 
-    def mtp_logits(hidden, input_ids, depth=0, cache=None, start_pos=0):
+    def draft(model_, hidden, input_ids, mtp_cache, start_pos):
         target = start_pos + hidden.shape[1] + 1  # position the last row predicts
         token = int(reference[0, target]) if target < reference.shape[1] else 0
         calls.append(target)
         if wrong_every and len(calls) % wrong_every == 0:
             token = (token + 1) % model.config.vocab_size
-        logits = torch.zeros(1, hidden.shape[1], model.config.vocab_size)
-        logits[0, -1, token] = 1.0
-        return logits
+        return torch.tensor([[token]])
 
-    return mtp_logits
+    return draft
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -46,7 +45,7 @@ def test_equals_greedy_generate_when_drafts_are_accepted_or_rejected(monkeypatch
     model = _model(2)
     ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
     reference = dsv3.generate(model, ids, 15)
-    monkeypatch.setattr(model, "mtp_logits", _oracle(model, reference, wrong_every))
+    monkeypatch.setattr(dsv3.speculative, "_draft", _oracle(model, reference, wrong_every))
     out, stats = speculative_generate(model, ids, 15, return_stats=True)
     assert torch.equal(out, reference)
     if wrong_every == 0:  # every draft right: two tokens per forward
@@ -61,7 +60,7 @@ def test_stops_at_a_stop_token_like_generate(monkeypatch):
     free = dsv3.generate(model, ids, 12)
     stop = int(free[0, 4 + 6])
     reference = dsv3.generate(model, ids, 12, stop_token_ids=[stop])
-    monkeypatch.setattr(model, "mtp_logits", _oracle(model, free))
+    monkeypatch.setattr(dsv3.speculative, "_draft", _oracle(model, free))
     assert torch.equal(speculative_generate(model, ids, 12, stop_token_ids=[stop]), reference)
 
 
