@@ -273,3 +273,24 @@ def test_cli_quantize(tiny, tmp_path, capsys):
     loaded = dsv3.load_pretrained(tmp_path / "out")
     assert isinstance(loaded.model.layers[1].mlp.experts[7].down_proj, Int4Linear)
     assert loaded.model.layers[1].mlp.experts[7].down_proj.group_size == 32
+
+
+def test_serve_quantize_flag(tmp_path):
+    from argparse import Namespace
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    from dsv3.server.cli import build_app, resolve_options
+
+    torch.manual_seed(0)
+    dsv3.save_pretrained(dsv3.Transformer(dsv3.ModelConfig.tiny(vocab_size=8192)), tmp_path)  # bundled tokenizer's
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((Path(dsv3.__file__).parent / "bundled" / name).read_bytes())
+    app = build_app(resolve_options(Namespace(model=str(tmp_path), served_model_name="tiny", quantize="int4")))
+    model = app.state.dsv3.engine.model
+    assert isinstance(model.model.layers[2].mlp.experts[5].up_proj, Int4Linear)
+    with TestClient(app) as client:
+        reply = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 3})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 3

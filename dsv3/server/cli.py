@@ -21,7 +21,7 @@ from pathlib import Path
 DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000, api_key=[], allow_cidr=[],
                 rate_limit=100.0, rate_burst=None, ssl_certfile=None, ssl_keyfile=None, plugin=[], max_batch=8,
                 max_seq_len=2048, max_waiting=256, max_prefill_tokens=2048, block_size=16, prefix_cache_mb=64.0,
-                device="cpu", dtype=None, log_level="info")
+                device="cpu", dtype=None, quantize=None, log_level="info")
 
 
 def _read_config(path: str) -> dict:
@@ -86,6 +86,13 @@ def build_app(options: dict):
     path = _model_dir(options)
     dtype = getattr(torch, options["dtype"]) if options["dtype"] else None
     model = load_pretrained(path, dtype=dtype, device=options["device"])
+    if options["quantize"]:  # int4: group 128, widths 128 does not divide zero-padded (dsv3.quant)
+        from ..quant import QuantizationError, quantize
+
+        try:
+            quantize(model, options["quantize"], pad=True)
+        except QuantizationError as error:
+            raise SystemExit(f"--quantize {options['quantize']}: {error}") from None
     tokenizer = Tokenizer.from_pretrained(path)
     engine = Engine(model, tokenizer, EngineConfig(
         max_batch=options["max_batch"], max_seq_len=options["max_seq_len"], max_waiting=options["max_waiting"],
@@ -162,6 +169,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
                    help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--quantize", choices=["int8", "int4", "fp8"],
+                   help="quantize the weights after loading (dsv3.quant; int4 uses groups of 128); checkpoints "
+                        "written by `dsv3 quantize` load quantized without it")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=serve)
 
