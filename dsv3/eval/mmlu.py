@@ -5,7 +5,8 @@
 
 Scoring (lm-eval `output_type: multiple_choice`): the prediction is the argmax over A-D of log p(" X" | prompt);
 `--generative` instead lets the model write the answer and takes the first standalone A-D letter (lm-eval's
-`mmlu_generative` variant, for chat models and servers without prompt log-probs).
+`mmlu_generative` variant, for chat models and servers without prompt log-probs); with `--chat` the prompt goes in as
+one user message (the tokenizer's chat template, or `/v1/chat/completions`).
 
 Aggregation: micro accuracy (over questions; lm-eval's headline `mmlu` acc, `weight_by_size: True`) and macro accuracy
 (mean over subjects, `weight_by_size: False`), per category (hendrycks categories.py) and overall. Standard errors:
