@@ -198,13 +198,13 @@ class MoE(nn.Module):
         module drops the stacks: `_apply` (.to/.cuda/.half), load_state_dict (post hook), a replaced expert
         linear (quantize, LoRA: identity check) or parameter (pointer check on the first and last expert).
         """
-        if torch.is_grad_enabled() and self.experts[0].gate_proj.weight.requires_grad:
-            return None  # gradients must reach the expert modules: the loop calls them
         if torch.compiler.is_compiling():
             return self._stacks  # no checks inside a compiled graph (the eager warm-up built them)
         linears = self._expert_linears()
         if linears is None:
             return None
+        if torch.is_grad_enabled() and linears[0].weight.requires_grad:
+            return None  # gradients must reach the expert modules: the loop calls them
         stacks = self._stacks
         if (stacks is None or linears != self._stacked_linears
                 or linears[0].weight.data_ptr() != stacks[0].data_ptr()
