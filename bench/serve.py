@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per throughput phase (>= clients)")
     parser.add_argument("--system-tokens", type=int, default=1500,
                         help="length of the shared system prompt (at most half the model's context)")
+    parser.add_argument("--threads", type=int, default=1, help="the server's torch threads (the clients share the CPU)")
     parser.add_argument("--conversations", type=int, default=3)
     parser.add_argument("--turns", type=int, default=4)
     args = parser.parse_args()
@@ -177,7 +178,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         path, what = model_dir(args.model, Path(scratch))
         context = json.loads((path / "config.json").read_text())["max_position_embeddings"]
-        sizes = ["--max-batch", str(max(args.clients)), "--max-seq-len", str(context)]
+        sizes = ["--max-batch", str(max(args.clients)), "--max-seq-len", str(context), "--threads", str(args.threads)]
         print(f"model: {what} ({path}); {_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}")
         with server(path, *sizes) as url:
             rows = [asyncio.run(throughput(url, c, max(1, args.requests // c) if c > 1 else max(4, args.requests // 8),

@@ -21,7 +21,7 @@ from pathlib import Path
 DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000, api_key=[], allow_cidr=[],
                 rate_limit=100.0, rate_burst=None, ssl_certfile=None, ssl_keyfile=None, plugin=[], max_batch=8,
                 max_seq_len=2048, max_waiting=256, max_prefill_tokens=2048, block_size=16, prefix_cache_mb=64.0,
-                device="cpu", dtype=None, quantize=None, log_level="info")
+                device="cpu", dtype=None, threads=None, quantize=None, log_level="info")
 
 
 def _read_config(path: str) -> dict:
@@ -84,7 +84,11 @@ def build_app(options: dict):
     from .app import ServerSettings, create_app
 
     path = _model_dir(options)
-    dtype = getattr(torch, options["dtype"]) if options["dtype"] else None
+    if options["threads"]:
+        torch.set_num_threads(options["threads"])
+    # CPUs without native bf16 matmuls run a bf16 checkpoint several times slower than float32
+    default = torch.float32 if torch.device(options["device"]).type == "cpu" else None
+    dtype = getattr(torch, options["dtype"]) if options["dtype"] else default
     model = load_pretrained(path, dtype=dtype, device=options["device"])
     if options["quantize"]:  # int4: group 128, widths 128 does not divide zero-padded (dsv3.quant)
         from ..quant import QuantizationError, quantize
@@ -168,7 +172,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--prefix-cache-mb", type=float, help="prefix-cache memory cap in MiB (default 64; 0 = off)")
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
-                   help="weights dtype (default: the checkpoint's)")
+                   help="weights dtype (default: float32 on CPU, the checkpoint's on other devices)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core); on a "
+                   "small CPU box 1 leaves a core to the HTTP side")
     p.add_argument("--quantize", choices=["int8", "int4", "fp8"],
                    help="quantize the weights after loading (dsv3.quant; int4 uses groups of 128); checkpoints "
                         "written by `dsv3 quantize` load quantized without it")
