@@ -198,8 +198,8 @@ class MoE(nn.Module):
         module drops the stacks: `_apply` (.to/.cuda/.half), load_state_dict (post hook), a replaced expert
         linear (quantize, LoRA: identity check) or parameter (pointer check on the first and last expert).
         """
-        if torch.compiler.is_compiling():
-            return self._stacks  # no checks inside a compiled graph (the eager warm-up built them)
+        if torch.compiler.is_compiling():  # no checks inside a compiled graph (the eager warm-up built the stacks)
+            return None if torch.is_grad_enabled() else self._stacks
         linears = self._expert_linears()
         if linears is None:
             return None
