@@ -270,6 +270,8 @@ def test_cli_quantize(tiny, tmp_path, capsys):
                      "--output", str(tmp_path / "out")]) == 0
     assert "int4: 105 layers quantized" in capsys.readouterr().out
     assert (tmp_path / "out" / "tokenizer.json").exists()
+    with pytest.raises(SystemExit, match=r"dsv3 quantize: int4 group_size 128 does not divide .*q_a_proj"):
+        cli_main(["quantize", "--model", str(tmp_path / "src"), "--scheme", "int4", "--output", str(tmp_path / "o2")])
     loaded = dsv3.load_pretrained(tmp_path / "out")
     assert isinstance(loaded.model.layers[1].mlp.experts[7].down_proj, Int4Linear)
     assert loaded.model.layers[1].mlp.experts[7].down_proj.group_size == 32

@@ -15,13 +15,17 @@ _WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.js
 def _run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_pretrained
     from .apply import quantize, quantized_layers, save_quantized
+    from .base import QuantizationError
 
     source, output = Path(args.model), Path(args.output)
     if source.resolve() == output.resolve():
         raise SystemExit("--output must differ from --model (the source checkpoint is not overwritten)")
     model = load_pretrained(source)
     before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    quantize(model, args.scheme, args.group_size, tuple(args.skip), pad=args.pad)
+    try:
+        quantize(model, args.scheme, args.group_size, tuple(args.skip), pad=args.pad)
+    except QuantizationError as error:
+        raise SystemExit(f"dsv3 quantize: {error}") from None
     after = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     save_quantized(model, output)
     for item in source.iterdir():  # tokenizer, README, generation config: whatever is not the weights
