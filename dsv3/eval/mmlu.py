@@ -189,6 +189,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=_count(1), default=8, help="answer length in generative mode (default 8)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="in-process model dtype")
     p.add_argument("--device", default=None, help="in-process model device (default: cuda if available)")
+    p.add_argument("--adapter", metavar="DIR", default=None,
+                   help="LoRA adapter (PEFT format, e.g. from dsv3 finetune) merged into the in-process model")
     p.set_defaults(func=_main)
 
 
@@ -209,7 +211,14 @@ def _model_scorer(args):
         path = Path(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(path, dtype=getattr(torch, args.dtype), device=device)
-    return ModelScorer(model, Tokenizer.from_pretrained(path), args.batch_size, chat=args.chat), str(path)
+    if args.adapter:
+        from ..lora import AdapterError, load_adapter
+        try:
+            load_adapter(model, args.adapter, merge=True)
+        except AdapterError as e:
+            raise SystemExit(f"error: --adapter: {e}") from None
+    label = f"{path} + adapter {args.adapter}" if args.adapter else str(path)
+    return ModelScorer(model, Tokenizer.from_pretrained(path), args.batch_size, chat=args.chat), label
 
 
 def _main(args) -> int:
@@ -232,6 +241,8 @@ def _evaluate(args) -> int:
     split = args.split or ("validation" if args.data is None else "test")
     data = load_mmlu(args.data, split, args.subjects, args.limit)
     data.check_shots(args.shots)
+    if args.api_base and args.adapter:
+        raise SystemExit("error: --adapter applies to an in-process model; a server loads it with serve --adapter")
     if args.api_base:
         scorer = APIScorer(args.api_base, args.api_model, args.api_key or os.environ.get("OPENAI_API_KEY"),
                            batch_size=args.batch_size, chat=args.chat)
