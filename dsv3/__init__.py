@@ -7,11 +7,12 @@ from .checkpoint import load_pretrained, save_pretrained
 from .config import ModelConfig
 from .generation import generate, stream_generate
 from .model import Transformer
+from .quant import quantize
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 __all__ = ["KVCache", "ModelConfig", "SamplingParams", "Tokenizer", "Transformer", "bundled_model_path", "generate",
-           "load_pretrained", "save_pretrained", "stream_generate"]
+           "load_pretrained", "quantize", "save_pretrained", "stream_generate"]
 
 
 def bundled_model_path() -> Path:

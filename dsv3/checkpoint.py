@@ -157,6 +157,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
         state[name] = tensor.to(device=device, dtype=target)
     model.load_state_dict(state, assign=True)
     model.rotary = RotaryEmbedding(config).to(device)  # non-persistent buffer: recompute, not loaded
+    if scales:  # dequantised: the model no longer holds FP8 weights, so a later save must not claim it does
+        model.config = dataclasses.replace(config, quantization_config=None)
     return model.eval()
 
 

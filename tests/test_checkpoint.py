@@ -53,7 +53,12 @@ def test_fp8_checkpoint_is_dequantised_on_load(tmp_path):
     assert any(".mlp.experts." in k for k in dequantised) and any("model.layers.3." in k for k in dequantised)
     save_file(tensors, tmp_path / "model.safetensors")
     model.config.to_json(tmp_path / "config.json")
+    config = model.config.to_hf()
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = dsv3.load_pretrained(tmp_path, dtype=torch.float32)
+    assert loaded.config.quantization_config is None  # dequantised: saving it again writes plain weights
     state = hub_state_dict(loaded)
     for key, expected in dequantised.items():
         assert torch.equal(state[key], expected), key
