@@ -21,7 +21,7 @@ from pathlib import Path
 DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000, api_key=[], allow_cidr=[],
                 rate_limit=100.0, rate_burst=None, ssl_certfile=None, ssl_keyfile=None, plugin=[], max_batch=8,
                 max_seq_len=2048, max_waiting=256, max_prefill_tokens=2048, block_size=16, prefix_cache_mb=64.0,
-                device="cpu", dtype=None, threads=None, quantize=None, log_level="info")
+                device="cpu", dtype=None, threads=None, quantize=None, adapter=None, log_level="info")
 
 
 def _read_config(path: str) -> dict:
@@ -97,6 +97,13 @@ def build_app(options: dict):
             quantize(model, options["quantize"], pad=True)
         except QuantizationError as error:
             raise SystemExit(f"--quantize {options['quantize']}: {error}") from None
+    if options["adapter"]:  # LoRA (PEFT format): merged into float weights, kept beside quantized ones
+        from ..lora import AdapterError, load_adapter
+
+        try:
+            load_adapter(model, options["adapter"], merge=True)
+        except AdapterError as error:
+            raise SystemExit(f"--adapter: {error}") from None
     tokenizer = Tokenizer.from_pretrained(path)
     engine = Engine(model, tokenizer, EngineConfig(
         max_batch=options["max_batch"], max_seq_len=options["max_seq_len"], max_waiting=options["max_waiting"],
@@ -178,6 +185,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--quantize", choices=["int8", "int4", "fp8"],
                    help="quantize the weights after loading (dsv3.quant; int4 uses groups of 128); checkpoints "
                         "written by `dsv3 quantize` load quantized without it")
+    p.add_argument("--adapter", help="LoRA adapter directory (PEFT format, e.g. from `dsv3 finetune`) applied after "
+                   "loading (and after --quantize)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=serve)
 
