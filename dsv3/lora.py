@@ -178,12 +178,13 @@ def freeze_base(model: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, r: int, alpha: float, target_modules, dropout: float = 0.0,
-               use_rslora: bool = False) -> nn.Module:
+               use_rslora: bool = False, *, include_mtp: bool = True) -> nn.Module:
     """Wrap every linear whose last name is in target_modules (e.g. "kv_b_proj", "gate_proj") in a LoRALinear.
 
     Names are the HF leaf names (`LORA_TARGETS`), matched in the main layers, shared and routed experts and the MTP
     layers; "all-linear" means all of LORA_TARGETS (PEFT's shorthand, which also leaves out the output head).
     Bases may be nn.Linear or quantized linears (QLoRA). Freezes everything but the LoRA factors. Returns the model.
+    include_mtp=False leaves the MTP layers alone (a fine-tune without the MTP loss would never train them).
     """
     targets = list(LORA_TARGETS) if target_modules == "all-linear" else [target_modules] \
         if isinstance(target_modules, str) else list(target_modules)
@@ -196,7 +197,7 @@ def apply_lora(model: nn.Module, r: int, alpha: float, target_modules, dropout: 
     found: set[str] = set()
     for name, module in list(model.named_modules()):
         leaf = name.rpartition(".")[2]
-        if leaf in targets and _is_linear_like(module):
+        if leaf in targets and _is_linear_like(module) and (include_mtp or not name.startswith("mtp.")):
             _replace(model, name, LoRALinear(module, r, alpha, dropout, use_rslora))
             found.add(leaf)
     missing = sorted(set(targets) - found) if target_modules != "all-linear" else [] if found else targets

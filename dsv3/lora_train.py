@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .checkpoint import load_pretrained
 from .lora import LORA_TARGETS, apply_lora, lora_modules, quantized_reference_forward, save_adapter
@@ -175,7 +175,8 @@ class LoRATrainer:
         available = {n.rpartition(".")[2] for n, _ in model.named_modules()}
         targets = target_modules if isinstance(target_modules, str) else \
             [t for t in target_modules if t in available or t not in ("q_proj", "q_a_proj", "q_b_proj")]
-        self.model = apply_lora(model, rank, alpha, targets, dropout, use_rslora)
+        # the loss is the next-token loss only, so adapters in the MTP layers would never train
+        self.model = apply_lora(model, rank, alpha, targets, dropout, use_rslora, include_mtp=False)
         self.lr, self.weight_decay, self.seed = lr, weight_decay, seed
         self.output_dir, self.keep_checkpoints, self.progress = Path(output_dir), keep_checkpoints, progress
         examples = read_examples(dataset_path, tokenizer, max_length)
