@@ -195,6 +195,31 @@ def test_qlora_bf16_backward_through_int4_kernels(checkpoint):
     assert any(m.lora_A.grad is not None for n, m in lora_modules(model).items() if ".experts." in n)
 
 
+def test_serve_adapter_flag(tmp_path):
+    """`dsv3 serve --adapter DIR`: the served model computes what the LoRA model computes; a misfit is refused."""
+    from argparse import Namespace
+    from pathlib import Path
+
+    from dsv3.server.cli import build_app, resolve_options
+
+    torch.manual_seed(0)
+    base = dsv3.Transformer(dsv3.ModelConfig.tiny(vocab_size=8192)).eval()  # the bundled tokenizer's vocabulary
+    dsv3.save_pretrained(base, tmp_path / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "model" / name).write_bytes((Path(dsv3.__file__).parent / "bundled" / name).read_bytes())
+    apply_lora(base, 4, 8, ATTN)
+    randomize_b(base)
+    save_adapter(base, tmp_path / "adapter")
+    app = build_app(resolve_options(Namespace(model=str(tmp_path / "model"), adapter=str(tmp_path / "adapter"))))
+    served = app.state.dsv3.engine.model
+    with torch.no_grad():
+        assert rel_err(served(IDS), base(IDS)) < 1e-5
+    other = dsv3.Transformer(dsv3.ModelConfig.tiny(vocab_size=8192, kv_lora_rank=16))
+    save_adapter(apply_lora(other, 4, 8, ["kv_b_proj"]), tmp_path / "misfit")
+    with pytest.raises(SystemExit, match="kv_b_proj"):
+        build_app(resolve_options(Namespace(model=str(tmp_path / "model"), adapter=str(tmp_path / "misfit"))))
+
+
 # ---------------------------------------------------------------------------------------------- trainer
 from dsv3.lora_train import DataError, LoRATrainer, read_examples  # noqa: E402
 
