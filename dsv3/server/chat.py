@@ -20,8 +20,8 @@ from starlette.background import BackgroundTask
 
 from ..engine import Delta, Request, TokenLogprob
 from .common import (FINGERPRINT, Job, check_model, collect_results, engine_failure, max_new_tokens,
-                     merged_deltas, observe_finish, post_process, sampling_params, sse, stop_strings, submit,
-                     token_text, usage_body)
+                     observe_finish, post_process, sampling_params, sse, stop_strings, submit,
+                     stream_choices, token_text, usage_body)
 from .errors import bad_request
 from .schemas import ChatCompletionRequest
 
@@ -127,22 +127,13 @@ async def _chat_stream(state, body, job: Job, rid: str, created: int):
 
     yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for k in range(len(job.handles))])
-    usages = [None] * len(job.handles)
-    async for k, delta in merged_deltas(job):
-        if k is None:
-            yield ": keep-alive\n\n"
-            continue
-        if delta.finish_reason in ("error", "abort"):
-            yield sse(engine_failure(delta).body())
-            return
-        text = post_process(state, delta.text) if delta.text else ""
+
+    def render(k, delta, text):
         if text or (want_logprobs and delta.logprobs):
             logprobs = _chat_logprobs(state, delta.logprobs) if want_logprobs else None
             yield chunk([{"index": k, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}])
         if delta.finish_reason is not None:
-            usages[k] = delta.usage
-            observe_finish(state, job, k, delta)
             yield chunk([{"index": k, "delta": {}, "logprobs": None, "finish_reason": delta.finish_reason}])
-    if include_usage:
-        yield chunk([], usage_body(job, usages))
-    yield "data: [DONE]\n\n"
+
+    async for event in stream_choices(state, job, chunk, include_usage, render):
+        yield event

@@ -201,3 +201,28 @@ def token_text(state, token_id: int) -> str:
 
 def sse(payload) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def stream_choices(state, job: Job, chunk, include_usage: bool, render):
+    """The SSE loop both endpoints share: keep-alive comments, a mid-stream engine failure as an error event,
+    per-choice finish accounting, the final usage chunk when asked for, and `data: [DONE]`.
+
+    chunk(choices, usage=None) -> one SSE event; render(k, delta, text) -> the events for one delta of choice k
+    (text already post-processed by the plugins).
+    """
+    usages = [None] * len(job.handles)
+    async for k, delta in merged_deltas(job):
+        if k is None:
+            yield ": keep-alive\n\n"
+            continue
+        if delta.finish_reason in ("error", "abort"):
+            yield sse(engine_failure(delta).body())
+            return
+        for event in render(k, delta, post_process(state, delta.text) if delta.text else ""):
+            yield event
+        if delta.finish_reason is not None:
+            usages[k] = delta.usage
+            observe_finish(state, job, k, delta)
+    if include_usage:
+        yield chunk([], usage_body(job, usages))
+    yield "data: [DONE]\n\n"

@@ -18,8 +18,8 @@ from starlette.background import BackgroundTask
 
 from ..engine import Delta, Request, TokenLogprob
 from .common import (FINGERPRINT, Job, check_model, collect_results, engine_failure, max_new_tokens,
-                     merged_deltas, observe_finish, post_process, sampling_params, sse, stop_strings, submit,
-                     token_text, usage_body)
+                     observe_finish, post_process, sampling_params, sse, stop_strings, submit,
+                     stream_choices, token_text, usage_body)
 from .errors import bad_request
 from .schemas import CompletionRequest
 
@@ -125,23 +125,12 @@ async def _completion_stream(state, body, job: Job, texts: list[str], rid: str, 
     if body.echo:
         yield chunk([{"index": k, "text": texts[job.prompt_of[k]], "logprobs": None, "finish_reason": None}
                      for k in range(len(job.handles))])
-    usages = [None] * len(job.handles)
-    async for k, delta in merged_deltas(job):
-        if k is None:
-            yield ": keep-alive\n\n"
-            continue
-        if delta.finish_reason in ("error", "abort"):
-            yield sse(engine_failure(delta).body())
-            return
-        text = post_process(state, delta.text) if delta.text else ""
+    def render(k, delta, text):
         logprobs = None
         if body.logprobs is not None and delta.logprobs:
             logprobs = _legacy_logprobs(state, [(e.token_id, e) for e in delta.logprobs])
         if text or logprobs or delta.finish_reason is not None:
             yield chunk([{"index": k, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}])
-        if delta.finish_reason is not None:
-            usages[k] = delta.usage
-            observe_finish(state, job, k, delta)
-    if include_usage:
-        yield chunk([], usage_body(job, usages))
-    yield "data: [DONE]\n\n"
+
+    async for event in stream_choices(state, job, chunk, include_usage, render):
+        yield event
