@@ -17,7 +17,7 @@ from dsv3.checkpoint import dequantize_fp8, hub_state_dict
 from dsv3.cli import main as cli_main
 from dsv3.moe import MoE
 from dsv3.quant import (FP8Linear, Int4Linear, Int8Linear, QuantizationError, quantize, quantize_fp8, quantize_int4,
-                        quantized_layers, save_quantized, set_impl, skipped)
+                        quantized_layers, save_quantized, skipped)
 from dsv3.quant.int4 import pack_nibbles, unpack_nibbles
 
 CUDA = torch.cuda.is_available()

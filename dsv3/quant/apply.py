@@ -16,7 +16,6 @@ skip list still loads.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Sequence
 
