@@ -35,6 +35,8 @@ from .model import Transformer
 from .moe import MoE
 from .train_state import MetricsLog, checkpoints, load_checkpoint, rng_state, save_checkpoint
 
+DSA_STAGES = ("off", "warmup", "sparse")  # TrainConfig.dsa_stage / --dsa-stage
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
@@ -82,7 +84,7 @@ class TrainConfig:
                                                   or self.batch_size % self.micro_batch_size):
             raise ValueError(f"TrainConfig.micro_batch_size={self.micro_batch_size} must divide "
                              f"batch_size={self.batch_size}")
-        if self.dsa_stage not in ("off", "warmup", "sparse"):
+        if self.dsa_stage not in DSA_STAGES:
             raise ValueError(f"TrainConfig.dsa_stage must be 'off', 'warmup' or 'sparse', got {self.dsa_stage!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"TrainConfig.dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
@@ -349,7 +351,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=float, nargs=2, metavar=("B1", "B2"))
         else:
             kind = {"micro_batch_size": int}.get(f.name, type(f.default))
-            p.add_argument(flag, type=kind, help=f"TrainConfig.{f.name} (default {f.default})")
+            p.add_argument(flag, type=kind, choices=DSA_STAGES if f.name == "dsa_stage" else None,
+                           help=f"TrainConfig.{f.name} (default {f.default})")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--stop-at", type=int, help="stop after this step (the schedule still spans --steps)")
     p.add_argument("--no-bias-balance", action="store_true", help="γ = 0: no aux-loss-free bias updates")
