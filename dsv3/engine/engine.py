@@ -301,6 +301,8 @@ class Engine:
     def _move_row(self, src: int, dst: int, length: int) -> None:
         self.cache.kv[:, dst, :length] = self.cache.kv[:, src, :length]
         self.cache.pe[:, dst, :length] = self.cache.pe[:, src, :length]
+        if self.cache.ik is not None:  # DSA: the indexer keys [L, B, S, d_I]
+            self.cache.ik[:, dst, :length] = self.cache.ik[:, src, :length]
         self.counts[dst] = self.counts[src]
         self.prompt_mask[dst] = self.prompt_mask[src]
 

@@ -6,10 +6,10 @@ token before it (vLLM's automatic prefix caching, docs/design/prefix_caching.md;
 which also checks the tokens on a hit, as done here to make hash collisions harmless).
 
 The engine's cache is static, one row per running request (dsv3.KVCache), so blocks cannot be shared in place as in
-a paged cache. Instead a block's latents (c_kv and k_pe of every layer, `bytes_per_token` each) are copied out of the
-row into a preallocated pool, and copied back into the row of a later request whose prompt starts the same way: that
-request then prefills only the rest. Copying block_size·bytes_per_token bytes is far cheaper than recomputing the
-block through every layer.
+a paged cache. Instead a block's latents (c_kv and k_pe of every layer, with DSA also the indexer keys;
+`bytes_per_token` each) are copied out of the row into a preallocated pool, and copied back into the row of a later
+request whose prompt starts the same way: that request then prefills only the rest. Copying
+block_size·bytes_per_token bytes is far cheaper than recomputing the block through every layer.
 
 A running request holds a reference on the blocks it matched or stored; blocks nobody holds sit in an LRU list and
 are overwritten, least recently used first, when the pool (sized by a byte cap) is full.
@@ -48,7 +48,8 @@ def block_keys(tokens: list[int], block_size: int) -> list[tuple[int, tuple[int,
 class PrefixCache:
     """A pool of latent KV blocks for `cache`'s model, at most `max_bytes` big (0 disables caching).
 
-    kv: [L, N, block_size, d_c], pe: [L, N, block_size, d_r], on the cache's device and in its dtype.
+    kv: [L, N, block_size, d_c], pe: [L, N, block_size, d_r] and, for a DSA model, the indexer keys
+    ik: [L, N, block_size, d_I] (else None), on the cache's device and in its dtype.
     Token counters for metrics: `queried_tokens` (prompt tokens looked up), `hit_tokens` (found).
     """
 
@@ -62,6 +63,8 @@ class PrefixCache:
         like = dict(dtype=cache.kv.dtype, device=cache.kv.device)
         self.kv = torch.zeros(L, self.num_blocks, block_size, d_c, **like)
         self.pe = torch.zeros(L, self.num_blocks, block_size, cache.pe.shape[-1], **like)
+        self.ik = (None if cache.ik is None
+                   else torch.zeros(L, self.num_blocks, block_size, cache.ik.shape[-1], **like))
         self._blocks: dict[int, Block] = {}
         self._idle: OrderedDict[int, Block] = OrderedDict()  # refs == 0, least recently used first
         self._free = list(range(self.num_blocks - 1, -1, -1))
@@ -90,6 +93,8 @@ class PrefixCache:
         slots = torch.tensor([b.slot for b in blocks], device=self.kv.device)
         row.kv[:, 0, :n] = self.kv[:, slots].flatten(1, 2)
         row.pe[:, 0, :n] = self.pe[:, slots].flatten(1, 2)
+        if self.ik is not None:
+            row.ik[:, 0, :n] = self.ik[:, slots].flatten(1, 2)
 
     # ------------------------------------------------------------------ insertion
     def store(self, tokens: list[int], row: KVCache, held: dict[int, Block]) -> None:
@@ -108,6 +113,8 @@ class PrefixCache:
                 span = slice(i * self.block_size, (i + 1) * self.block_size)
                 self.kv[:, block.slot] = row.kv[:, 0, span]
                 self.pe[:, block.slot] = row.pe[:, 0, span]
+                if self.ik is not None:
+                    self.ik[:, block.slot] = row.ik[:, 0, span]
             self._acquire(block)
             held[key] = block
 

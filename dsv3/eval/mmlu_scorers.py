@@ -117,6 +117,8 @@ class ModelScorer:
             prefix_cache = self._prefix_cache(inputs[full[0]][:p])
             cache.kv[:, :, :p] = prefix_cache.kv[:, :, :p]
             cache.pe[:, :, :p] = prefix_cache.pe[:, :, :p]
+            if cache.ik is not None:  # DSA: the indexer keys [L, B, S, d_I]
+                cache.ik[:, :, :p] = prefix_cache.ik[:, :, :p]
         order = sorted(full, key=lambda r: -len(inputs[r]))  # similar lengths together: little padding
         for i in range(0, len(order), self.batch_size):
             batch = order[i:i + self.batch_size]
