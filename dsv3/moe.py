@@ -121,7 +121,8 @@ class MoE(nn.Module):
             if impl not in ("auto", "loop"):
                 raise ValueError(f"MoE.impl={impl!r} needs plain nn.Linear experts and no gradient to them")
             return self.routed_loop(x, weights, indices)
-        if impl == "auto" and x.device.type == "cpu" and indices.numel() <= self.gather_max_pairs:
+        if (impl == "auto" and x.device.type == "cpu" and indices.numel() <= self.gather_max_pairs
+                and not torch.compiler.is_compiling()):  # a compiled graph cannot read ids on the host
             # no device to sync with: read the expert ids and multiply by views, copying no weights
             return self.routed_pairs(x, weights, indices, *stacked) if indices.numel() <= 16 else \
                 self.routed_loop(x, weights, indices)

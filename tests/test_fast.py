@@ -1,6 +1,6 @@
 """Fast inference paths against their references: MoE gather/grouped vs the per-token loop, the stacked expert
-weights staying in step with the modules, and sync-free greedy decoding vs the per-step check.
-(compile=True is checked against eager by bench/gpu.sh: compiling takes minutes on a loaded CPU.)"""
+weights staying in step with the modules, sync-free greedy decoding vs the per-step check, and the
+torch.compile'd decode step vs eager (one compile, ~1-2 minutes on a 2-core CPU: the slowest test in the suite)."""
 
 import pytest
 import torch
@@ -145,3 +145,14 @@ def test_sync_free_decoding_with_stops_equals_the_per_step_check(model):
     for every in (4, 100):
         assert torch.equal(dsv3.generate(model, ids, 12, stop_token_ids=[stop], sync_every=every), ref)
 
+
+
+def test_compiled_decode_step_gives_the_eager_tokens(model):
+    """generate(compile=True) runs the decode step through torch.compile (inductor); on CPU the MoE must then take
+    the sync-free gather path (the copy-free pairs path reads expert ids on the host, a graph break)."""
+    ids = torch.randint(2, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    compiled = dsv3.generate(model, ids, 10, compile=True)
+    assert torch.equal(compiled, dsv3.generate(model, ids, 10))
+    with torch.inference_mode():
+        explanation = torch._dynamo.explain(dsv3.generation._step)(model, compiled[:, -1], model.new_cache(2, 20), 9)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
