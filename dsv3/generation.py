@@ -116,7 +116,7 @@ def _decode(model: torch.nn.Module, input_ids: torch.Tensor, params: list[Sampli
 
     step_fn = decode_step(compile)
     cache = model.new_cache(B, T + max_new_tokens - 1)
-    logits = model(input_ids, cache, 0)[:, -1]  # prefill: positions 0..T-1
+    logits = model(input_ids, cache, 0, logits_to_keep=1)[:, -1]  # prefill: positions 0..T-1
     for step in range(max_new_tokens):
         active = ~finished
         tokens = sample(logits, params, generators, output_counts=output_counts, prompt_mask=prompt_mask)

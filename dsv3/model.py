@@ -105,14 +105,16 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int | torch.Tensor = 0,
-                *, impl: AttnImpl = "auto", return_hidden: bool = False):
+                *, impl: AttnImpl = "auto", return_hidden: bool = False, logits_to_keep: int = 0):
         """input_ids: [B, T] -> logits [B, T, V] (and the final normed hidden state [B, T, D] if return_hidden).
 
         start_pos: position of input_ids[:, 0], an int or a LongTensor [B] (one per cache row). With a cache, the
         new tokens' latents are stored at those positions and attention sees everything before them.
+        logits_to_keep: if > 0, only the last that many positions get logits ([B, logits_to_keep, V]), as in
+        transformers: a prefill that samples one token skips T - 1 rows of the head (V x D each).
         """
         h = self.hidden_states(input_ids, cache, start_pos, impl=impl)
-        logits = self.lm_head(h)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         return (logits, h) if return_hidden else logits
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,

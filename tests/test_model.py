@@ -124,3 +124,13 @@ def test_v3_preset_parameter_counts():
     assert round(total / 1e9) == 671
     assert 36.5e9 < active < 38e9
     assert round(model.num_parameters(include_mtp=True) / 1e9, 1) == 682.6  # + the 11.5B MTP module
+
+
+def test_logits_to_keep_gives_the_last_positions_only():
+    torch.manual_seed(0)
+    model = dsv3.Transformer(dsv3.ModelConfig.tiny()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    full = model(ids)
+    torch.testing.assert_close(model(ids, logits_to_keep=2), full[:, -2:])
+    cache = model.new_cache(2, 6)
+    torch.testing.assert_close(model(ids, cache, 0, logits_to_keep=1), full[:, -1:])
