@@ -399,6 +399,7 @@ def run(args: argparse.Namespace) -> int:
     if args.index_topk is not None:
         if cfg.dsa_stage == "off" or model.config.uses_dsa:
             raise SystemExit("dsv3 train: --index-topk adds indexers to a dense model for --dsa-stage warmup|sparse")
+        torch.manual_seed(cfg.seed)  # the new indexers' initial weights depend on the seed only
         dsa.add_indexers(model, args.index_n_heads, args.index_head_dim, args.index_topk)
     elif cfg.dsa_stage != "off" and not model.config.uses_dsa:
         raise SystemExit(f"dsv3 train: --dsa-stage {cfg.dsa_stage} needs a model with indexers (config index_topk) "
