@@ -10,8 +10,13 @@ d_c kv_lora_rank, d_r qk_rope_head_dim, k the token budget (index_topk, or fewer
 - Indexer: q^I = wq_b(c_q) from MLA's query latent c_q = q_a_layernorm(q_a_proj(x)); one shared key
   k^I = LayerNorm(wk(x)); per-head weights w = weights_proj(x)·H_I^-½·d_I^-½. RoPE on the first d_r dims of q^I
   and k^I, NOT interleaved (unlike MLA's; the Nov-2025 fix of the reference code). Score (eq. 1):
-  I[t, s] = Σ_h w[t, h]·ReLU(q^I[t, h]·k^I[s]), causal. The reference's Hadamard rotation (orthogonal: it leaves
-  the dot products unchanged up to rounding) and FP8 quantisation of q^I/k^I are not reproduced: scores are fp32.
+  I[t, s] = Σ_h w[t, h]·ReLU(q^I[t, h]·k^I[s]), causal.
+- Indexer precision (`Indexer.precision`, `set_indexer_precision`): "bf16" (default) scores the unquantised q^I/k^I
+  in fp32, as transformers' DeepseekV32Indexer does (it skips the rotation and FP8, see its forward's docstring).
+  "fp8" is the V3.2-Exp inference path (inference/model.py `Indexer.forward`, inference/kernel.py `act_quant`,
+  `fp8_index`): after RoPE, q^I and k^I are rotated by the normalised Walsh–Hadamard transform (`rotate_activation`;
+  orthogonal, so the dot products are unchanged, but an outlier channel is spread over all d_I dims), then rounded
+  to float8_e4m3fn with one scale per token per 128-dim block (`fp8_round`); the keys are cached rounded.
 - Sparse MLA runs in the absorbed (MQA) form, as V3.2 does: gather the k selected latent rows c_kv and rope keys
   per query ([B, T, k, d_c] / [B, T, k, d_r]), so score and value work is O(T·k) instead of O(T·S). Queries are
   processed in blocks of BLOCK so the gathered rows and the indexer's [B, T, H_I, S] scores stay small; each block
@@ -41,7 +46,60 @@ from .rope import apply_rope
 
 DSAMode = Literal["sparse", "masked", "window", "dense", "blocked"]
 Stage = Literal["warmup", "sparse"]
+Precision = Literal["bf16", "fp8"]
 BLOCK = 512  # queries per block of the sparse path
+FP8_BLOCK = 128  # elements per FP8 scale (V3.2-Exp inference/model.py `block_size`)
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+def _check_hadamard_dim(d: int) -> None:
+    if d <= 0 or d & (d - 1):
+        raise ValueError(f"the FP8 indexer's Hadamard rotation needs a power-of-two index_head_dim, got "
+                         f"index_head_dim={d}")
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Normalised Walsh–Hadamard transform of the last dim: x: [..., d] -> H_d·x·d^-½, d a power of two.
+
+    H_d is Sylvester's: H_1 = [1], H_2n = [[H_n, H_n], [H_n, -H_n]]; H_d·d^-½ is orthogonal and its own inverse.
+    The O(d log d) butterfly: at stride h, each pair (a, b) = (x[i], x[i + h]) of a 2h-block becomes (a + b, a - b).
+    The reference's `rotate_activation` = fast_hadamard_transform.hadamard_transform(x, scale=d ** -0.5).
+    """
+    d = x.shape[-1]
+    _check_hadamard_dim(d)
+    y, h = x, 1
+    while h < d:
+        y = y.reshape(*x.shape[:-1], d // (2 * h), 2, h)  # [..., blocks, (a, b), h]
+        a, b = y.unbind(-2)
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    return y.reshape(x.shape) * d ** -0.5
+
+
+def fp8_round(x: torch.Tensor) -> torch.Tensor:
+    """x: [..., d] -> x rounded through float8_e4m3fn, dequantised (fp32), one scale per min(128, d)-block.
+
+    The reference's `act_quant` with the V3.2 FP8 config's scale_fmt "ue8m0" (config_671B_v3.2.json): per block
+    s = 2^ceil(log2(max(absmax, 1e-4) / 448)), x_fp8 = e4m3(x / s), so |x / s| <= 448 never saturates. Simulated
+    FP8: the values are cast to e4m3 and multiplied back by s here, so the scores are plain fp32 matmuls of these
+    values, equal to the reference's `fp8_index` (FP8 products, the scales folded in afterwards:
+    w·q_scale·d_I^-½ per head, k_scale per key) up to fp32 summation order. Since s is a power of two, the
+    dequantised values are exact in bf16/fp32, so the key cache holds exactly the FP8 keys; storing them as
+    float8 plus one fp32 scale per block, as the reference does (`k_cache`, `k_scale_cache`), would about halve
+    the bf16 indexer cache (128 + 4 bytes per token and block instead of 256).
+    Gradients pass straight through (identity), so the indexer can be trained in this precision (the cast's own
+    backward would round the gradient to e4m3, unscaled).
+    """
+    d = x.shape[-1]
+    block = min(FP8_BLOCK, d)
+    if d % block:
+        raise ValueError(f"fp8_round: the last dim {d} is not a multiple of the {block}-element scale block")
+    x = x.float()
+    xb = x.detach().unflatten(-1, (d // block, block))  # [..., d / block, block]
+    amax = xb.abs().amax(-1, keepdim=True).clamp_min(1e-4)
+    s = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))  # [..., d / block, 1], a power of two
+    rounded = ((xb / s).to(torch.float8_e4m3fn).float() * s).flatten(-2)
+    return x + (rounded - x).detach()  # == rounded exactly: the difference is exact (Sterbenz), so is the sum
 
 
 class Indexer(nn.Module):
@@ -57,6 +115,7 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(c.index_head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(c.hidden_size, c.index_n_heads, bias=False)
         self.stage: Stage | None = None  # training stage, set by `configure_training`
+        self.precision: Precision = "bf16"  # "fp8": Hadamard + FP8 scores, set by `set_indexer_precision`
         self.last_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -67,6 +126,8 @@ class Indexer(nn.Module):
         r = self.d_rope  # rope first, then the rest (reversed w.r.t. MLA's nope-then-rope)
         q = torch.cat((apply_rope(q[..., :r], cos, sin, False), q[..., r:]), dim=-1)
         k = torch.cat((apply_rope(k[..., :r], cos, sin, False), k[..., r:]), dim=-1)
+        if self.precision == "fp8":  # reference: rotate_activation, then act_quant, of q and k
+            q, k = fp8_round(hadamard(q)).to(q.dtype), fp8_round(hadamard(k)).to(k.dtype)
         w = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
         return q, k, w
 
@@ -221,6 +282,21 @@ def set_mode(model: nn.Module, mode: DSAMode) -> None:
         raise ValueError("set_mode: the model has no lightning indexer (config.index_topk is None)")
     for m in layers:
         m.dsa_mode = mode
+
+
+def set_indexer_precision(model: nn.Module, precision: Precision) -> None:
+    """Score every lightning indexer of `model` in `precision`: "bf16" (unquantised, the default, as transformers)
+    or "fp8" (Hadamard rotation + FP8 rounding of q^I/k^I, as the V3.2-Exp inference code; see `fp8_round`).
+    Rounded keys are what gets cached, so switch before filling a cache, not in the middle of a sequence."""
+    if precision not in ("bf16", "fp8"):
+        raise ValueError(f"indexer precision {precision!r}: expected 'bf16' or 'fp8'")
+    found = indexers(model)
+    if not found:
+        raise ValueError("set_indexer_precision: the model has no lightning indexer (config.index_topk is None)")
+    for ind in found:
+        if precision == "fp8":
+            _check_hadamard_dim(ind.head_dim)
+        ind.precision = precision
 
 
 def indexers(model: nn.Module) -> list[Indexer]:
