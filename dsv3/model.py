@@ -105,23 +105,28 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int | torch.Tensor = 0,
-                *, impl: AttnImpl = "auto", return_hidden: bool = False, logits_to_keep: int = 0):
+                *, impl: AttnImpl = "auto", return_hidden: bool = False, logits_to_keep: int = 0,
+                attend_length: int | None = None):
         """input_ids: [B, T] -> logits [B, T, V] (and the final normed hidden state [B, T, D] if return_hidden).
 
         start_pos: position of input_ids[:, 0], an int or a LongTensor [B] (one per cache row). With a cache, the
         new tokens' latents are stored at those positions and attention sees everything before them.
         logits_to_keep: if > 0, only the last that many positions get logits ([B, logits_to_keep, V]), as in
         transformers: a prefill that samples one token skips T - 1 rows of the head (V x D each).
+        attend_length: with a cache, how many of its slots attention spans (S); by default max(start_pos) + T,
+        which reads a tensor start_pos back to the host. cache.max_seq_len gives static shapes for torch.compile
+        and CUDA graphs (slots beyond each row's position are masked, as in gpt-fast).
         """
-        h = self.hidden_states(input_ids, cache, start_pos, impl=impl)
+        h = self.hidden_states(input_ids, cache, start_pos, impl=impl, attend_length=attend_length)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         return (logits, h) if return_hidden else logits
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                      start_pos: int | torch.Tensor = 0, *, impl: AttnImpl = "auto") -> torch.Tensor:
+                      start_pos: int | torch.Tensor = 0, *, impl: AttnImpl = "auto",
+                      attend_length: int | None = None) -> torch.Tensor:
         """input_ids: [B, T] -> final normed hidden states [B, T, D]."""
         B, T = input_ids.shape
-        positions, mask, length = self._positions_and_mask(B, T, input_ids.device, cache, start_pos)
+        positions, mask, length = self._positions_and_mask(B, T, input_ids.device, cache, start_pos, attend_length)
         cos, sin = self.rotary(positions)
         h = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
@@ -152,15 +157,16 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(positions)
         return mtp(x, cos, sin, mask, positions, cache, 0, length, "naive" if cache is None else "auto")
 
-    def _positions_and_mask(self, B: int, T: int, device, cache: KVCache | None, start_pos):
+    def _positions_and_mask(self, B: int, T: int, device, cache: KVCache | None, start_pos,
+                            attend_length: int | None = None):
         """positions [B, T]; mask [B, T, S] (key j visible to query t iff j <= position t); S (= cache length)."""
         steps = torch.arange(T, device=device)
         if isinstance(start_pos, torch.Tensor):
             positions = start_pos.to(device).view(-1, 1) + steps  # [B, T]
-            length = int(start_pos.max()) + T
+            length = attend_length or int(start_pos.max()) + T
         else:
             positions = (start_pos + steps).expand(B, T)
-            length = start_pos + T
+            length = attend_length or start_pos + T
         if cache is None:
             key_pos = positions[:, None, :]  # keys are the T new tokens themselves
         else:

@@ -147,12 +147,30 @@ def test_sync_free_decoding_with_stops_equals_the_per_step_check(model):
 
 
 
+def test_static_decode_step_equals_the_reference_step(model):
+    """The static-shape step (tensor positions, attention over the whole cache, masked) that torch.compile and
+    CUDA graphs run is the same function as the plain step, per row at different positions."""
+    from dsv3.generation import _static_step, _step
+    ids = torch.randint(2, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        ref_cache, static_cache = model.new_cache(2, 16), model.new_cache(2, 16)
+        for cache in (ref_cache, static_cache):
+            model(ids, cache, 0)
+        for pos in range(6, 10):
+            tokens = ids[:, pos - 6]
+            ref = _step(model, tokens, ref_cache, pos)
+            static = _static_step(model, tokens, static_cache, torch.tensor([pos, pos]))
+            torch.testing.assert_close(static, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(static_cache.kv, ref_cache.kv)  # later layers: summation order over S differs
+
+
 def test_compiled_decode_step_gives_the_eager_tokens(model):
-    """generate(compile=True) runs the decode step through torch.compile (inductor); on CPU the MoE must then take
-    the sync-free gather path (the copy-free pairs path reads expert ids on the host, a graph break)."""
+    """generate(compile=True) runs the static-shape decode step through torch.compile (inductor), one graph: on CPU
+    the MoE must take the sync-free gather path there (the copy-free pairs path reads expert ids on the host)."""
     ids = torch.randint(2, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
     compiled = dsv3.generate(model, ids, 10, compile=True)
     assert torch.equal(compiled, dsv3.generate(model, ids, 10))
     with torch.inference_mode():
-        explanation = torch._dynamo.explain(dsv3.generation._step)(model, compiled[:, -1], model.new_cache(2, 20), 9)
+        explanation = torch._dynamo.explain(dsv3.generation._static_step)(
+            model, compiled[:, -1], model.new_cache(2, 20), torch.tensor([9, 9]))
     assert explanation.graph_break_count == 0, explanation.break_reasons
