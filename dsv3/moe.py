@@ -187,8 +187,9 @@ class MoE(nn.Module):
         offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
         h = torch._grouped_mm(x[token], gate_up.transpose(-2, -1), offs=offs)  # [N·K, 2I]
         gate, up = h.chunk(2, dim=-1)
-        y = torch._grouped_mm((F.silu(gate) * up).contiguous(), down.transpose(-2, -1), offs=offs)  # [N·K, D]
-        y = y * weights.flatten()[order, None].to(x.dtype)
+        # the routing weight scales the I-wide hidden before the (linear) down projection, not its D-wide output
+        h = F.silu(gate) * up * weights.flatten()[order, None].to(x.dtype)
+        y = torch._grouped_mm(h, down.transpose(-2, -1), offs=offs)  # [N·K, D]
         return torch.zeros_like(x).index_add_(0, token, y)
 
     def _stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
