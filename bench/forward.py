@@ -1,12 +1,15 @@
-"""Prefill tokens/s and decode ms/token: dsv3 against transformers on the same checkpoint, same machine, one run.
+"""Prefill and decode speed: dsv3.generate against transformers' generate on the same checkpoint, same machine, one run.
 
-    python bench/forward.py [--model DIR] [--prompt-len 256] [--new-tokens 64] [--repeat 5] [--threads 1]
+    python bench/forward.py [--model DIR] [--prompt-len 256] [--new-tokens 64] [--repeat 5] [--threads 1] [--compile]
 
 Without --model it uses the bundled model. Both run in float32 on CPU (bf16 matmuls are slow on most CPUs), with the
-same thread count, timed as the median of --repeat runs. Decode ms/token = (t(N) - t(1)) / (N - 1) of each library's
-`generate`, so prefill is not counted. transformers runs with EOS stopping switched off
-(`generation_config.eos_token_id = None`; `min_new_tokens` would instead *suppress* EOS and change the greedy
-tokens), and the greedy tokens of both are compared, so a speed-up never hides a different answer.
+same thread count, timed as the median of --repeat runs. Prefill = the time of each library's generate for one new
+token (time to first token: both compute the head for the last position only). Decode ms/token =
+(t(N) - t(1)) / (N - 1) of each library's generate, so prefill is not counted. --compile adds dsv3's
+`generate(..., compile=True)` (the decode step through torch.compile; its one-off compile time is printed, not
+counted). transformers runs with EOS stopping switched off (`generation_config.eos_token_id = None`;
+`min_new_tokens` would instead *suppress* EOS and change the greedy tokens), and the greedy tokens of every variant
+are compared, so a speed-up never hides a different answer.
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ import torch
 import dsv3
 
 
-def median_time(fn, repeat: int) -> float:
-    """Median wall time of fn() over `repeat` runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_times(fns: dict, repeat: int) -> dict:
+    """Median wall time of each fn() over `repeat` rounds, after one warm-up round. The fns take turns within a
+    round, so a change in machine load hits all of them alike."""
+    times = {name: [] for name in fns}
+    for round_ in range(repeat + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -39,6 +44,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="also time generate(..., compile=True)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -53,20 +59,31 @@ def main() -> None:
     def hf(x, k):
         return theirs.generate(x, max_new_tokens=k, do_sample=False, pad_token_id=ours.config.eos_token_id)
 
+    variants = {"dsv3": lambda x, k: dsv3.generate(ours, x, k), "transformers": hf}
+    compile_s = None
     with torch.inference_mode():
         reference = theirs(prompt).logits
         err = ((ours(prompt) - reference).norm() / reference.norm()).item()
-        same = torch.equal(dsv3.generate(ours, prompt, n), hf(prompt, n))
-        pre = [median_time(lambda: ours(prompt), r), median_time(lambda: theirs(prompt).logits, r)]
-        dec = [(median_time(lambda: g(prompt, n), r) - median_time(lambda: g(prompt, 1), r)) / (n - 1)
-               for g in (lambda x, k: dsv3.generate(ours, x, k), hf)]
+        if args.compile:
+            start = time.perf_counter()
+            dsv3.generate(ours, prompt, 2, compile=True)  # compiles the decode step once (dynamic shapes)
+            compile_s = time.perf_counter() - start
+            variants["dsv3 compile=True"] = lambda x, k: dsv3.generate(ours, x, k, compile=True)
+        expected = hf(prompt, n)
+        same = {name: torch.equal(g(prompt, n), expected) for name, g in variants.items()}
+        first = median_times({name: lambda g=g: g(prompt, 1) for name, g in variants.items()}, r)
+        full = median_times({name: lambda g=g: g(prompt, n) for name, g in variants.items()}, r)
+        decode = {name: (full[name] - first[name]) / (n - 1) for name in variants}
     print(f"model {path}: {ours.num_parameters() / 1e6:.2f}M parameters, float32, {args.threads} thread(s), "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, median of {r}")
-    print(f"logits relative error vs transformers: {err:.2e}; same greedy tokens ({n} new): {same}")
-    print(f"{'':24}{'dsv3':>12}{'transformers':>14}{'ratio':>8}")
-    print(f"{'prefill tokens/s':24}{args.prompt_len / pre[0]:12.0f}{args.prompt_len / pre[1]:14.0f}"
-          f"{pre[1] / pre[0]:7.2f}x")
-    print(f"{'decode ms/token':24}{dec[0] * 1e3:12.2f}{dec[1] * 1e3:14.2f}{dec[1] / dec[0]:7.2f}x")
+    print(f"logits relative error vs transformers: {err:.2e}; same greedy tokens as transformers ({n} new): {same}")
+    if compile_s is not None:
+        print(f"torch.compile of the decode step: {compile_s:.0f} s (once per process)")
+    hf_first, hf_decode = first["transformers"], decode["transformers"]
+    print(f"{'':22}{'prefill tokens/s':>17}{'vs transformers':>16}{'decode ms/token':>17}{'vs transformers':>16}")
+    for name in variants:
+        print(f"{name:22}{args.prompt_len / first[name]:17.0f}{hf_first / first[name]:15.2f}x"
+              f"{decode[name] * 1e3:17.2f}{hf_decode / decode[name]:15.2f}x")
 
 
 if __name__ == "__main__":
