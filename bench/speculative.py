@@ -15,7 +15,7 @@ import torch
 
 import dsv3
 from dsv3.speculative import speculative_generate
-from forward import median_time  # bench/ is on sys.path when run as `python bench/speculative.py`
+from forward import median_times  # bench/ is on sys.path when run as `python bench/speculative.py`
 
 TEXTS = ["The history of the city begins", "Once upon a time there was a", "In mathematics, a group is",
          "The river flows through the valley and"]
@@ -39,8 +39,9 @@ def main() -> None:
             out, stats = speculative_generate(model, ids, n, return_stats=True)
             same &= torch.equal(out, dsv3.generate(model, ids, n))
             drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
-            t_plain += median_time(lambda: dsv3.generate(model, ids, n), r)
-            t_spec += median_time(lambda: speculative_generate(model, ids, n), r)
+            times = median_times({"plain": lambda: dsv3.generate(model, ids, n),
+                                  "speculative": lambda: speculative_generate(model, ids, n)}, r)
+            t_plain, t_spec = t_plain + times["plain"], t_spec + times["speculative"]
     print(f"model {path}: {model.num_parameters() / 1e6:.2f}M parameters, float32, 1 thread, "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, median of {r}")
     print(f"MTP draft, {len(TEXTS)} text prompts x {n} tokens: acceptance {accepted}/{drafted} = "
