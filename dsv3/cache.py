@@ -62,15 +62,24 @@ class KVCache:
         """
         if length > self.max_seq_len:
             raise ValueError(f"KVCache: position {length - 1} is beyond max_seq_len={self.max_seq_len}")
-        rows = torch.arange(kv.shape[0], device=kv.device)[:, None]
-        self.kv[layer][rows, positions] = kv.to(self.kv.dtype)
-        self.pe[layer][rows, positions] = pe.to(self.pe.dtype)
+        index = self._index(layer, positions)
+        self.kv.index_put_(index, kv.to(self.kv.dtype))
+        self.pe.index_put_(index, pe.to(self.pe.dtype))
         return self.kv[layer, :, :length], self.pe[layer, :, :length]
+
+    @staticmethod
+    def _index(layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(layer, row, position) index tensors for writing [B, T] entries into an [L, B, S, d] buffer.
+
+        One index_put_ on the whole buffer, not on its layer view `buf[layer]`: torch.compile turns a write into
+        a view of a graph input into a copy of the entire buffer, every layer and step (~6 MB per decode step on
+        the bundled model); a write into the input itself is done in place."""
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        return torch.full_like(positions, layer), rows, positions
 
     def update_index(self, layer: int, positions: torch.Tensor, k: torch.Tensor, length: int) -> torch.Tensor:
         """Write the indexer keys k: [B, T, index_head_dim] at positions: [B, T]; return the first `length` slots."""
         if self.ik is None:
             raise ValueError("KVCache.update_index: this cache has no indexer keys (config.index_topk is None)")
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.ik[layer][rows, positions] = k.to(self.ik.dtype)
+        self.ik.index_put_(self._index(layer, positions), k.to(self.ik.dtype))
         return self.ik[layer, :, :length]
