@@ -194,7 +194,8 @@ class Engine:
             ids[b, :lengths[b]] = torch.tensor(seq.tokens[starts[b]:], device=self.device)
         first = group[0].row
         rows = self.cache.rows(slice(first, first + len(group)))
-        logits = self.model(ids, rows, torch.tensor(starts, device=self.device), impl="naive")  # [k, T, V]
+        logits = self.model(ids, rows, torch.tensor(starts, device=self.device), impl="naive",
+                            attend_length=max(starts) + ids.shape[1])  # [k, T, V]; the length known on the host
         prompt_lps = []
         for b, seq in enumerate(group):
             seq.n_computed = seq.n_prompt
@@ -226,8 +227,10 @@ class Engine:
     def _decode(self) -> None:
         seqs = list(self.scheduler.running)
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # [R, 1]
-        positions = torch.tensor([len(s.tokens) - 1 for s in seqs], device=self.device)  # [R]
-        logits = self.model(ids, self.cache.rows(slice(0, len(seqs))), positions)[:, -1]  # [R, V]
+        positions = [len(s.tokens) - 1 for s in seqs]
+        # attend_length from the host's lengths: the model need not read the positions tensor back from the device
+        logits = self.model(ids, self.cache.rows(slice(0, len(seqs))), torch.tensor(positions, device=self.device),
+                            attend_length=max(positions) + 1)[:, -1]  # [R, V]
         self._sample(seqs, logits)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, prompt_lps: list | None = None) -> None:
