@@ -24,9 +24,10 @@ MoEImpl = Literal["auto", "loop", "gather", "grouped"]
 
 
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    """torch._grouped_mm runs on CPU (fp32/bf16, torch 2.13) and on CUDA for bf16 on sm90+ only."""
+    """torch._grouped_mm runs on CPU (fp32/bf16, torch 2.13) and on CUDA for bf16 on sm90+ only; under
+    torch.compile for bf16 only (its shape function rejects fp32, torch 2.13)."""
     if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.bfloat16)
+        return x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not torch.compiler.is_compiling())
     return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 

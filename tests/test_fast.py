@@ -174,3 +174,8 @@ def test_compiled_decode_step_gives_the_eager_tokens(model):
         explanation = torch._dynamo.explain(dsv3.generation._static_step)(
             model, compiled[:, -1], model.new_cache(2, 20), torch.tensor([9, 9]))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+    # a batch whose N·K exceeds the gather path's limit: fp32 grouped matmuls cannot be traced (torch 2.13), the
+    # compiled step must fall back rather than fail
+    wide = torch.randint(2, model.config.vocab_size, (40, 5), generator=torch.Generator().manual_seed(4))
+    assert 40 * model.config.num_experts_per_tok > model.model.layers[-1].mlp.gather_max_pairs
+    assert torch.equal(dsv3.generate(model, wide, 4, compile=True), dsv3.generate(model, wide, 4))
