@@ -120,3 +120,28 @@ def test_cli_chat_with_a_saved_model(model, tmp_path):
     missing = parser.parse_args(["chat", "--model", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="no config.json"):
         missing.func(missing)
+
+
+def test_cli_chat_compile_flag_reaches_the_decode_step(model, tmp_path, monkeypatch):
+    """--compile makes generation ask for the compiled decode step; the step itself is stubbed with its eager
+    static-shape form here (compiling takes a minute; tests/test_fast.py checks the compiled step)."""
+    from dsv3 import generation
+    from dsv3.checkpoint import save_pretrained
+
+    save_pretrained(model, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(BUNDLED / name, tmp_path / name)
+    asked = []
+    monkeypatch.setattr(generation, "decode_step", lambda compile, device_type: asked.append(compile) or (
+        generation._static_step if compile else generation._step))
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    outputs = []
+    for flags in ([], ["--compile"]):
+        args = parser.parse_args(["chat", "--model", str(tmp_path), "--max-new-tokens", "5", "--temperature", "0",
+                                  "--device", "cpu", *flags])
+        out = io.StringIO()
+        assert args.func(args, scripted(["Hello"]), out) == 0
+        outputs.append(out.getvalue())
+    assert asked == [False, True]
+    assert outputs[0] == outputs[1]
