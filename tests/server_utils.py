@@ -19,11 +19,21 @@ BUNDLED = Path(dsv3.__file__).parent / "bundled"
 MODEL_NAME = "tiny-test"
 
 
-def tiny_model(seed: int = 0) -> Transformer:
-    """A tiny random model on the bundled tokenizer's vocabulary. initializer_range=0.1 spreads the logits, so
-    greedy choices are not near-ties that float rounding between batch shapes could flip."""
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    """A tiny random model on the bundled tokenizer's vocabulary (config fields as overrides). initializer_range=0.1
+    spreads the logits, so greedy choices are not near-ties that float rounding between batch shapes could flip."""
     torch.manual_seed(seed)
-    return Transformer(ModelConfig.tiny(vocab_size=8192, initializer_range=0.1)).eval()
+    return Transformer(ModelConfig.tiny(**{"vocab_size": 8192, "initializer_range": 0.1, **overrides})).eval()
+
+
+def run_engine(engine, requests: list) -> list:
+    """Submit every request, step the engine until idle (no engine thread), collect the Results."""
+    from dsv3.engine import Result
+
+    handles = [engine.submit(r) for r in requests]
+    while engine.scheduler.has_work():
+        engine.step()
+    return [Result.of(h) for h in handles]
 
 
 def make_model_dir(path: Path, seed: int = 0) -> Path:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import dsv3
 import dsv3.cli
-from dsv3.engine import Engine, EngineConfig, Request, Result
+from dsv3.engine import Engine, EngineConfig, Request
 from dsv3.eval.mmlu_data import load_mmlu, prompt, subject_prefix
 from dsv3.eval.mmlu_scorers import ModelScorer
 from dsv3.generation import generate
@@ -21,7 +21,7 @@ from dsv3.speculative import speculative_generate
 from dsv3.tokenizer import Tokenizer
 from dsv3.train_state import checkpoints
 
-from server_utils import BUNDLED
+from server_utils import BUNDLED, run_engine as run, tiny_model
 
 TOPK = 4  # far fewer than the prompts' tokens: which keys the indexer picks decides the output
 
@@ -30,23 +30,12 @@ TOPK = 4  # far fewer than the prompts' tokens: which keys the indexer picks dec
 def model():
     """float64 (as in test_engine.py), so that batched and cached computations, which round differently, cannot
     flip a greedy choice or a top-k pick."""
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    config = dsv3.ModelConfig.tiny(vocab_size=8192, initializer_range=0.1, index_n_heads=4, index_head_dim=16,
-                                   index_topk=TOPK)
-    return dsv3.Transformer(config).eval().double()
+    return tiny_model(index_n_heads=4, index_head_dim=16, index_topk=TOPK).double()
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return Tokenizer.from_pretrained(BUNDLED)
-
-
-def run(engine: Engine, requests: list[Request]) -> list[Result]:
-    handles = [engine.submit(r) for r in requests]
-    while engine.scheduler.has_work():
-        engine.step()
-    return [Result.of(h) for h in handles]
 
 
 def reference(model, ids: list[int], n: int) -> list[int]:

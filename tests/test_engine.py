@@ -10,7 +10,7 @@ from dsv3.generation import generate
 from dsv3.sampling import SamplingParams
 from dsv3.tokenizer import Tokenizer
 
-from server_utils import BUNDLED, tiny_model
+from server_utils import BUNDLED, run_engine as run, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +24,6 @@ def model():
 @pytest.fixture(scope="module")
 def tokenizer():
     return Tokenizer.from_pretrained(BUNDLED)
-
-
-def run(engine: Engine, requests: list[Request]) -> list[Result]:
-    """Submit everything, step until idle (no engine thread), collect."""
-    handles = [engine.submit(r) for r in requests]
-    while engine.scheduler.has_work():
-        engine.step()
-    return [Result.of(h) for h in handles]
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
