@@ -20,8 +20,8 @@ from starlette.background import BackgroundTask
 
 from ..engine import Delta, Request, TokenLogprob
 from .common import (FINGERPRINT, Job, check_model, collect_results, engine_failure, max_new_tokens,
-                     observe_finish, post_process, sampling_params, sse, stop_strings, submit,
-                     stream_choices, token_text, usage_body)
+                     observe_finish, post_process, sampling_params, stop_strings, submit,
+                     stream_choices, stream_chunk, token_text, usage_body)
 from .errors import bad_request
 from .schemas import ChatCompletionRequest
 
@@ -115,16 +115,8 @@ async def chat_completions(state, request: HTTPRequest, body: ChatCompletionRequ
 
 
 async def _chat_stream(state, body, job: Job, rid: str, created: int):
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    chunk, include_usage = stream_chunk(state, body, rid, created, "chat.completion.chunk")
     want_logprobs = bool(body.logprobs)
-
-    def chunk(choices, usage=None):
-        payload = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                   "system_fingerprint": FINGERPRINT, "choices": choices}
-        if include_usage:
-            payload["usage"] = usage
-        return sse(payload)
-
     yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for k in range(len(job.handles))])
 

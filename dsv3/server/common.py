@@ -203,6 +203,21 @@ def sse(payload) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+def stream_chunk(state, body, rid: str, created: int, object_name: str):
+    """(chunk, include_usage) for one stream: chunk(choices, usage=None) -> one SSE event in the envelope both
+    endpoints share; it carries "usage" (null until the final chunk) only when stream_options.include_usage asks."""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(choices, usage=None):
+        payload = {"id": rid, "object": object_name, "created": created, "model": state.model_name,
+                   "system_fingerprint": FINGERPRINT, "choices": choices}
+        if include_usage:
+            payload["usage"] = usage
+        return sse(payload)
+
+    return chunk, include_usage
+
+
 async def stream_choices(state, job: Job, chunk, include_usage: bool, render):
     """The SSE loop both endpoints share: keep-alive comments, a mid-stream engine failure as an error event,
     per-choice finish accounting, the final usage chunk when asked for, and `data: [DONE]`.

@@ -18,8 +18,8 @@ from starlette.background import BackgroundTask
 
 from ..engine import Delta, Request, TokenLogprob
 from .common import (FINGERPRINT, Job, check_model, collect_results, engine_failure, max_new_tokens,
-                     observe_finish, post_process, sampling_params, sse, stop_strings, submit,
-                     stream_choices, token_text, usage_body)
+                     observe_finish, post_process, sampling_params, stop_strings, submit,
+                     stream_choices, stream_chunk, token_text, usage_body)
 from .errors import bad_request
 from .schemas import CompletionRequest
 
@@ -113,18 +113,11 @@ async def completions(state, request: HTTPRequest, body: CompletionRequest):
 
 
 async def _completion_stream(state, body, job: Job, texts: list[str], rid: str, created: int):
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(choices, usage=None):
-        payload = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-                   "system_fingerprint": FINGERPRINT, "choices": choices}
-        if include_usage:
-            payload["usage"] = usage
-        return sse(payload)
-
+    chunk, include_usage = stream_chunk(state, body, rid, created, "text_completion")
     if body.echo:
         yield chunk([{"index": k, "text": texts[job.prompt_of[k]], "logprobs": None, "finish_reason": None}
                      for k in range(len(job.handles))])
+
     def render(k, delta, text):
         logprobs = None
         if body.logprobs is not None and delta.logprobs:
