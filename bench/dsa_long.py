@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import dsv3
 from dsv3 import dsa
 from dsv3.checkpoint import load_pretrained
-from dsv3.data import PackedSequences, tokenize
+from dsv3.data import PackedSequences, read_documents, tokenize
 from dsv3.train import TrainConfig, train
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
@@ -55,7 +55,7 @@ OWN_MODE = {"bundled": "dense", "dense": "dense", "dsa": "sparse", "window": "wi
 
 def corpus_tokens(tok: dsv3.Tokenizer, name: str) -> np.ndarray:
     """A corpus file, one document per line, packed as `dsv3 train` packs it."""
-    return tokenize((line for line in (CORPUS / name).read_text().splitlines() if line.strip()), tok)
+    return tokenize(read_documents([CORPUS / name]), tok)
 
 
 @torch.no_grad()
