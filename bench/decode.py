@@ -80,7 +80,9 @@ def compiled_rows(args, ours, prompt, n, run, hf_times, report, floor) -> None:
     compiled = dsv3.generate(ours, prompt, 8, compile=True)
     print(f"torch.compile warm-up {time.perf_counter() - start:.1f} s; same tokens as eager: "
           f"{torch.equal(compiled, eager)}", flush=True)
-    gen = lambda x, k: dsv3.generate(ours, x, k, compile=True)  # noqa: E731
+    def gen(x, k):
+        return dsv3.generate(ours, x, k, compile=True)
+
     t_c, t_hf = decode_seconds(run, gen, prompt, n, args.repeat), hf_times[1]
     report("decode batch 1 (compile)", t_c * 1e3, t_hf and t_hf * 1e3, floor(1) * 1e3, "ms/token", False)
     B = max(int(b) for b in args.batches.split(","))
