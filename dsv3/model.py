@@ -115,8 +115,11 @@ class Transformer(nn.Module):
         transformers: a prefill that samples one token skips T - 1 rows of the head (V x D each).
         attend_length: with a cache, how many of its slots attention spans (S); by default max(start_pos) + T,
         which reads a tensor start_pos back to the host. cache.max_seq_len gives static shapes for torch.compile
-        and CUDA graphs (slots beyond each row's position are masked, as in gpt-fast).
+        and CUDA graphs (slots beyond each row's position are masked, as in gpt-fast). It must cover every new
+        token's position (checked for an int start_pos; a tensor one is not read back to check).
         """
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
         h = self.hidden_states(input_ids, cache, start_pos, impl=impl, attend_length=attend_length)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         return (logits, h) if return_hidden else logits
@@ -166,6 +169,9 @@ class Transformer(nn.Module):
             length = attend_length or int(start_pos.max()) + T
         else:
             positions = (start_pos + steps).expand(B, T)
+            if attend_length is not None and attend_length < start_pos + T:
+                raise ValueError(f"attend_length={attend_length} leaves out the new tokens' own positions "
+                                 f"(start_pos={start_pos}, T={T}): expected at least {start_pos + T}")
             length = attend_length or start_pos + T
         if cache is None:
             key_pos = positions[:, None, :]  # keys are the T new tokens themselves

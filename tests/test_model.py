@@ -134,3 +134,15 @@ def test_logits_to_keep_gives_the_last_positions_only():
     torch.testing.assert_close(model(ids, logits_to_keep=2), full[:, -2:])
     cache = model.new_cache(2, 6)
     torch.testing.assert_close(model(ids, cache, 0, logits_to_keep=1), full[:, -1:])
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, logits_to_keep=-1)
+
+
+def test_attend_length_must_cover_the_new_tokens():
+    torch.manual_seed(0)
+    model = dsv3.Transformer(dsv3.ModelConfig.tiny()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 4))
+    cache = model.new_cache(1, 16)
+    torch.testing.assert_close(model(ids, cache, 0, attend_length=16), model(ids))  # masked extra slots
+    with pytest.raises(ValueError, match="attend_length=3"):
+        model(ids, model.new_cache(1, 16), 0, attend_length=3)
