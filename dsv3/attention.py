@@ -91,12 +91,19 @@ class MLA(nn.Module):
                 return self.o_proj(out.flatten(2))
         if impl == "auto":
             impl = "absorb" if x.shape[1] == 1 else "naive"
-        attend = self._absorbed if impl == "absorb" else self._naive
-        out = attend(q_nope, q_pe, c_kv.to(x.dtype), k_pe.to(x.dtype), mask)  # [B, T, H, d_v]
+        if impl == "absorb":
+            out = self._absorbed(q_nope, q_pe, c_kv.to(x.dtype), k_pe.to(x.dtype), mask)  # [B, T, H, d_v]
+        else:
+            # keys are the T new tokens themselves (no cache, or a cache filled from position 0: length == T, as
+            # every position must be < length): the mask is plain causal, which SDPA's fused kernels can skip
+            causal = cache is None or length == x.shape[1]
+            out = self._naive(q_nope, q_pe, c_kv.to(x.dtype), k_pe.to(x.dtype), None if causal else mask)
         return self.o_proj(out.flatten(2))
 
-    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
-        """Expand keys/values per head: k = [W_UK c ; k_pe], v = W_UV c; then softmax(q·k·scale) v."""
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
+        """Expand keys/values per head: k = [W_UK c ; k_pe], v = W_UV c; then softmax(q·k·scale) v.
+
+        mask None: causal with S == T (is_causal lets the fused kernels skip the blocks above the diagonal)."""
         B, S, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.d_nope + self.d_v)
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
@@ -108,7 +115,8 @@ class MLA(nn.Module):
             # math path (~3x slower at T=256 here): pad v with zeros, drop the padded output columns below.
             v = F.pad(v, (0, d_qk - self.d_v))
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask[:, None], scale=self.softmax_scale)
+                                             attn_mask=None if mask is None else mask[:, None],
+                                             is_causal=mask is None, scale=self.softmax_scale)
         out = out.transpose(1, 2)  # [B, T, H, d_v (padded on CPU)]
         return out[..., :self.d_v] if padded else out
 

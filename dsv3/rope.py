@@ -70,7 +70,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
     interleave=True: pairs are (x[2i], x[2i+1]) as DeepSeek's checkpoints store them (official `apply_rotary_emb`);
     False: pairs are (x[i], x[i + d/2]) (Llama's rotate_half). Both rotate pair i by angle position·inv_freq[i].
+    Eager interleaved rotation is one complex multiply, as the official code does it (4x faster than the ~10 small
+    ops of `apply_rope_reference` at T=256, and fewer ops per decode step); compiled graphs fuse the plain form.
     """
+    if not interleave or torch.compiler.is_compiling():
+        return apply_rope_reference(x, cos, sin, interleave)
+    rot = torch.complex(cos, sin)  # e^{i·angle}: [B, T, d/2]
+    if x.dim() == 4:
+        rot = rot[:, :, None]
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # x[2i] + i·x[2i+1]
+    return torch.view_as_real(pairs * rot).flatten(-2).to(x.dtype)
+
+
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """`apply_rope` written out in real arithmetic (the reference its complex form is tested against)."""
     if x.dim() == 4:  # [B, T, H, d]: broadcast over heads
         cos, sin = cos[:, :, None], sin[:, :, None]
     xf = x.float()

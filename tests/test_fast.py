@@ -1,5 +1,6 @@
 """Fast inference paths against their references: MoE gather/grouped vs the per-token loop, the stacked expert
-weights staying in step with the modules, sync-free greedy decoding vs the per-step check, and the
+weights staying in step with the modules, complex-multiply RoPE vs real arithmetic, causal SDPA vs the explicit
+mask, sync-free greedy decoding vs the per-step check, and the
 torch.compile'd decode step vs eager (one compile, ~1-2 minutes on a 2-core CPU: the slowest test in the suite)."""
 
 import pytest
@@ -135,6 +136,33 @@ def test_model_logits_are_the_same_with_every_moe_path(model):
         m.impl = "auto"
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_complex_rope_equals_the_real_arithmetic_reference(dtype):
+    from dsv3.rope import apply_rope, apply_rope_reference
+    g = torch.Generator().manual_seed(0)
+    angles = torch.randn(2, 5, 8, generator=g) * 50  # large angles too, as at long positions
+    cos, sin = angles.cos(), angles.sin()
+    q = torch.randn(2, 5, 3, 40, generator=g).to(dtype)[..., 24:]  # a slice at an offset, as MLA's q_pe is
+    k = torch.randn(2, 5, 16, generator=g).to(dtype)
+    for x in (q, k):
+        fast, ref = apply_rope(x, cos, sin, True), apply_rope_reference(x, cos, sin, True)
+        assert fast.dtype == dtype and fast.shape == x.shape
+        torch.testing.assert_close(fast, ref)  # dtype-aware defaults: fp32 1.3e-6, bf16 one rounding step
+    assert torch.equal(apply_rope(k, cos, sin, False), apply_rope_reference(k, cos, sin, False))
+
+
+def test_causal_prefill_equals_the_explicitly_masked_one(model):
+    """A prefill whose keys are exactly its own tokens runs SDPA with is_causal (no mask tensor); attending over a
+    longer cache span takes the masked path. Same logits, same cache."""
+    ids = torch.randint(2, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        causal_cache, masked_cache = model.new_cache(2, 16), model.new_cache(2, 16)
+        causal = model(ids, causal_cache, 0)
+        masked = model(ids, masked_cache, 0, attend_length=16)
+    torch.testing.assert_close(causal, masked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(causal_cache.kv, masked_cache.kv, rtol=1e-5, atol=1e-5)
 
 
 def test_sync_free_decoding_with_stops_equals_the_per_step_check(model):
