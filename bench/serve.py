@@ -171,9 +171,15 @@ def main() -> None:
     parser.add_argument("--system-tokens", type=int, default=1500,
                         help="length of the shared system prompt (at most half the model's context)")
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads (the clients share the CPU)")
-    parser.add_argument("--conversations", type=int, default=3)
+    parser.add_argument("--conversations", type=int, default=3, help="multi-turn chats per prefix-cache server "
+                        "(0 skips the prefix-cache phase)")
     parser.add_argument("--turns", type=int, default=4)
     args = parser.parse_args()
+    for name in ("max_tokens", "requests", "system_tokens", "threads", "turns"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.conversations < 0 or min(args.clients) < 1:
+        parser.error("--conversations must be >= 0 and every --clients value >= 1")
 
     with tempfile.TemporaryDirectory() as scratch:
         path, what = model_dir(args.model, Path(scratch))
@@ -192,6 +198,8 @@ def main() -> None:
                   f"{pct(r['ttft'], .5):>8.3f}s {pct(r['ttft'], .99):>8.3f}s {pct(r['latency'], .5):>7.3f}s "
                   f"{pct(r['latency'], .99):>7.3f}s")
 
+        if not args.conversations:
+            return
         chats, system = {}, system_prompt(path, min(args.system_tokens, context // 2))
         for label, flags in (("prefix cache off", ["--prefix-cache-mb", "0"]), ("prefix cache on", [])):
             with server(path, *sizes, *flags) as url:
