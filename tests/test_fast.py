@@ -206,6 +206,10 @@ def test_compiled_decode_step_gives_the_eager_tokens(model):
     ids = torch.randint(2, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
     compiled = dsv3.generate(model, ids, 10, compile=True)
     assert torch.equal(compiled, dsv3.generate(model, ids, 10))
+    # steps after the first skip dynamo's guard checks, around the call only: never while the caller runs
+    from torch._dynamo.eval_frame import _is_skip_guard_eval_unsafe_stance
+    for _ in dsv3.stream_generate(model, ids, 4, compile=True):
+        assert not _is_skip_guard_eval_unsafe_stance()
     with torch.inference_mode():
         explanation = torch._dynamo.explain(dsv3.generation._static_step)(
             model, compiled[:, -1], model.new_cache(2, 20), torch.tensor([9, 9]))
