@@ -166,8 +166,21 @@ def main() -> None:
         t_ours = decode_seconds(run, ours_gen(), prompt, n, args.repeat)
         t_hf = decode_seconds(run, hf_gen, prompt, n, 1) if theirs is not None else None
         hf_times = {1: t_hf}
-        report("decode batch 1", t_ours * 1e3, t_hf and t_hf * 1e3, floors(config, ours, 1, ctx, args.bandwidth,
-                                                                           elem) * 1e3, "ms/token", False)
+        floor1 = floors(config, ours, 1, ctx, args.bandwidth, elem)
+        report("decode batch 1", t_ours * 1e3, t_hf and t_hf * 1e3, floor1 * 1e3, "ms/token", False)
+        # eager MoE at batch 1: "auto" gathers the chosen experts' weights on a GPU (copies; fused away only under
+        # torch.compile); on CPU grouped matmuls were faster at every batch size (bench/RESULTS.md): compare here
+        moes = [layer.mlp for layer in ours.model.layers if isinstance(layer.mlp, dsv3.moe.MoE)]
+        try:
+            for moe in moes:
+                moe.impl = "grouped"
+            t_grouped = decode_seconds(run, ours_gen(), prompt, n, args.repeat)
+            report("decode batch 1 (grouped)", t_grouped * 1e3, t_hf and t_hf * 1e3, floor1 * 1e3, "ms/token", False)
+        except ValueError as error:  # no torch._grouped_mm for this dtype/device
+            print(f"decode batch 1 (grouped): {error}", flush=True)
+        finally:
+            for moe in moes:
+                moe.impl = "auto"
         for B in (int(b) for b in args.batches.split(",")):
             batch = prompt.expand(B, -1).clone()
             batch[:, 0] = torch.arange(B, device=device)  # distinct rows
