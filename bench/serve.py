@@ -3,6 +3,7 @@ time-to-first-token in a multi-turn chat with a long shared system prompt.
 
     python bench/serve.py                      # the bundled model (a tiny random one if it is not built yet)
     python bench/serve.py --model DIR --max-tokens 64
+    python bench/serve.py --compile            # the servers' decode step through torch.compile
 
 The server runs as a subprocess (`python -m dsv3.cli serve`, as users start it); the clients are streaming httpx
 requests in this process, with the SSE parsed by hand so that the clients take little of the CPU the server needs
@@ -70,7 +71,7 @@ def server(path: Path, *flags: str):
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + (600 if "--compile" in flags else 120)  # compiling at startup takes minutes
         while True:
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
@@ -174,6 +175,8 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=3, help="multi-turn chats per prefix-cache server "
                         "(0 skips the prefix-cache phase)")
     parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--compile", action="store_true", help="start the servers with --compile (the compiled "
+                        "decode step; compiling at startup is not counted)")
     args = parser.parse_args()
     for name in ("max_tokens", "requests", "system_tokens", "threads", "turns"):
         if getattr(args, name) < 1:
@@ -185,6 +188,7 @@ def main() -> None:
         path, what = model_dir(args.model, Path(scratch))
         context = json.loads((path / "config.json").read_text())["max_position_embeddings"]
         sizes = ["--max-batch", str(max(args.clients)), "--max-seq-len", str(context), "--threads", str(args.threads)]
+        sizes += ["--compile"] if args.compile else []
         print(f"model: {what} ({path}); {_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}")
         with server(path, *sizes) as url:
             rows = [asyncio.run(throughput(url, c, max(1, args.requests // c) if c > 1 else max(4, args.requests // 8),

@@ -109,6 +109,14 @@ def decode_step(compile: bool = False, device_type: str = "cpu"):
     return _compiled_steps[device_type]
 
 
+def mark_static_cache(cache) -> None:
+    """For compiled steps on CUDA: CUDA graphs may keep a graph input's address, and the cache is updated in place
+    at the same address every step, so its buffers are marked static."""
+    for buffer in (cache.kv, cache.pe, cache.ik):
+        if buffer is not None:
+            torch._dynamo.mark_static_address(buffer)
+
+
 @torch.inference_mode()
 def _decode(model: torch.nn.Module, input_ids: torch.Tensor, params: list[SamplingParams],
             pad_token_id: int | None, sync_every: int = 1, compile: bool = False) -> Iterator[GenerationStep]:
@@ -134,10 +142,8 @@ def _decode(model: torch.nn.Module, input_ids: torch.Tensor, params: list[Sampli
     # a compiled step sees the cache length as a shape: round it up so that nearby lengths share one graph
     length = T + max_new_tokens - 1
     cache = model.new_cache(B, -(-length // 256) * 256 if compile else length)
-    if compile and device.type == "cuda":  # CUDA graphs may keep the cache's addresses: it is updated in place
-        for buffer in (cache.kv, cache.pe, cache.ik):
-            if buffer is not None:
-                torch._dynamo.mark_static_address(buffer)
+    if compile and device.type == "cuda":
+        mark_static_cache(cache)
     logits = model(input_ids, cache, 0, logits_to_keep=1)[:, -1]  # prefill: positions 0..T-1
     for step in range(max_new_tokens):
         active = ~finished

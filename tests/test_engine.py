@@ -48,6 +48,30 @@ def test_batched_decode_equals_single_request_greedy(model, tokenizer):
     assert engine.num_running == 0 and engine.num_waiting == 0
 
 
+def test_compiled_decode_step_gives_the_eager_engine_tokens(model, tokenizer):
+    """EngineConfig(compile=True): the static decode step through torch.compile, warmed up (before any request)
+    for 1 and 2 rows, then serving 1-3 rows while rows join, leave and move and a prompt is prefilled in chunks:
+    the eager tokens, steps of up to compile_max_batch rows through the compiled step, no graph break."""
+    config = dict(max_batch=3, max_seq_len=128, max_prefill_tokens=16, prefix_cache_bytes=0)
+    ps, lengths = prompts(tokenizer, 5), [7, 2, 9, 4, 6]
+
+    def requests():
+        return [Request(p, greedy(n), ignore_eos=True) for p, n in zip(ps, lengths)]
+
+    eager = run(Engine(model, tokenizer, EngineConfig(**config)), requests())
+    engine = Engine(model, tokenizer, EngineConfig(**config, compile=True, compile_max_batch=2))
+    torch._dynamo.utils.counters.clear()
+    engine.warmup()
+    batches, step = [], engine._step
+    engine._step = lambda model_, ids, rows, start: batches.append(len(ids)) or step(model_, ids, rows, start)
+    compiled = run(engine, requests())
+    assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
+    assert sorted(set(batches)) == [1, 2]  # 3-row steps ran eager
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    with pytest.raises(ValueError, match="EngineConfig.compile must be true or false"):
+        EngineConfig(compile="yes")
+
+
 def test_prefix_cache_hit_gives_identical_output_and_reports_cached_tokens(model, tokenizer):
     engine = Engine(model, tokenizer, EngineConfig(max_batch=2, max_seq_len=256, block_size=16))
     prompt = tokenizer.encode("a long shared system prompt " * 8)  # > 3 blocks

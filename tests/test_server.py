@@ -508,6 +508,24 @@ def test_config_file_then_command_line(tmp_path, monkeypatch):
         resolve_options(build_parser().parse_args(["serve", "--config", str(tmp_path / "bad.json")]))
 
 
+def test_compile_flag_and_config_key_reach_the_engine(model_dir, tmp_path, monkeypatch):
+    from dsv3.cli import build_parser
+    from dsv3.engine import Engine
+    from dsv3.server.cli import resolve_options
+
+    def parsed(*argv):
+        return resolve_options(build_parser().parse_args(["serve", *argv]))["compile"]
+
+    (tmp_path / "compile.json").write_text('{"compile": true}')
+    assert parsed() is False and parsed("--compile") is True and parsed("--config", str(tmp_path / "compile.json"))
+    warmed = []  # the compiled step itself is tested in test_engine.py; here: the option compiles at startup
+    monkeypatch.setattr(Engine, "warmup", lambda self: warmed.append(self.config.compile))
+    build_app(options(model_dir, compile=True))
+    assert warmed == [True]
+    with pytest.raises(SystemExit, match="compile: expected true or false, got 'yes'"):
+        build_app(options(model_dir, compile="yes"))
+
+
 def test_keep_alive_comments_while_nothing_is_produced(server, monkeypatch):
     from dsv3.server import common
 
