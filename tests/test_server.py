@@ -522,8 +522,10 @@ def test_compile_flag_and_config_key_reach_the_engine(model_dir, tmp_path, monke
     monkeypatch.setattr(Engine, "warmup", lambda self: warmed.append(self.config.compile))
     build_app(options(model_dir, compile=True))
     assert warmed == [True]
-    with pytest.raises(SystemExit, match="compile: expected true or false, got 'yes'"):
+    with pytest.raises(SystemExit, match="EngineConfig.compile must be true or false, got 'yes'"):
         build_app(options(model_dir, compile="yes"))
+    with pytest.raises(SystemExit, match="EngineConfig.compile_max_batch must be an integer >= 1, got 0"):
+        build_app(options(model_dir, compile_max_batch=0))
 
 
 def test_keep_alive_comments_while_nothing_is_produced(server, monkeypatch):

@@ -107,13 +107,15 @@ def build_app(options: dict):
         except AdapterError as error:
             raise SystemExit(f"--adapter: {error}") from None
     tokenizer = Tokenizer.from_pretrained(path)
-    if not isinstance(options["compile"], bool):
-        raise SystemExit(f"compile: expected true or false, got {options['compile']!r}")
-    engine = Engine(model, tokenizer, EngineConfig(
-        max_batch=options["max_batch"], max_seq_len=options["max_seq_len"], max_waiting=options["max_waiting"],
-        max_prefill_tokens=options["max_prefill_tokens"], block_size=options["block_size"],
-        prefix_cache_bytes=int(options["prefix_cache_mb"] * (1 << 20)), compile=options["compile"],
-        compile_max_batch=options["compile_max_batch"]))
+    try:
+        engine_config = EngineConfig(
+            max_batch=options["max_batch"], max_seq_len=options["max_seq_len"], max_waiting=options["max_waiting"],
+            max_prefill_tokens=options["max_prefill_tokens"], block_size=options["block_size"],
+            prefix_cache_bytes=int(options["prefix_cache_mb"] * (1 << 20)), compile=options["compile"],
+            compile_max_batch=options["compile_max_batch"])
+    except ValueError as error:  # a size from the command line or the config file, named in the message
+        raise SystemExit(f"dsv3 serve: {error}") from None
+    engine = Engine(model, tokenizer, engine_config)
     if options["compile"]:
         logging.getLogger("dsv3.server").info("compiling the decode step (3 graphs: 1 row, some rows, all rows)")
         engine.warmup()
