@@ -117,7 +117,7 @@ def build_app(options: dict):
         raise SystemExit(f"dsv3 serve: {error}") from None
     engine = Engine(model, tokenizer, engine_config)
     if options["compile"]:
-        logging.getLogger("dsv3.server").info("compiling the decode step (3 graphs: 1 row, some rows, all rows)")
+        logging.getLogger("dsv3.server").info("compiling the decode step before serving (Engine.warmup)")
         engine.warmup()
     name = options["served_model_name"] or ("dsv3" if not options["model"] else path.resolve().name)
     settings = ServerSettings(model_name=name, api_keys=options["api_key"], allow_cidrs=options["allow_cidr"],
@@ -198,8 +198,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--adapter", help="LoRA adapter directory (PEFT format, e.g. from `dsv3 finetune`) applied after "
                    "loading (and after --quantize)")
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the batched decode step (CUDA graphs on a GPU), compiled at startup (three "
-                        "graphs, about a minute each on a CPU): faster at low concurrency")
+                   help="torch.compile the batched decode step (CUDA graphs on a GPU), compiled at startup (two or "
+                        "three graphs, about a minute each on a CPU): faster at low concurrency")
     p.add_argument("--compile-max-batch", type=int, help="with --compile, batches of more rows run the eager step "
                    "(default 8; on CPU the compiled step was slower than eager at 32 rows)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
