@@ -63,7 +63,7 @@ class Gate(nn.Module):
             keep = torch.zeros_like(group_scores, dtype=torch.bool)
             keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
             choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
-        indices = choice.topk(self.top_k, dim=-1).indices  # [N, K]
+        indices = choice.topk(self.top_k, dim=-1, sorted=False).indices  # [N, K] (any order: the K outputs are summed)
         weights = s.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # eps: all-underflow guard (HF)
@@ -92,7 +92,7 @@ class MoE(nn.Module):
         self.last_load: torch.Tensor | None = None
         self.last_balance_loss: torch.Tensor | None = None
         self.impl: MoEImpl = "auto"
-        self.gather_max_pairs = 64  # N·K up to this uses routed_gather under "auto" (decoding, small batches)
+        self.gather_max_pairs = 16  # N·K up to this uses routed_gather under "auto" on a GPU (decoding, few rows)
         self._stacks: tuple[torch.Tensor, torch.Tensor] | None = None
         self._stacked_linears: tuple[nn.Linear, ...] = ()
         self.register_load_state_dict_post_hook(self._drop_stacks)
@@ -111,13 +111,15 @@ class MoE(nn.Module):
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x: [N, D], weights/indices: [N, K] -> Σ_k w_k FFN_{i_k}(x): [N, D], by the path `self.impl` picks.
 
-        "auto": the per-expert loop when gradients must reach the expert modules (training) or the experts are not
-        plain nn.Linear (quantized, LoRA). Otherwise grouped matmuls wherever torch._grouped_mm runs eagerly: on
-        CPU at every N (one call per projection, no weight copies: 0.2 ms at N = 1 and 0.36 ms at N = 8 against
-        0.2 / 2.0 ms for the best per-expert path, bundled model, one core) and for prefill on a GPU; gathered
-        weights + bmm for small N·K on a GPU (decoding) and inside compiled graphs. Without _grouped_mm, CPU small
-        N·K takes `routed_pairs` (N·K <= 16) or the loop over views of the stacks. None of the GPU paths reads a
-        tensor back to the host.
+        "auto" (measured choices, bench/RESULTS.md): the per-expert loop when gradients must reach the expert
+        modules (training) or the experts are not plain nn.Linear (quantized, LoRA). Otherwise:
+        - eager CPU: grouped matmuls at every N (no weight copies: 0.2 ms at N = 1 and 0.36 ms at N = 8 against
+          0.2 / 2.0 ms for the best per-expert path, bundled model, one core); without _grouped_mm, `routed_pairs`
+          (N·K <= 16) or the loop.
+        - GPU and compiled graphs: gathered weights for N·K <= `gather_max_pairs` (decoding), else grouped matmuls
+          (H200, one V2-Lite layer, eager: 195 vs 341 us at N = 1, 650 vs 371 us at N = 8). Compiled, the gather
+          is fused into its reductions (no copies), so it also serves every N where grouped matmuls do not trace.
+        None of the GPU paths reads a tensor back to the host.
         """
         impl = self.impl
         stacked = None if impl == "loop" else self._stacked_weights()
@@ -126,16 +128,24 @@ class MoE(nn.Module):
                 raise ValueError(f"MoE.impl={impl!r} needs plain nn.Linear experts and no gradient to them")
             return self.routed_loop(x, weights, indices)
         grouped_ok = hasattr(torch, "_grouped_mm") and _grouped_mm_ok(x)
-        cpu, small = x.device.type == "cpu", indices.numel() <= self.gather_max_pairs
         if impl == "grouped" and not grouped_ok:
             raise ValueError(f"MoE.impl='grouped': torch._grouped_mm is unavailable for {x.dtype} on {x.device}")
-        if impl == "grouped" or (impl == "auto" and grouped_ok and (cpu or not small)):
+        if impl == "auto":
+            few, compiling = indices.numel() <= self.gather_max_pairs, torch.compiler.is_compiling()
+            if x.device.type == "cpu" and not compiling:
+                # no device to sync with: reading expert ids on the host is free, so the copy-free paths
+                impl = "grouped" if grouped_ok else "pairs" if indices.numel() <= 16 else "loop"
+            elif grouped_ok and not few:
+                impl = "grouped"
+            else:
+                impl = "gather" if few or compiling else "loop"
+        if impl == "grouped":
             return self.routed_grouped(x, weights, indices, *stacked)
-        if impl == "gather" or (small and (not cpu or torch.compiler.is_compiling())):
+        if impl == "gather":
             return self.routed_gather(x, weights, indices, *stacked)
-        # eager CPU without grouped matmuls: no device to sync with, so read the expert ids and multiply by views
-        return self.routed_pairs(x, weights, indices, *stacked) if indices.numel() <= 16 else \
-            self.routed_loop(x, weights, indices)
+        if impl == "pairs":
+            return self.routed_pairs(x, weights, indices, *stacked)
+        return self.routed_loop(x, weights, indices)
 
     def routed_loop(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sort the N·K (token, expert) pairs by expert, one module call per used expert (gradients flow to the
@@ -169,32 +179,53 @@ class MoE(nn.Module):
 
     def routed_gather(self, x, weights, indices, gate_up, down) -> torch.Tensor:
         """Decode path (gpt-fast Mixtral, HF batched_mm): gather the K chosen experts' weights per token and
-        multiply with bmm. gate_up: [E, 2I, D], down: [E, D, I]. Reads only the selected experts; static shapes."""
+        multiply. gate_up: [E, 2I, D], down: [E, D, I]. Reads only the selected experts; static shapes.
+        Eager: copies of the weights and bmm; compiled: the same products as multiply-and-sum (fp32), which
+        inductor fuses with the gather."""
         N, K = indices.shape
         flat = indices.flatten()  # [N·K]
-        xs = x.repeat_interleave(K, dim=0)[:, :, None]  # [N·K, D, 1]
+        if torch.compiler.is_compiling():
+            # as one multiply-and-sum, inductor fuses the gather into the reduction: each chosen expert's weights
+            # are read once, in place, where bmm would first copy them out ([N·K, 2I, D] written and read again)
+            w = gate_up[flat].view(N, K, *gate_up.shape[1:]).float()  # [N, K, 2I, D]
+            gate, up = (w * x.float()[:, None, None, :]).sum(-1).chunk(2, dim=-1)  # [N, K, I] each
+            h = (F.silu(gate) * up).to(x.dtype).float()  # rounded where bmm's input is
+            y = (down[flat].view(N, K, *down.shape[1:]).float() * h[:, :, None, :]).sum(-1).to(x.dtype)  # [N, K, D]
+            return (y * weights[:, :, None].to(x.dtype)).sum(dim=1)
+        xs = x[:, None].expand(N, K, x.shape[1]).reshape(N * K, -1, 1)  # [N·K, D, 1]
         gate, up = torch.bmm(gate_up[flat], xs).squeeze(-1).chunk(2, dim=-1)  # [N·K, I] each
         y = torch.bmm(down[flat], (F.silu(gate) * up)[:, :, None]).squeeze(-1)  # [N·K, D]
         return (y.view(N, K, -1) * weights[:, :, None].to(x.dtype)).sum(dim=1)
 
-    def routed_grouped(self, x, weights, indices, gate_up, down) -> torch.Tensor:
+    def routed_grouped(self, x, weights, indices, gate_up, down, *, gather_back: bool | None = None) -> torch.Tensor:
         """Prefill path (HF grouped_mm_experts_forward, torchtitan GroupedExperts): sort pairs by expert, one
         grouped matmul over all experts for gate/up and one for down; each touched expert is read once.
-        Counts come from scatter_add (not bincount, whose output size needs the max on the host)."""
-        K = indices.shape[1]
+        Counts come from scatter_add (not bincount, whose output size needs the max on the host).
+
+        gather_back (default: on CUDA) sorts 8-bit expert ids (one radix pass, not eight: 65 -> ~10 us per
+        2048-token layer on an H200) and brings the output rows back to token order by a row gather and a sum over
+        K (index_add_'s atomic scatter took 200 us there). On CPU both are slower (bench/RESULTS.md): int64 keys
+        and index_add_."""
+        N, K = indices.shape
         flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        token = order // K
+        if gather_back is None:
+            gather_back = x.is_cuda
+        narrow = torch.uint8 if self.n_experts <= 256 else torch.int32
+        order = (flat.to(narrow) if gather_back else flat).argsort(stable=True)  # [N·K] pairs, grouped by expert
         counts = torch.zeros(self.n_experts, dtype=torch.int32, device=x.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
         offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
+        token = order // K
         # index_select, not x[token]: the same rows, ~5x faster on CPU for this dim-0 gather
         h = torch._grouped_mm(x.index_select(0, token), gate_up.transpose(-2, -1), offs=offs)  # [N·K, 2I]
         gate, up = h.chunk(2, dim=-1)
         # the routing weight scales the I-wide hidden before the (linear) down projection, not its D-wide output
         h = F.silu(gate) * up * weights.flatten()[order, None].to(x.dtype)
-        y = torch._grouped_mm(h, down.transpose(-2, -1), offs=offs)  # [N·K, D]
-        return torch.zeros_like(x).index_add_(0, token, y)
+        y = torch._grouped_mm(h, down.transpose(-2, -1), offs=offs)  # [N·K, D], rows in expert order
+        if not gather_back:
+            return torch.zeros_like(x).index_add_(0, token, y)
+        inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=x.device))
+        return y.index_select(0, inverse).view(N, K, -1).sum(dim=1)  # [N, D]
 
     def _stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(gate_up [E, 2I, D], down [E, D, I]) for the fast paths, or None where they must not run.

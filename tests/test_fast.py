@@ -50,6 +50,34 @@ def test_routed_paths_agree_in_bf16(impl):
     assert (out - ref).norm() / ref.norm() < 2e-2
 
 
+@pytest.mark.parametrize("n", [1, 40])
+def test_grouped_gather_back_equals_the_scatter_add(n):
+    """routed_grouped's two ways back to token order (CUDA: 8-bit sort keys, row gather + sum; CPU: index_add_)."""
+    moe = _moe()
+    x, weights, indices = _route(moe, n)
+    with torch.inference_mode():
+        stacks = moe._stacked_weights()
+        gathered = moe.routed_grouped(x, weights, indices, *stacks, gather_back=True)
+        scattered = moe.routed_grouped(x, weights, indices, *stacks, gather_back=False)
+        ref = moe.routed_reference(x, weights, indices)
+    torch.testing.assert_close(gathered, scattered, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gathered, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 3, 40])
+def test_compiled_gather_equals_the_reference(n):
+    """Under torch.compile the gather path is a multiply-and-sum that inductor fuses with the gather; 40 tokens
+    exceed gather_max_pairs, where fp32 (no traceable grouped matmuls) still takes it: one graph, no host read."""
+    moe = _moe()
+    x, weights, indices = _route(moe, n)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        moe.routed(x, weights, indices)  # eager first: builds the stacks
+        compiled = torch.compile(moe.routed, fullgraph=True)(x, weights, indices)
+        ref = moe.routed_reference(x, weights, indices)
+    torch.testing.assert_close(compiled, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_auto_picks_grouped_on_cpu_and_copy_free_paths_without_it(monkeypatch):
     """CPU: grouped matmuls at every batch size (the fastest path there, and copy-free); without them (fp64 here,
     or a torch without _grouped_mm) the paths that read expert ids on the host; training: the module loop."""
@@ -173,6 +201,15 @@ def test_causal_prefill_equals_the_explicitly_masked_one(model):
     torch.testing.assert_close(causal_cache.kv, masked_cache.kv, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_prefill_is_one_graph_with_the_eager_logits(model):
+    """torch.compile(model) for a prefill (bench/decode.py's compiled prefill row): one graph, same logits."""
+    ids = torch.randint(2, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        eager = model(ids)
+        compiled = torch.compile(model, fullgraph=True)(ids)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_sync_free_decoding_with_stops_equals_the_per_step_check(model):
     ids = torch.randint(2, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(2))
     free = dsv3.generate(model, ids, 12)
@@ -214,8 +251,8 @@ def test_compiled_decode_step_gives_the_eager_tokens(model):
         explanation = torch._dynamo.explain(dsv3.generation._static_step)(
             model, compiled[:, -1], model.new_cache(2, 20), torch.tensor([9, 9]))
     assert explanation.graph_break_count == 0, explanation.break_reasons
-    # a batch whose N·K exceeds the gather path's limit: fp32 grouped matmuls cannot be traced (torch 2.13), the
-    # compiled step must fall back rather than fail
+    # a batch whose N·K exceeds the gather path's limit: fp32 grouped matmuls cannot be traced (torch 2.13), so the
+    # compiled step keeps the (fused, copy-free) gather path
     wide = torch.randint(2, model.config.vocab_size, (40, 5), generator=torch.Generator().manual_seed(4))
     assert 40 * model.config.num_experts_per_tok > model.model.layers[-1].mlp.gather_max_pairs
     assert torch.equal(dsv3.generate(model, wide, 4, compile=True), dsv3.generate(model, wide, 4))
