@@ -94,16 +94,19 @@ _compiled_steps: dict[str, object] = {}
 
 
 def decode_step(compile: bool = False, device_type: str = "cpu"):
-    """`_step`, or the torch.compile'd `_static_step`: with CUDA graphs on a GPU (mode "reduce-overhead"), with
-    inductor's C++ wrapper on CPU (the ~100 kernel and matmul calls of a step are made from C++, not Python:
-    ~15% faster per token on the bundled model, ~1 minute more to compile). Eager `_step` is the reference; tests
-    check that both give the same tokens. Compiled once per device type and process; a new batch size or cache
-    length recompiles once, then both dims are dynamic."""
+    """`_step`, or the torch.compile'd `_static_step`. On a GPU: CUDA graphs (mode "reduce-overhead") and
+    coordinate-descent tuning of the Triton kernels, which also turns one-row matmuls into fused multiply-and-sum
+    kernels (as gpt-fast sets it): one-row matrix-vector products near the memory bandwidth, fused with the norms
+    before them. On CPU: inductor's C++ wrapper (the ~100 kernel and matmul calls of a step are made from C++, not
+    Python: ~15% faster per token on the bundled model, ~1 minute more to compile). Eager `_step` is the
+    reference; tests check that both give the same tokens. Compiled once per device type and process; a new batch
+    size or cache length recompiles once, then both dims are dynamic."""
     if not compile:
         return _step
     if device_type not in _compiled_steps:
-        if device_type == "cuda":
-            _compiled_steps[device_type] = torch.compile(_static_step, mode="reduce-overhead")
+        if device_type == "cuda":  # {"triton.cudagraphs": True} is what mode="reduce-overhead" sets
+            _compiled_steps[device_type] = torch.compile(
+                _static_step, options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
         else:
             _compiled_steps[device_type] = torch.compile(_static_step, options={"cpp_wrapper": True})
     return _compiled_steps[device_type]
