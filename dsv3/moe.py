@@ -131,14 +131,15 @@ class MoE(nn.Module):
         if impl == "grouped" and not grouped_ok:
             raise ValueError(f"MoE.impl='grouped': torch._grouped_mm is unavailable for {x.dtype} on {x.device}")
         if impl == "auto":
-            few, compiling = indices.numel() <= self.gather_max_pairs, torch.compiler.is_compiling()
-            if x.device.type == "cpu" and not compiling:
-                # no device to sync with: reading expert ids on the host is free, so the copy-free paths
-                impl = "grouped" if grouped_ok else "pairs" if indices.numel() <= 16 else "loop"
-            elif grouped_ok and not few:
-                impl = "grouped"
-            else:
-                impl = "gather" if few or compiling else "loop"
+            few = indices.numel() <= self.gather_max_pairs  # under torch.compile: a guard, once it is read
+            if not torch.compiler.is_compiling():
+                if x.device.type == "cpu":
+                    # no device to sync with: reading expert ids on the host is free, so the copy-free paths
+                    impl = "grouped" if grouped_ok else "pairs" if indices.numel() <= 16 else "loop"
+                else:
+                    impl = "gather" if few else "grouped" if grouped_ok else "loop"
+            else:  # read `few` only where it decides something, so as not to split the graph by batch size
+                impl = "grouped" if grouped_ok and not few else "gather"
         if impl == "grouped":
             return self.routed_grouped(x, weights, indices, *stacked)
         if impl == "gather":

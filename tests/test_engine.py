@@ -50,8 +50,9 @@ def test_batched_decode_equals_single_request_greedy(model, tokenizer):
 
 def test_compiled_decode_step_gives_the_eager_engine_tokens(model, tokenizer):
     """EngineConfig(compile=True): the static decode step through torch.compile, warmed up (before any request)
-    for 1 and 2 rows, then serving 1-3 rows while rows join, leave and move and a prompt is prefilled in chunks:
-    the eager tokens, steps of up to compile_max_batch rows through the compiled step, no graph break."""
+    at 1 and 2 rows, then serving 1-3 rows while rows join, leave and move and a prompt is prefilled in chunks:
+    the eager tokens, steps of up to compile_max_batch rows through the compiled step, no graph break, and no
+    compilation after the warm-up."""
     config = dict(max_batch=3, max_seq_len=128, max_prefill_tokens=16, prefix_cache_bytes=0)
     ps, lengths = prompts(tokenizer, 5), [7, 2, 9, 4, 6]
 
@@ -61,15 +62,25 @@ def test_compiled_decode_step_gives_the_eager_engine_tokens(model, tokenizer):
     eager = run(Engine(model, tokenizer, EngineConfig(**config)), requests())
     engine = Engine(model, tokenizer, EngineConfig(**config, compile=True, compile_max_batch=2))
     torch._dynamo.utils.counters.clear()
-    engine.warmup()
     batches, step = [], engine._step
     engine._step = lambda model_, ids, rows, start: batches.append(len(ids)) or step(model_, ids, rows, start)
+    engine.warmup()
+    assert batches == [1, 2]  # a step at every size the compiled step serves
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    batches.clear()
     compiled = run(engine, requests())
     assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # warm-up compiled all it needed
     assert sorted(set(batches)) == [1, 2]  # 3-row steps ran eager
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     with pytest.raises(ValueError, match="EngineConfig.compile must be true or false"):
         EngineConfig(compile="yes")
+    # a limit above max_batch changes nothing
+    assert Engine(model, tokenizer, EngineConfig(**config, compile=True, compile_max_batch=9)).compiled_rows == 3
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="EngineConfig.compile_max_batch must be an integer >= 1"):
+            EngineConfig(compile_max_batch=bad)
 
 
 def test_prefix_cache_hit_gives_identical_output_and_reports_cached_tokens(model, tokenizer):

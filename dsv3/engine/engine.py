@@ -39,10 +39,11 @@ class EngineConfig:
     prefilled per step (the token budget; longer prompts are prefilled in chunks of it over several steps);
     block_size / prefix_cache_bytes: prefix-cache block length and pool cap (0 disables the prefix cache);
     compile: run the batched decode step through torch.compile, as `generate(compile=True)` does (static shapes:
-    attention over every cache slot, masked; CUDA graphs on a GPU) for batches of up to compile_max_batch rows;
-    larger batches run the eager step, the reference. On CPU (bundled model) the compiled step was 2-3x faster at
-    1 row, 0-20% at 8 and 34% slower at 32, where the compiled MoE gathers weights per (token, expert) pair
-    (bench/RESULTS.md). `Engine.warmup()` compiles it up front."""
+    attention over every one of the max_seq_len cache slots, masked; CUDA graphs on a GPU) for batches of up to
+    compile_max_batch rows; larger batches run the eager step, the reference, which attends only up to the longest
+    row. Behind `bench/serve.py` on CPU (bundled model, 1024 slots) the compiled step gave 1.9x the tokens/s at 1
+    client, 1.2x at 8 and 0.83x at 32 (bench/RESULTS.md): the masked span grows with rows x max_seq_len.
+    `Engine.warmup()` compiles it up front."""
 
     max_batch: int = 8
     max_seq_len: int = 2048
@@ -58,8 +59,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.compile must be true or false, got {self.compile!r}")
         for name in ("max_batch", "max_seq_len", "max_waiting", "max_prefill_tokens", "block_size",
                      "compile_max_batch"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
         if self.prefix_cache_bytes < 0:
             raise ValueError(f"EngineConfig.prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
 
@@ -108,6 +110,11 @@ class Engine:
         self.scheduler.add(seq)
         return handle
 
+    @property
+    def compiled_rows(self) -> int:
+        """With `compile`, decode steps of up to this many rows run the compiled step."""
+        return min(self.config.compile_max_batch, self.config.max_batch)
+
     def start(self) -> "Engine":
         """Run steps in a daemon thread until `shutdown()`."""
         if self._thread is None:
@@ -119,17 +126,14 @@ class Engine:
     @torch.inference_mode()
     def warmup(self) -> None:
         """With `compile`, compile the decode step now rather than at the first requests (a minute or more per
-        graph on a CPU): one row, 2 rows (then any number is one dynamic graph) and, if the compiled step serves
-        them, all rows (their cache view is contiguous, which the dynamic graph assumes it is not). Dummy steps on
-        free rows at position 0, which every sequence overwrites before reading it. Call before serving
-        (`dsv3 serve --compile` does)."""
+        graph on a CPU): one dummy step at every batch size the compiled step serves, on free rows at position 0
+        (which every sequence overwrites before reading it). Dynamo compiles only where its guards ask for a new
+        graph (one row; two rows, after which the batch size is dynamic; a size where the MoE changes path; all
+        rows, whose cache view is contiguous), the other sizes cost one step each; on a GPU each size also records
+        its CUDA graph here. Call before serving (`dsv3 serve --compile` does)."""
         if not self.config.compile or self.num_running:
             return
-        largest = min(self.config.compile_max_batch, self.config.max_batch)
-        sizes = {1, min(2, largest)}
-        if largest == self.config.max_batch:
-            sizes.add(largest)
-        for rows in sorted(sizes):
+        for rows in range(1, self.compiled_rows + 1):
             view = self.cache.rows(slice(0, rows))
             # token 0 at position 0, as two tensors: the graph must not assume that they alias
             tokens, start = (torch.zeros(rows, dtype=torch.long, device=self.device) for _ in range(2))
@@ -263,7 +267,7 @@ class Engine:
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # [R, 1]
         positions = [len(s.tokens) - 1 for s in seqs]
         rows, start = self.cache.rows(slice(0, len(seqs))), torch.tensor(positions, device=self.device)
-        if self.config.compile and len(seqs) <= self.config.compile_max_batch:  # static shapes: every slot, masked
+        if self.config.compile and len(seqs) <= self.compiled_rows:  # static shapes: every slot, masked
             logits = self._step(self.model, ids[:, 0], rows, start)  # [R, V]
         else:
             # attend_length from the host's lengths: the model need not read the positions back from the device

@@ -201,7 +201,8 @@ def add_cli(subparsers) -> None:
                    help="torch.compile the batched decode step (CUDA graphs on a GPU), compiled at startup (two or "
                         "three graphs, about a minute each on a CPU): faster at low concurrency")
     p.add_argument("--compile-max-batch", type=int, help="with --compile, batches of more rows run the eager step "
-                   "(default 8; on CPU the compiled step was slower than eager at 32 rows)")
+                   "(default 8: the compiled step attends over all --max-seq-len slots, which costs more than it "
+                   "saves at 32 rows on CPU)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=serve)
 
