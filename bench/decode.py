@@ -60,6 +60,13 @@ def against_transformers(ours, theirs, prompt) -> tuple[float, int]:
     return ((a - b).norm() / b.norm()).item(), int((mine == hf).cumprod(0).sum())
 
 
+def distinct_rows(prompt: torch.Tensor, B: int) -> torch.Tensor:
+    """prompt [1, T] -> [B, T], row b starting with token b (distinct rows route to different experts)."""
+    batch = prompt.expand(B, -1).clone()
+    batch[:, 0] = torch.arange(B, device=prompt.device)
+    return batch
+
+
 def decode_seconds(run, gen, prompt, n: int, repeat: int) -> float:
     """Seconds per decoding step: (t(n) - t(1)) / (n - 1), best of `repeat`."""
     gen(prompt, 2)  # warm-up
@@ -100,9 +107,7 @@ def compiled_rows(args, ours, prompt, n, run, hf_times, report, floor) -> None:
     t_c, t_hf = decode_seconds(run, gen, prompt, n, args.repeat), hf_times.get(1)
     report("decode batch 1 (compile)", t_c * 1e3, t_hf and t_hf * 1e3, floor(1) * 1e3, "ms/token", False)
     B = max(int(b) for b in args.batches.split(","))
-    batch = prompt.expand(B, -1).clone()
-    batch[:, 0] = torch.arange(B, device=prompt.device)
-    t_c, t_hf = decode_seconds(run, gen, batch, n, args.repeat), hf_times.get(B)
+    t_c, t_hf = decode_seconds(run, gen, distinct_rows(prompt, B), n, args.repeat), hf_times.get(B)
     report(f"decode batch {B} (compile)", B / t_c, t_hf and B / t_hf, B / floor(B), "tokens/s", True)
 
 
@@ -137,8 +142,7 @@ def profile(args, ours, prompt, long, device, compiled_prefill=None) -> None:
     step = decode_step(compiled, device.type)
     length = -(-(args.prompt_len + args.new_tokens - 1) // 256) * 256  # generate's cache length (compiled)
     for B in sorted({1, max(int(b) for b in args.batches.split(","))}):
-        x = prompt.expand(B, -1).clone()
-        x[:, 0] = torch.arange(B, device=device)  # distinct rows, as in the timed rows
+        x = distinct_rows(prompt, B)  # as in the timed rows
         cache = ours.new_cache(B, length)
         if compiled and cuda:
             mark_static_cache(cache)
@@ -239,13 +243,8 @@ def main() -> None:
     ctx = args.prompt_len + n // 2
     hf_times = {}
 
-    def batch_of(B):
-        batch = prompt.expand(B, -1).clone()
-        batch[:, 0] = torch.arange(B, device=device)  # distinct rows
-        return batch
-
     def decode_row(B):
-        x = prompt if B == 1 else batch_of(B)
+        x = prompt if B == 1 else distinct_rows(prompt, B)
         t_ours = decode_seconds(run, ours_gen(), x, n, args.repeat)
         t_hf = hf_times[B] = decode_seconds(run, hf_gen, x, n, 1) if theirs is not None else None
         floor = floors(config, ours, B, ctx, args.bandwidth, elem)
