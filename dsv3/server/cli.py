@@ -198,8 +198,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--adapter", help="LoRA adapter directory (PEFT format, e.g. from `dsv3 finetune`) applied after "
                    "loading (and after --quantize)")
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the batched decode step (CUDA graphs on a GPU), compiled at startup (two or "
-                        "three graphs, about a minute each on a CPU): faster at low concurrency")
+                   help="torch.compile the batched decode step (CUDA graphs on a GPU), compiled at startup (a few "
+                        "graphs, about a minute each on a CPU): faster at low concurrency")
     p.add_argument("--compile-max-batch", type=int, help="with --compile, batches of more rows run the eager step "
                    "(default 8: the compiled step attends over all --max-seq-len slots, which costs more than it "
                    "saves at 32 rows on CPU)")
