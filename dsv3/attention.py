@@ -66,19 +66,28 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 positions: torch.Tensor, cache: KVCache | None = None, layer: int = 0, length: int | None = None,
-                impl: AttnImpl = "auto") -> torch.Tensor:
+                impl: AttnImpl = "auto", keep: int = 0) -> torch.Tensor:
         """x: [B, T, D]; cos/sin: [B, T, d_r/2]; mask: [B, T, S] bool (True = may attend); positions: [B, T].
+        Returns [B, T, D], or [B, keep, D] with keep > 0.
 
         With a cache, the new latents are written at `positions` and attention runs over its first `length` slots
-        (S = length); without one, S = T. impl "auto": absorbed for single-token decoding, naive otherwise.
+        (S = length); without one, S = T. keep > 0 queries only the last `keep` positions (a last layer whose other
+        outputs no logit needs); keys, values and the cache still cover all T. impl "auto": absorbed for a single
+        query (decoding, or keep = 1), naive otherwise.
         """
+        if keep and self.indexer is not None:  # the indexer scores every query: attend for all, keep the last rows
+            return self.forward(x, cos, sin, mask, positions, cache, layer, length, impl)[:, -keep:]
+        if keep:  # the query side: the last `keep` positions
+            x_q, cos_q, sin_q, mask = x[:, -keep:], cos[:, -keep:], sin[:, -keep:], mask[:, -keep:]
+        else:
+            x_q, cos_q, sin_q = x, cos, sin
         if self.indexer is None:
-            q = self.query(x)
+            q = self.query(x_q)
         else:  # the indexer reads the query latent too
             q_latent = self.q_a_layernorm(self.q_a_proj(x))
             q = self.q_b_proj(q_latent).view(*x.shape[:2], self.n_heads, self.d_nope + self.d_rope)
         q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin, self.interleave)
+        q_pe = apply_rope(q_pe, cos_q, sin_q, self.interleave)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.d_rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [B, T, d_c]
         k_pe = apply_rope(k_pe, cos, sin, self.interleave)  # [B, T, d_r]
@@ -90,13 +99,14 @@ class MLA(nn.Module):
             if out is not None:
                 return self.o_proj(out.flatten(2))
         if impl == "auto":
-            impl = "absorb" if x.shape[1] == 1 else "naive"
+            impl = "absorb" if q.shape[1] == 1 else "naive"
         if impl == "absorb":
             out = self._absorbed(q_nope, q_pe, c_kv.to(x.dtype), k_pe.to(x.dtype), mask)  # [B, T, H, d_v]
         else:
             # keys are the T new tokens themselves (no cache, or a cache filled from position 0: length == T, as
-            # every position must be < length): the mask is plain causal, which SDPA's fused kernels can skip
-            causal = cache is None or length == x.shape[1]
+            # every position must be < length), each queried: the mask is plain causal, which SDPA's fused
+            # kernels can skip
+            causal = (cache is None or length == x.shape[1]) and not keep
             out = self._naive(q_nope, q_pe, c_kv.to(x.dtype), k_pe.to(x.dtype), None if causal else mask)
         return self.o_proj(out.flatten(2))
 

@@ -30,8 +30,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, cos, sin, mask, positions, cache=None, layer=0, length=None,
-                impl: AttnImpl = "auto") -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, positions, cache, layer, length, impl)
+                impl: AttnImpl = "auto", keep: int = 0) -> torch.Tensor:
+        """h: [B, T, D] -> [B, T, D], or [B, keep, D] for keep > 0: only the last `keep` positions go on past the
+        attention's queries (MLA's `keep`)."""
+        a = self.self_attn(self.input_layernorm(h), cos, sin, mask, positions, cache, layer, length, impl, keep)
+        h = (h[:, -keep:] if keep else h) + a
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -120,20 +123,27 @@ class Transformer(nn.Module):
         """
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
-        h = self.hidden_states(input_ids, cache, start_pos, impl=impl, attend_length=attend_length)
+        keep = 0 if return_hidden else logits_to_keep
+        h = self.hidden_states(input_ids, cache, start_pos, impl=impl, attend_length=attend_length, keep=keep)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         return (logits, h) if return_hidden else logits
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                       start_pos: int | torch.Tensor = 0, *, impl: AttnImpl = "auto",
-                      attend_length: int | None = None) -> torch.Tensor:
-        """input_ids: [B, T] -> final normed hidden states [B, T, D]."""
+                      attend_length: int | None = None, keep: int = 0) -> torch.Tensor:
+        """input_ids: [B, T] -> final normed hidden states [B, T, D].
+
+        keep > 0: only the last `keep` positions' states, [B, keep, D]. The last layer then runs its queries, MLP or
+        MoE for those rows alone (its keys, values and cache entries for all T), as llama.cpp does for the
+        positions that need no logits: a 1-token prefill skips (T - 1)/T of that layer's attention and FFN.
+        """
         B, T = input_ids.shape
         positions, mask, length = self._positions_and_mask(B, T, input_ids.device, cache, start_pos, attend_length)
         cos, sin = self.rotary(positions)
         h = self.model.embed_tokens(input_ids)
+        last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, mask, positions, cache, i, length, impl)
+            h = layer(h, cos, sin, mask, positions, cache, i, length, impl, keep if i == last else 0)
         return self.model.norm(h)
 
     def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, depth: int = 0,

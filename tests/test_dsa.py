@@ -24,6 +24,16 @@ def dsa_model(topk=5, heads=4, seed=0, **kw):
 
 
 @torch.no_grad()
+def test_logits_to_keep_with_the_indexer_equals_a_full_forward():
+    """The last layer's indexer scores all queries, so MLA attends for every position and keeps the last rows."""
+    model = dsa_model(topk=4)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    full = model(ids)
+    for k in (1, 5):
+        torch.testing.assert_close(model(ids, logits_to_keep=k), full[:, -k:])
+
+
+@torch.no_grad()
 def test_gathered_equals_masked_reference(monkeypatch):
     monkeypatch.setattr(dsa, "BLOCK", 8)  # several query blocks, each with its own causal reach
     model = dsa_model(topk=6)

@@ -246,3 +246,24 @@ def test_newcomers_prefill_together_from_different_cached_lengths(model, tokeniz
         logp = model(torch.tensor([shared[:30]]))[0].float().log_softmax(-1)
     expected = logp[:-1].gather(-1, torch.tensor(shared[1:30])[:, None])[:, 0]
     torch.testing.assert_close(torch.tensor([lp.logprob for lp in results[3].prompt_logprobs[1:]]), expected)
+
+
+def test_padded_prefill_without_prompt_logprobs_runs_the_last_layer_on_the_needed_rows(model, tokenizer):
+    """Prompts of different lengths prefilled in one padded forward: only the positions from the shortest row's last
+    token on reach the last layer's MoE, and each row's tokens equal its lone greedy decode."""
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=4, max_seq_len=128, prefix_cache_bytes=0))
+    ps = [tokenizer.encode("a much longer prompt about owls and their habits"), tokenizer.encode("short one"),
+          tokenizer.encode("a prompt of middling length")]
+    seen = []
+    hook = model.model.layers[-1].mlp.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        handles = [engine.submit(Request(p, greedy(4), ignore_eos=True)) for p in ps]
+        engine.step()  # one padded prefill forward of all three, then one decode step
+        while engine.scheduler.has_work():
+            engine.step()
+    finally:
+        hook.remove()
+    longest, shortest = max(map(len, ps)), min(map(len, ps))
+    assert seen[0] == (3, longest - shortest + 1, model.config.hidden_size)
+    for p, h in zip(ps, handles):
+        assert Result.of(h).token_ids == generate(model, torch.tensor([p]), 4)[0, len(p):].tolist()

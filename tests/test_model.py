@@ -138,6 +138,32 @@ def test_logits_to_keep_gives_the_last_positions_only():
         model(ids, logits_to_keep=-1)
 
 
+def test_logits_to_keep_runs_the_last_layer_for_the_kept_rows_only():
+    """With logits_to_keep = k the last block queries, and runs its MLP/MoE on, only the last k positions; the logits
+    and every cache entry equal those of a full forward (with a causal mask, and with per-row start positions)."""
+    torch.manual_seed(0)
+    model = dsv3.Transformer(dsv3.ModelConfig.tiny()).eval()
+    T, seen = 7, []
+    model.model.layers[-1].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    ids = torch.randint(0, model.config.vocab_size, (2, T))
+    with torch.no_grad():
+        full = model(ids)
+        for k in (1, 3, T, T + 2):
+            torch.testing.assert_close(model(ids, logits_to_keep=k), full[:, -k:], rtol=1e-5, atol=1e-5)
+        assert seen[1:] == [1, 3, T, T]
+        kept, whole = model.new_cache(2, 16), model.new_cache(2, 16)
+        model(ids[:, :3], kept, 0), model(ids[:, :3], whole, 0)
+        starts = torch.tensor([3, 3])
+        out = model(ids[:, 3:], kept, starts, logits_to_keep=1, attend_length=T)
+        ref = model(ids[:, 3:], whole, starts, attend_length=T)
+        torch.testing.assert_close(out, ref[:, -1:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, full[:, -1:], rtol=1e-5, atol=1e-5)
+        assert torch.equal(kept.kv, whole.kv) and torch.equal(kept.pe, whole.pe)
+        # return_hidden wants every position's state: nothing is cut
+        logits, hidden = model(ids, logits_to_keep=1, return_hidden=True)
+        assert hidden.shape[1] == T and seen[-1] == T
+
+
 def test_attend_length_must_cover_the_new_tokens():
     torch.manual_seed(0)
     model = dsv3.Transformer(dsv3.ModelConfig.tiny()).eval()

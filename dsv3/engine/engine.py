@@ -232,8 +232,12 @@ class Engine:
             ids[b, :lengths[b]] = torch.tensor(seq.tokens[starts[b]:], device=self.device)
         first = group[0].row
         rows = self.cache.rows(slice(first, first + len(group)))
+        T = ids.shape[1]
+        # without prompt logprobs only each row's last prompt position needs logits: keep the last T - min + 1
+        # positions, which hold every row's (the model's last layer then runs only those rows)
+        keep = 0 if any(s.request.prompt_logprobs is not None for s in group) else T - min(lengths) + 1
         logits = self.model(ids, rows, torch.tensor(starts, device=self.device), impl="naive",
-                            attend_length=max(starts) + ids.shape[1])  # [k, T, V]; the length known on the host
+                            attend_length=max(starts) + T, logits_to_keep=keep)  # [k, keep or T, V]
         prompt_lps = []
         for b, seq in enumerate(group):
             seq.n_computed = seq.n_prompt
@@ -241,7 +245,9 @@ class Engine:
             wanted = seq.request.prompt_logprobs is not None
             lps = self._prompt_logprobs(seq, logits[b, :lengths[b]], starts[b], seq.n_prompt) if wanted else None
             prompt_lps.append([None] + lps if wanted else None)
-        last = logits[torch.arange(len(group), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        offset = T - logits.shape[1]  # position of logits[:, 0] in ids
+        last = logits[torch.arange(len(group), device=self.device),
+                      torch.tensor(lengths, device=self.device) - 1 - offset]
         self._sample(group, last, prompt_lps)
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
@@ -251,7 +257,8 @@ class Engine:
         end = min(seq.n_prompt, start + budget)
         row = self.cache.rows(seq.row)
         ids = torch.tensor([seq.tokens[start:end]], device=self.device)
-        logits = self.model(ids, row, start, impl="naive")[0]  # [T, V]
+        keep = 0 if seq.request.prompt_logprobs is not None else 1  # else only the last position's logits are read
+        logits = self.model(ids, row, start, impl="naive", logits_to_keep=keep)[0]  # [T or 1, V]
         seq.n_computed = end
         self.prefix.store(seq.tokens[:end], row, seq.held)
         if seq.request.prompt_logprobs is not None:
