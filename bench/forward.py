@@ -8,8 +8,8 @@ shared machine the median moves with the neighbours' load, the min is each libra
 Prefill = the time of each library's generate for one new token (time to first token: both compute the head for
 the last position only). Decode ms/token =
 (t(N) - t(1)) / (N - 1) of each library's generate, so prefill is not counted. --compile adds dsv3's
-`generate(..., compile=True)` (the decode step through torch.compile; its one-off compile time is printed, not
-counted). transformers runs with EOS stopping switched off (`generation_config.eos_token_id = None`;
+`generate(..., compile=True)` (the prefill and the decode step through torch.compile; their one-off compile time
+is printed, not counted). transformers runs with EOS stopping switched off (`generation_config.eos_token_id = None`;
 `min_new_tokens` would instead *suppress* EOS and change the greedy tokens), and the greedy tokens of every variant
 are compared, so a speed-up never hides a different answer.
 """
@@ -73,7 +73,7 @@ def main() -> None:
         err = ((ours(prompt) - reference).norm() / reference.norm()).item()
         if args.compile:
             start = time.perf_counter()
-            dsv3.generate(ours, prompt, 2, compile=True)  # compiles the decode step once (dynamic shapes)
+            dsv3.generate(ours, prompt, 2, compile=True)  # compiles the prefill and the decode step once
             compile_s = time.perf_counter() - start
             variants["dsv3 compile=True"] = lambda x, k: dsv3.generate(ours, x, k, compile=True)
         expected = hf(prompt, n)
@@ -89,7 +89,7 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {r} runs each")
     print(f"logits relative error vs transformers: {err:.2e}; same greedy tokens as transformers ({n} new): {same}")
     if compile_s is not None:
-        print(f"torch.compile of the decode step: {compile_s:.0f} s (once per process)")
+        print(f"torch.compile of the prefill and the decode step: {compile_s:.0f} s (once per process)")
     print(f"{'':22}{'prefill tokens/s':>17}{'vs transformers':>16}{'decode ms/token':>17}{'vs transformers':>16}")
     for stat, (first, decode) in rows.items():
         print(f"{stat} of {r} runs:")

@@ -24,11 +24,38 @@ MoEImpl = Literal["auto", "loop", "gather", "grouped"]
 
 
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    """torch._grouped_mm runs on CPU (fp32/bf16, torch 2.13) and on CUDA for bf16 on sm90+ only; under
-    torch.compile for bf16 only (its shape function rejects fp32, torch 2.13)."""
+    """torch._grouped_mm runs on CPU (fp32/bf16, torch 2.13; compiled graphs call it through `_cpu_grouped_mm`)
+    and on CUDA for bf16 on sm90+ only."""
     if x.device.type == "cpu":
-        return x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not torch.compiler.is_compiling())
+        return x.dtype in (torch.float32, torch.bfloat16)
     return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+@torch.library.custom_op("dsv3::cpu_grouped_mm", mutates_args=())
+def _cpu_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(a [M, K], b [G, K, N], offs [G]) -> [M, N], opaque to torch.compile: its shape function
+    rejects fp32 (torch 2.13), so a compiled CPU graph calls the eager kernel like any library matmul, without a
+    graph break (a compiled 256-token prefill of the bundled model: -22% against eager, bench/RESULTS.md)."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@_cpu_grouped_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if a.is_cpu and torch.compiler.is_compiling():
+        return _cpu_grouped_mm(a, b, offs)
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+def stack_experts(model: nn.Module) -> None:
+    """Build every MoE's expert weight stacks now, in eager mode: compiled graphs read them (`_stacked_weights`)
+    but cannot build them, and without them take the per-expert loop, which breaks the graph at every layer."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module._stacked_weights()
 
 
 class Gate(nn.Module):
@@ -101,24 +128,28 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, indices, s = self.gate(flat)
-        y = self.routed(flat, weights, indices)
+        y = self.routed(flat, weights, indices, decode_step=T == 1)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         if self.training:
             self._record_balance(s.view(B, T, -1), indices.view(B, T, -1))
         return y.view(B, T, D)
 
-    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, *,
+               decode_step: bool = False) -> torch.Tensor:
         """x: [N, D], weights/indices: [N, K] -> Σ_k w_k FFN_{i_k}(x): [N, D], by the path `self.impl` picks.
+        decode_step: the N rows are one new token per sequence (T = 1), not prompt tokens.
 
         "auto" (measured choices, bench/RESULTS.md): the per-expert loop when gradients must reach the expert
         modules (training) or the experts are not plain nn.Linear (quantized, LoRA). Otherwise:
         - eager CPU: grouped matmuls at every N (no weight copies: 0.2 ms at N = 1 and 0.36 ms at N = 8 against
           0.2 / 2.0 ms for the best per-expert path, bundled model, one core); without _grouped_mm, `routed_pairs`
           (N·K <= 16) or the loop.
-        - GPU and compiled graphs: gathered weights for N·K <= `gather_max_pairs` (decoding), else grouped matmuls
-          (H200, one V2-Lite layer, eager: 195 vs 341 us at N = 1, 650 vs 371 us at N = 8). Compiled, the gather
-          is fused into its reductions (no copies), so it also serves every N where grouped matmuls do not trace.
+        - GPU and compiled GPU graphs: gathered weights for N·K <= `gather_max_pairs` (decoding), else grouped
+          matmuls (H200, one V2-Lite layer, eager: 195 vs 341 us at N = 1, 650 vs 371 us at N = 8). Compiled, the
+          gather is fused into its reductions (no copies).
+        - compiled CPU graphs: the fused gather for decode steps at every batch size (one graph for all: reading
+          N·K would split it), grouped matmuls for prompts (through `_cpu_grouped_mm`).
         None of the GPU paths reads a tensor back to the host.
         """
         impl = self.impl
@@ -138,6 +169,8 @@ class MoE(nn.Module):
                     impl = "grouped" if grouped_ok else "pairs" if indices.numel() <= 16 else "loop"
                 else:
                     impl = "gather" if few else "grouped" if grouped_ok else "loop"
+            elif x.device.type == "cpu":
+                impl = "gather" if decode_step or not grouped_ok else "grouped"
             else:  # read `few` only where it decides something, so as not to split the graph by batch size
                 impl = "grouped" if grouped_ok and not few else "gather"
         if impl == "grouped":
@@ -218,11 +251,11 @@ class MoE(nn.Module):
         offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
         token = order // K
         # index_select, not x[token]: the same rows, ~5x faster on CPU for this dim-0 gather
-        h = torch._grouped_mm(x.index_select(0, token), gate_up.transpose(-2, -1), offs=offs)  # [N·K, 2I]
+        h = _grouped_mm(x.index_select(0, token), gate_up.transpose(-2, -1), offs)  # [N·K, 2I]
         gate, up = h.chunk(2, dim=-1)
         # the routing weight scales the I-wide hidden before the (linear) down projection, not its D-wide output
         h = F.silu(gate) * up * weights.flatten()[order, None].to(x.dtype)
-        y = torch._grouped_mm(h, down.transpose(-2, -1), offs=offs)  # [N·K, D], rows in expert order
+        y = _grouped_mm(h, down.transpose(-2, -1), offs)  # [N·K, D], rows in expert order
         if not gather_back:
             return torch.zeros_like(x).index_add_(0, token, y)
         inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=x.device))

@@ -64,22 +64,30 @@ def test_grouped_gather_back_equals_the_scatter_add(n):
     torch.testing.assert_close(gathered, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_gather_equals_the_reference():
-    """Under torch.compile the gather path is a multiply-and-sum that inductor fuses with the gather; 40 tokens
-    exceed gather_max_pairs, where fp32 (no traceable grouped matmuls) still takes it: no graph break, and no
-    graph split by batch size (a static graph for 1 token, one dynamic graph for 3 and 40)."""
+def test_compiled_cpu_paths_equal_the_reference(monkeypatch):
+    """Under torch.compile on CPU, decode steps take the gather path, a multiply-and-sum that inductor fuses with
+    the gather, at every batch size (40 tokens exceed gather_max_pairs): no graph break, and no graph split by
+    batch size (a static graph for 1 token, one dynamic graph for 3 and 40). Prompt tokens take the grouped
+    matmuls through the opaque dsv3::cpu_grouped_mm (fp32 ones cannot be traced, torch 2.13), also unbroken."""
     moe = _moe()
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    routed = torch.compile(moe.routed, fullgraph=True)
-    for n in (1, 3, 40):
-        x, weights, indices = _route(moe, n)
-        with torch.inference_mode():
-            moe.routed(x, weights, indices)  # eager first: builds the stacks
-            compiled = routed(x, weights, indices)
-            ref = moe.routed_reference(x, weights, indices)
-        torch.testing.assert_close(compiled, ref, rtol=1e-5, atol=1e-6)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    called = []
+    for name in ("routed_gather", "routed_grouped"):
+        original = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, _n=name, _f=original, **k: called.append(_n) or _f(*a, **k))
+    for decode_step, path in ((True, "routed_gather"), (False, "routed_grouped")):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        routed = torch.compile(moe.routed, fullgraph=True)
+        for n in (1, 3, 40):
+            x, weights, indices = _route(moe, n)
+            with torch.inference_mode():
+                moe.routed(x, weights, indices)  # eager first: builds the stacks
+                called.clear()
+                compiled = routed(x, weights, indices, decode_step=decode_step)
+                ref = moe.routed_reference(x, weights, indices)
+            assert called == [path]  # traced once per graph: the path the graph holds
+            torch.testing.assert_close(compiled, ref, rtol=1e-5, atol=1e-6)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
 def test_auto_picks_grouped_on_cpu_and_copy_free_paths_without_it(monkeypatch):
@@ -255,8 +263,27 @@ def test_compiled_decode_step_gives_the_eager_tokens(model):
         explanation = torch._dynamo.explain(dsv3.generation._static_step)(
             model, compiled[:, -1], model.new_cache(2, 20), torch.tensor([9, 9]))
     assert explanation.graph_break_count == 0, explanation.break_reasons
-    # a batch whose N·K exceeds the gather path's limit: fp32 grouped matmuls cannot be traced (torch 2.13), so the
-    # compiled step keeps the (fused, copy-free) gather path
+    # a batch whose N·K exceeds the gather path's limit: on CPU the compiled step keeps the (fused, copy-free)
+    # gather path at every batch size
     wide = torch.randint(2, model.config.vocab_size, (40, 5), generator=torch.Generator().manual_seed(4))
     assert 40 * model.config.num_experts_per_tok > model.model.layers[-1].mlp.gather_max_pairs
     assert torch.equal(dsv3.generate(model, wide, 4, compile=True), dsv3.generate(model, wide, 4))
+
+
+def test_compiled_prefill_is_one_unbroken_graph_for_every_prompt_length(model):
+    """On CPU, compile=True also runs the prefill through torch.compile with dynamic shapes: no graph break (the
+    MoE's expert stacks are built eagerly first, and its grouped matmuls are an opaque op), the eager logits, and
+    one graph for every prompt length, including one equal to the hidden size (duck sizing would pin it)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from dsv3.generation import _prefill, prefill_step
+    run = prefill_step(compile=True, device_type="cpu")
+    prompts = [torch.randint(2, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(T))
+               for T in (model.config.hidden_size, 5, 23)]  # made outside inference mode, as generate's are
+    with torch.inference_mode():
+        for ids in prompts:
+            T = ids.shape[1]
+            eager = _prefill(model, ids, model.new_cache(2, T + 3))
+            torch.testing.assert_close(run(model, ids, model.new_cache(2, T + 3)), eager, rtol=1e-5, atol=1e-5)
+        assert len(_debug_get_cache_entry_list(_prefill.__code__)) == 1
+        explanation = torch._dynamo.explain(_prefill)(model, ids, model.new_cache(2, 30))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
