@@ -35,7 +35,7 @@ class ChatSession:
                  temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None,
                  compile: bool = False) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.compile = compile  # generate's compile=True: a compiled decode step (CUDA graphs on a GPU)
+        self.compile = compile  # generate's compile=True: compiled decode step (CUDA graphs on a GPU), CPU prefill
         self.system = system
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         self.seed = seed
@@ -153,6 +153,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (CUDA graphs on a GPU): faster tokens after a one-off compile "
-                        "of about a minute")
+                   help="torch.compile the decode step (CUDA graphs on a GPU) and, on CPU, the prompt's prefill: "
+                        "faster replies after a one-off compile of one to three minutes")
     p.set_defaults(func=run)

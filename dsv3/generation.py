@@ -104,8 +104,9 @@ def prefill_step(compile: bool = False, device_type: str = "cpu"):
     """`_prefill`, or on CPU with compile=True the same through torch.compile with dynamic shapes: one graph for
     every prompt length (compiled at the first, ~40 s on the bundled model), in which inductor fuses the norms,
     RoPE and activations around the library matmuls (-22% for a 256-token prompt of the bundled model,
-    bench/RESULTS.md). On a GPU the prefill stays eager: its compiled form is measured only with static shapes
-    (bench/decode.py's `torch.compile(model)` row)."""
+    bench/RESULTS.md). Sizes 1 are specialised, as always in torch.compile: a batch of one, or a one-token prompt,
+    gets a graph of its own. On a GPU the prefill stays eager: its compiled form is measured only with static
+    shapes (bench/decode.py's `torch.compile(model)` row)."""
     if not compile or device_type != "cpu":
         return _prefill
     if device_type not in _compiled_prefills:
@@ -119,7 +120,6 @@ def prefill_step(compile: bool = False, device_type: str = "cpu"):
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             return compiled(model, input_ids, cache)
     return run
-
 
 
 def decode_step(compile: bool = False, device_type: str = "cpu"):

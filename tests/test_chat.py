@@ -123,8 +123,8 @@ def test_cli_chat_with_a_saved_model(model, tmp_path):
 
 
 def test_cli_chat_compile_flag_reaches_the_decode_step(model, tmp_path, monkeypatch):
-    """--compile makes generation ask for the compiled decode step; the step itself is stubbed with its eager
-    static-shape form here (compiling takes a minute; tests/test_fast.py checks the compiled step)."""
+    """--compile makes generation ask for the compiled decode step and prefill; they are stubbed with their eager
+    forms here (compiling takes minutes; tests/test_fast.py checks the compiled ones)."""
     from dsv3 import generation
     from dsv3.checkpoint import save_pretrained
 
@@ -134,6 +134,8 @@ def test_cli_chat_compile_flag_reaches_the_decode_step(model, tmp_path, monkeypa
     asked = []
     monkeypatch.setattr(generation, "decode_step", lambda compile, device_type: asked.append(compile) or (
         generation._static_step if compile else generation._step))
+    monkeypatch.setattr(generation, "prefill_step",
+                        lambda compile, device_type: asked.append(("prefill", compile)) or generation._prefill)
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers())
     outputs = []
@@ -143,5 +145,5 @@ def test_cli_chat_compile_flag_reaches_the_decode_step(model, tmp_path, monkeypa
         out = io.StringIO()
         assert args.func(args, scripted(["Hello"]), out) == 0
         outputs.append(out.getvalue())
-    assert asked == [False, True]
+    assert asked == [False, ("prefill", False), True, ("prefill", True)]
     assert outputs[0] == outputs[1]
