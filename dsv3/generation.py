@@ -12,6 +12,7 @@ first stop string, holding back any tail that could still grow into one, so noth
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -97,7 +98,11 @@ def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, cache) -> torch.Te
 
 
 _compiled_steps: dict[str, object] = {}
-_compiled_prefills: dict[str, object] = {}
+
+
+@functools.cache
+def _compiled_prefill():
+    return torch.compile(_prefill, dynamic=True)
 
 
 def prefill_step(compile: bool = False, device_type: str = "cpu"):
@@ -109,9 +114,7 @@ def prefill_step(compile: bool = False, device_type: str = "cpu"):
     shapes (bench/decode.py's `torch.compile(model)` row)."""
     if not compile or device_type != "cpu":
         return _prefill
-    if device_type not in _compiled_prefills:
-        _compiled_prefills[device_type] = torch.compile(_prefill, dynamic=True)
-    compiled = _compiled_prefills[device_type]
+    compiled = _compiled_prefill()
 
     def run(model: torch.nn.Module, input_ids: torch.Tensor, cache) -> torch.Tensor:
         stack_experts(model)  # eagerly, before the graph that reads the stacks
