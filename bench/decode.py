@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import dsv3
+import timeline
 
 V2_LITE = dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
                moe_intermediate_size=1408, num_hidden_layers=12, num_attention_heads=16, q_lora_rank=None,
@@ -114,7 +115,8 @@ def compiled_rows(args, ours, prompt, n, run, hf_times, report, floor) -> None:
 def profile(args, ours, prompt, long, device, compiled_prefill=None) -> None:
     """torch.profiler over one decode step (compiled unless --no-compile; 5 steps recorded) at batch 1 and at the
     largest --batches size, and over the prefill (eager, and compiled when given): DIR/{decode_b1,decode_bB,
-    prefill,prefill_compile}.txt (kernel tables, by device time) and .json (Chrome traces, for Perfetto)."""
+    prefill,prefill_compile}.txt (bench/timeline.py's per-call kernel summary on a GPU, then torch.profiler's table by
+    device time) and .json (Chrome traces, for Perfetto)."""
     from torch.profiler import ProfilerActivity
     from dsv3.generation import decode_step, mark_static_cache
     args.profile.mkdir(parents=True, exist_ok=True)
@@ -134,10 +136,13 @@ def profile(args, ours, prompt, long, device, compiled_prefill=None) -> None:
             if cuda:
                 torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90)
+        trace = args.profile / f"{name}.json"
+        prof.export_chrome_trace(str(trace))
+        kernels = timeline.summary(trace, reps) if cuda else ""
         (args.profile / f"{name}.txt").write_text(f"{name}: {wall * 1e3:.3f} ms per call (best of 10, no profiler)"
-                                                  f", {reps} calls recorded\n{table}\n")
-        prof.export_chrome_trace(str(args.profile / f"{name}.json"))
+                                                  f", {reps} calls recorded\n{kernels}\n{table}\n")
         print(f"profile {name}: {wall * 1e3:.3f} ms per call -> {args.profile / name}.txt", flush=True)
+        print(kernels, end="", flush=True)
 
     step = decode_step(compiled, device.type)
     length = -(-(args.prompt_len + args.new_tokens - 1) // 256) * 256  # generate's cache length (compiled)
