@@ -50,6 +50,19 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     return torch._grouped_mm(a, b, offs=offs)
 
 
+def _stored(x: torch.Tensor) -> torch.Tensor:
+    """x itself; inside a torch.compile graph, also a hint that inductor should write x to memory once.
+
+    Inductor inlines a small pointwise input into the reduction that reads it. In the compiled gather below, that
+    made the down projection recompute the SwiGLU hidden silu(gate)·up for each of its weight elements on a GPU
+    (V2-Lite shape, batch 1: 17M sigmoids per layer for 12k outputs; that kernel ran at 1.6 TB/s on an H200 where
+    the gate/up one before it reached 3.7, bench/RESULTS.md). Fixing x's layout makes inductor store it instead.
+    Eager, and where inductor stores x anyway (its CPU rules store a reused exp), it changes nothing."""
+    if torch.compiler.is_compiling():
+        return torch.ops.prims.inductor_force_stride_order(x, x.stride())
+    return x
+
+
 def stack_experts(model: nn.Module) -> None:
     """Build every MoE's expert weight stacks now, in eager mode: compiled graphs read them (`_stacked_weights`)
     but cannot build them, and without them take the per-expert loop, which breaks the graph at every layer."""
@@ -222,8 +235,11 @@ class MoE(nn.Module):
             # as one multiply-and-sum, inductor fuses the gather into the reduction: each chosen expert's weights
             # are read once, in place, where bmm would first copy them out ([N·K, 2I, D] written and read again)
             w = gate_up[flat].view(N, K, *gate_up.shape[1:]).float()  # [N, K, 2I, D]
-            gate, up = (w * x.float()[:, None, None, :]).sum(-1).chunk(2, dim=-1)  # [N, K, I] each
-            h = (F.silu(gate) * up).to(x.dtype).float()  # rounded where bmm's input is
+            I, xs = down.shape[-1], x.float()[:, None, None, :]
+            # gate and up as two reductions over the same [N, K, I] rows (inductor runs them in one loop), so that
+            # the hidden (rounded where bmm's input is) has their shape and is stored as they finish (`_stored`)
+            gate, up = (w[:, :, :I] * xs).sum(-1), (w[:, :, I:] * xs).sum(-1)  # [N, K, I] each
+            h = _stored((F.silu(gate) * up).to(x.dtype)).float()
             y = (down[flat].view(N, K, *down.shape[1:]).float() * h[:, :, None, :]).sum(-1).to(x.dtype)  # [N, K, D]
             return (y * weights[:, :, None].to(x.dtype)).sum(dim=1)
         xs = x[:, None].expand(N, K, x.shape[1]).reshape(N * K, -1, 1)  # [N·K, D, 1]
