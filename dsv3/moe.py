@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import MLP
+from .layers import MLP, stored
 
 MoEImpl = Literal["auto", "loop", "gather", "grouped"]
 
@@ -48,19 +48,6 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     if a.is_cpu and torch.compiler.is_compiling():
         return _cpu_grouped_mm(a, b, offs)
     return torch._grouped_mm(a, b, offs=offs)
-
-
-def _stored(x: torch.Tensor) -> torch.Tensor:
-    """x itself; inside a torch.compile graph, also a hint that inductor should write x to memory once.
-
-    Inductor inlines a small pointwise input into the reduction that reads it. In the compiled gather below, that
-    made the down projection recompute the SwiGLU hidden silu(gate)·up for each of its weight elements on a GPU
-    (V2-Lite shape, batch 1: 17M sigmoids per layer for 12k outputs; that kernel ran at 1.6 TB/s on an H200 where
-    the gate/up one before it reached 3.7, bench/RESULTS.md). Fixing x's layout makes inductor store it instead.
-    Eager, and where inductor stores x anyway (its CPU rules store a reused exp), it changes nothing."""
-    if torch.compiler.is_compiling():
-        return torch.ops.prims.inductor_force_stride_order(x, x.stride())
-    return x
 
 
 def stack_experts(model: nn.Module) -> None:
@@ -237,9 +224,9 @@ class MoE(nn.Module):
             w = gate_up[flat].view(N, K, *gate_up.shape[1:]).float()  # [N, K, 2I, D]
             I, xs = down.shape[-1], x.float()[:, None, None, :]
             # gate and up as two reductions over the same [N, K, I] rows (inductor runs them in one loop), so that
-            # the hidden (rounded where bmm's input is) has their shape and is stored as they finish (`_stored`)
+            # the hidden (rounded where bmm's input is) has their shape and is stored as they finish (`stored`)
             gate, up = (w[:, :, :I] * xs).sum(-1), (w[:, :, I:] * xs).sum(-1)  # [N, K, I] each
-            h = _stored((F.silu(gate) * up).to(x.dtype)).float()
+            h = stored((F.silu(gate) * up).to(x.dtype)).float()
             y = (down[flat].view(N, K, *down.shape[1:]).float() * h[:, :, None, :]).sum(-1).to(x.dtype)  # [N, K, D]
             return (y * weights[:, :, None].to(x.dtype)).sum(dim=1)
         xs = x[:, None].expand(N, K, x.shape[1]).reshape(N * K, -1, 1)  # [N·K, D, 1]

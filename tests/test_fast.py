@@ -1,7 +1,9 @@
 """Fast inference paths against their references: MoE gather/grouped vs the per-token loop, the stacked expert
 weights staying in step with the modules, complex-multiply RoPE vs real arithmetic, causal SDPA vs the explicit
-mask, sync-free greedy decoding vs the per-step check, and the
-torch.compile'd decode step vs eager (one compile, ~1-2 minutes on a 2-core CPU: the slowest test in the suite)."""
+mask, sync-free greedy decoding vs the per-step check, the SwiGLU hidden stored once when inductor lowers a compiled
+decode step as on a GPU, and the torch.compile'd decode step vs eager (one compile, ~1-2 minutes on a 2-core CPU: the slowest test in the suite)."""
+
+import re
 
 import pytest
 import torch
@@ -90,23 +92,51 @@ def test_compiled_cpu_paths_equal_the_reference(monkeypatch):
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
-def test_compiled_gather_stores_the_swiglu_hidden_once(monkeypatch):
-    """bf16, inductor's GPU rules for inlining (its CPU rules store any reused exp anyway): the compiled gather's
-    down projection loads the SwiGLU hidden instead of evaluating silu inside its reduction for every weight
-    element (bench/RESULTS.md: that kernel ran at 1.6 TB/s on an H200), and still equals the eager bmm path."""
-    import re
-    from torch._inductor import ir
-    from torch._inductor.utils import run_and_get_code
+def _gpu_lowering(monkeypatch) -> None:
+    """Make inductor lower CPU graphs as it does a GPU decode step: its GPU rules for what to store (its CPU rules
+    store any reused exp anyway), and one-row matmuls as multiply-and-sum reductions (what coordinate-descent
+    tuning, on in dsv3's CUDA decode step, makes of them on a GPU; on CPU they stay library calls)."""
+    from torch._inductor import decomposition, ir
     monkeypatch.setattr(ir, "is_cpu", lambda node: False)
+    table, mm = decomposition.decompositions, torch.ops.aten.mm.default
+    library_mm = table[mm]
+    monkeypatch.setitem(table, mm, lambda a, b, *rest: (a[:, :, None] * b[None]).sum(1) if a.shape[0] == 1
+                        else library_mm(a, b, *rest))
+
+
+def _reduction_loops(code: str) -> list[str]:
+    """The bodies of the reduction loops in inductor's C++ code: the loop after each accumulator's initialisation."""
+    loops = []
+    for start in re.finditer(r"tmp_acc0_vec = [^;]*\(0\);", code):
+        depth, i = 0, code.index("{", code.index("for(", start.end()))
+        for j in range(i, len(code)):
+            depth += {"{": 1, "}": -1}.get(code[j], 0)
+            if depth == 0:
+                loops.append(code[i:j])
+                break
+    return loops
+
+
+@pytest.mark.parametrize("where", ["routed gather", "shared MLP"])
+def test_compiled_swiglu_hidden_is_stored_not_recomputed_per_weight(monkeypatch, where):
+    """bf16 at batch 1, lowered as on a GPU: the down projection loads the SwiGLU hidden instead of evaluating
+    silu inside its reduction for every weight element (bench/RESULTS.md: the routed one ran at 1.6 TB/s on an
+    H200), and the compiled result still equals eager (copied weights and bmm, or library matmuls)."""
+    from torch._inductor.utils import run_and_get_code
+    _gpu_lowering(monkeypatch)
     moe = _moe(torch.bfloat16)
     x, weights, indices = _route(moe, 1, torch.bfloat16)
     torch._dynamo.reset()
     with torch.inference_mode(), torch._inductor.config.patch(force_disable_caches=True):
-        eager = moe.routed(x, weights, indices)  # builds the stacks; eager gather: copied weights and bmm
-        compiled, codes = run_and_get_code(torch.compile(moe.routed_gather, fullgraph=True), x, weights, indices,
-                                           *moe._stacked_weights())
+        if where == "routed gather":
+            moe.routed(x, weights, indices)  # builds the stacks
+            fn, args = moe.routed_gather, (x, weights, indices, *moe._stacked_weights())
+        else:
+            fn, args = moe.shared_experts, (x,)
+        eager = fn(*args)
+        compiled, codes = run_and_get_code(torch.compile(fn, fullgraph=True), *args)
     torch._dynamo.reset()
-    reductions = re.findall(r"tmp_acc0 = 0;(.*?)= static_cast<\w+>\(tmp_acc0\)", "".join(codes), re.S)
+    reductions = _reduction_loops("".join(codes))
     assert len(reductions) == 2  # gate and up (one loop), then down
     assert not any(".exp()" in body for body in reductions)
     assert (compiled.float() - eager.float()).norm() / eager.float().norm() < 1e-2
