@@ -58,6 +58,23 @@ def stack_experts(model: nn.Module) -> None:
             module._stacked_weights()
 
 
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., k] of the k largest of scores [..., E], in any order: torch.topk, or inside a compiled graph
+    k rounds of argmax-and-mask. Inductor has no lowering for topk, so in a compiled decode step it is a library
+    kernel of its own (gatherTopK: 4.8-6.1 us per layer on an H200, for 64 scores, bench/RESULTS.md); argmax rounds
+    are reductions inductor generates itself, next to the sigmoid/softmax before them. Equal scores may pick
+    different experts than torch.topk does (neither order is specified); distinct ones give the same set."""
+    if not torch.compiler.is_compiling():
+        return scores.topk(k, dim=-1, sorted=False).indices
+    ids = torch.arange(scores.shape[-1], device=scores.device)
+    picked = []
+    for _ in range(k):
+        best = scores.argmax(dim=-1, keepdim=True)
+        picked.append(best)
+        scores = scores.masked_fill(ids == best, float("-inf"))
+    return torch.cat(picked, dim=-1)
+
+
 class Gate(nn.Module):
     """Router. weight: [E, D]; e_score_correction_bias: [E] float32 buffer (moved by balancing, not by gradients)."""
 
@@ -84,13 +101,13 @@ class Gate(nn.Module):
         if self.topk_method != "greedy" and self.n_group > 1:
             grouped = choice.view(choice.shape[0], self.n_group, -1)  # [N, G, E/G]
             if self.topk_method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+                group_scores = grouped.gather(-1, top_indices(grouped, 2)).sum(dim=-1)  # [N, G]
             else:
                 group_scores = grouped.amax(dim=-1)
             keep = torch.zeros_like(group_scores, dtype=torch.bool)
-            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+            keep.scatter_(1, top_indices(group_scores, self.topk_group), True)
             choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
-        indices = choice.topk(self.top_k, dim=-1, sorted=False).indices  # [N, K] (any order: the K outputs are summed)
+        indices = top_indices(choice, self.top_k)  # [N, K] (any order: the K outputs are summed)
         weights = s.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # eps: all-underflow guard (HF)

@@ -142,6 +142,34 @@ def test_compiled_swiglu_hidden_is_stored_not_recomputed_per_weight(monkeypatch,
     assert (compiled.float() - eager.float()).norm() / eager.float().norm() < 1e-2
 
 
+@pytest.mark.parametrize("routing", [
+    dict(topk_method="noaux_tc", scoring_func="sigmoid", n_routed_experts=32, n_group=4, topk_group=2,
+         num_experts_per_tok=6),  # V3's: group top-2 sums, top groups, then experts
+    dict(topk_method="greedy", scoring_func="softmax", n_routed_experts=64, n_group=1, topk_group=1,
+         num_experts_per_tok=6),  # V2-Lite's
+    dict(topk_method="group_limited_greedy", scoring_func="softmax", n_routed_experts=16, n_group=4, topk_group=2,
+         num_experts_per_tok=4),  # V2's
+])
+def test_compiled_router_picks_the_eager_experts_without_a_library_topk(routing):
+    """Inside a compiled graph the router's top-k are argmax rounds (`top_indices`), which inductor generates
+    itself: the same experts with the same weights as eager torch.topk, for every routing method, and no topk
+    call left in the graph."""
+    from torch._inductor.utils import run_and_get_code
+    moe = _moe(**routing)
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.normal_(std=0.05) if moe.gate.e_score_correction_bias is not None else None
+    x = torch.randn(7, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        weights, indices, _ = moe.gate(x)
+        (c_weights, c_indices, _), codes = run_and_get_code(torch.compile(moe.gate, fullgraph=True), x)
+    torch._dynamo.reset()
+    order, c_order = indices.argsort(-1), c_indices.argsort(-1)  # both unordered: compare as sets
+    assert torch.equal(indices.gather(1, order), c_indices.gather(1, c_order))
+    torch.testing.assert_close(weights.gather(1, order), c_weights.gather(1, c_order))
+    assert "topk" not in "".join(codes)
+
+
 def test_auto_picks_grouped_on_cpu_and_copy_free_paths_without_it(monkeypatch):
     """CPU: grouped matmuls at every batch size (the fastest path there, and copy-free); without them (fp64 here,
     or a torch without _grouped_mm) the paths that read expert ids on the host; training: the module loop."""
