@@ -98,10 +98,12 @@ def _gpu_lowering(monkeypatch) -> None:
     tuning, on in dsv3's CUDA decode step, makes of them on a GPU; on CPU they stay library calls)."""
     from torch._inductor import decomposition, ir
     monkeypatch.setattr(ir, "is_cpu", lambda node: False)
-    table, mm = decomposition.decompositions, torch.ops.aten.mm.default
-    library_mm = table[mm]
-    monkeypatch.setitem(table, mm, lambda a, b, *rest: (a[:, :, None] * b[None]).sum(1) if a.shape[0] == 1
-                        else library_mm(a, b, *rest))
+    mm = torch.ops.aten.mm.default
+    library_mm = decomposition.decompositions[mm]
+    # the table inductor reads is a cached copy once anything has compiled in this process: patch both
+    for table in (decomposition.decompositions, decomposition.select_decomp_table()):
+        monkeypatch.setitem(table, mm, lambda a, b, *rest: (a[:, :, None] * b[None]).sum(1) if a.shape[0] == 1
+                            else library_mm(a, b, *rest))
 
 
 def _reduction_loops(code: str) -> list[str]:
