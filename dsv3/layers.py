@@ -50,8 +50,9 @@ def stored(x: torch.Tensor) -> torch.Tensor:
     experts of a V2-Lite-shaped layer at batch 1 that is 17M sigmoids for 12k outputs, and that kernel ran at
     1.6 TB/s on an H200 where the gate/up one before it reached 3.7 (bench/RESULTS.md). Fixing x's layout makes
     inductor store it instead. Eager, and where inductor stores x anyway (a library matmul's input; its CPU rules
-    store a reused exp), it changes nothing."""
-    if torch.compiler.is_compiling():
+    store a reused exp), it changes nothing. Only for tensors without gradients (inference): the op has no
+    autograd formula, and a compiled training step keeps its intermediates for the backward anyway."""
+    if torch.compiler.is_compiling() and not x.requires_grad:
         return torch.ops.prims.inductor_force_stride_order(x, x.stride())
     return x
 

@@ -144,6 +144,20 @@ def test_compiled_swiglu_hidden_is_stored_not_recomputed_per_weight(monkeypatch,
     assert (compiled.float() - eager.float()).norm() / eager.float().norm() < 1e-2
 
 
+def test_compiled_training_step_through_the_mlp_keeps_its_gradients():
+    """`stored` only hints inductor at inference: a compiled forward with gradients backpropagates as eager does."""
+    from dsv3.layers import MLP
+    torch.manual_seed(0)
+    mlp, x = MLP(16, 32), torch.randn(3, 16, requires_grad=True)
+    torch._dynamo.reset()
+    torch.compile(mlp)(x).square().sum().backward()
+    torch._dynamo.reset()
+    compiled = (x.grad.clone(), mlp.down_proj.weight.grad.clone())
+    x.grad, mlp.down_proj.weight.grad = None, None
+    mlp(x).square().sum().backward()
+    torch.testing.assert_close(compiled, (x.grad, mlp.down_proj.weight.grad))
+
+
 @pytest.mark.parametrize("routing", [
     dict(topk_method="noaux_tc", scoring_func="sigmoid", n_routed_experts=32, n_group=4, topk_group=2,
          num_experts_per_tok=6),  # V3's: group top-2 sums, top groups, then experts
