@@ -1,18 +1,55 @@
 #!/usr/bin/env bash
-# Issue 9's GPU figures in one run (a few minutes on an H100/H200): builds the V2-Lite-shaped random bf16 model,
-# checks dsv3's logits and greedy tokens against transformers, and prints dsv3 vs transformers vs the bandwidth /
-# compute floor for decode ms/token at batch 1 (eager and torch.compile), tokens/s at batch 8 and 64, and prefill
-# TFLOP/s at 2048 tokens (eager and torch.compile). bench/gpu_ceilings.py first measures the card's copy bandwidth
-# and bf16 matmul rate (pass them as --bandwidth/--peak where they differ from the H200 defaults). See
-# bench/decode.py for the definitions.
+# Every GPU figure and check in one run (issues 20 and 21; about 6-7 minutes on an H200 with --quick):
+#   1. tests marked `gpu` (kernels against their references; they skip without CUDA elsewhere),
+#   2. bench/gpu_ceilings.py: the card's copy bandwidth and bf16 matmul rate, SDPA and MoE kernel choices,
+#   3. bench/gpu_quant.sh: bf16 vs int8 / int4 / fp8 weights (decode eager and compiled, matvecs),
+#   4. bench/decode.py: dsv3 vs transformers vs the bandwidth / compute floor for decode ms/token at batch 1,
+#      tokens/s at batch 8 and 64 and prefill TFLOP/s at 2048 tokens, eager and compiled, on the V2-Lite-shaped
+#      random bf16 model, with a warm-up (compile) time per row.
+# Each stage's output is saved to DIR/<stage>.txt and the decode step's kernel timeline to DIR/prof/ (with
+# --profile); the stages share one inductor cache, so kernels compiled by one are reused by the next.
 #
-#   bash bench/gpu.sh                         # on a GPU (H200 floors by default)
-#   bash bench/gpu.sh --bandwidth 3.0e12      # H100 SXM: pass the card's measured copy bandwidth
-#   bash bench/gpu.sh --dry-run               # CPU, tiny model: checks the script (seconds)
-set -euo pipefail
+#   bash bench/gpu.sh --quick --out DIR       # a short lease: targets only (no transformers rows)
+#   bash bench/gpu.sh --out DIR --profile     # everything, with the kernel timeline of the compiled steps
+#   bash bench/gpu.sh --dry-run               # CPU, tiny models: checks the script (a minute)
+# Other flags go to bench/decode.py (e.g. --bandwidth 3.0e12 for an H100 SXM, whose copy bandwidth is lower).
+set -uo pipefail
 cd "$(dirname "$0")/.."
-if [[ " $* " != *" --dry-run "* ]]; then
-    nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader || true
-    python bench/gpu_ceilings.py || true  # the card's bandwidth and matmul rate, SDPA and MoE kernel choices
+out=runs/gpu-$(date +%Y%m%d-%H%M%S)
+dry=0 profile=0 quick=0 pass=()
+while (($#)); do
+    case "$1" in
+        --out) out="$2"; shift ;;
+        --profile) profile=1 ;;
+        --dry-run) dry=1; pass+=("$1") ;;
+        --quick) quick=1; pass+=("$1") ;;
+        *) pass+=("$1") ;;
+    esac
+    shift
+done
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$out/inductor-cache}"
+((profile)) && pass+=(--profile "$out/prof")
+status=0
+stage() {  # stage NAME COMMAND...: run it, tee its output to $out/NAME.txt, print its wall time
+    local name="$1" start=$SECONDS
+    shift
+    echo "=== $name: $*"
+    "$@" 2>&1 | tee "$out/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - start)) s"
+    ((rc == 0)) || status=1
+}
+if ((dry)); then
+    stage decode python bench/decode.py --no-compile "${pass[@]}"
+    stage quant bash bench/gpu_quant.sh --dry-run
+    exit $status
 fi
-exec python bench/decode.py "$@"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader || true
+stage tests python -m pytest -m gpu tests -q -p no:cacheprovider --continue-on-collection-errors
+stage ceilings python bench/gpu_ceilings.py
+stage quant bash bench/gpu_quant.sh
+stage decode python bench/decode.py "${pass[@]}"
+echo "outputs in $out"
+exit $status
