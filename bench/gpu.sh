@@ -47,7 +47,7 @@ if ((dry)); then
     exit $status
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader || true
-stage tests python -m pytest -m gpu tests -q -p no:cacheprovider --continue-on-collection-errors
+stage tests python -m pytest -m "gpu or inductor_codegen" tests -q -p no:cacheprovider --continue-on-collection-errors
 stage ceilings python bench/gpu_ceilings.py
 stage quant bash bench/gpu_quant.sh
 stage decode python bench/decode.py "${pass[@]}"

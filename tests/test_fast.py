@@ -119,6 +119,7 @@ def _reduction_loops(code: str) -> list[str]:
     return loops
 
 
+@pytest.mark.inductor_codegen
 @pytest.mark.parametrize("where", ["routed gather", "shared MLP"])
 def test_compiled_swiglu_hidden_is_stored_not_recomputed_per_weight(monkeypatch, where):
     """bf16 at batch 1, lowered as on a GPU: the down projection loads the SwiGLU hidden instead of evaluating
@@ -158,18 +159,18 @@ def test_compiled_training_step_through_the_mlp_keeps_its_gradients():
     torch.testing.assert_close(compiled, (x.grad, mlp.down_proj.weight.grad))
 
 
-@pytest.mark.parametrize("routing", [
+ROUTINGS = [
     dict(topk_method="noaux_tc", scoring_func="sigmoid", n_routed_experts=32, n_group=4, topk_group=2,
          num_experts_per_tok=6),  # V3's: group top-2 sums, top groups, then experts
     dict(topk_method="greedy", scoring_func="softmax", n_routed_experts=64, n_group=1, topk_group=1,
          num_experts_per_tok=6),  # V2-Lite's
     dict(topk_method="group_limited_greedy", scoring_func="softmax", n_routed_experts=16, n_group=4, topk_group=2,
          num_experts_per_tok=4),  # V2's
-])
-def test_compiled_router_picks_the_eager_experts_without_a_library_topk(routing):
-    """Inside a compiled graph the router's top-k are argmax rounds (`top_indices`), which inductor generates
-    itself: the same experts with the same weights as eager torch.topk, for every routing method, and no topk
-    call left in the graph."""
+]
+
+
+def _compiled_router(routing):
+    """(eager (weights, indices), compiled (weights, indices), inductor's generated code) for one routing method."""
     from torch._inductor.utils import run_and_get_code
     moe = _moe(**routing)
     with torch.no_grad():
@@ -180,10 +181,24 @@ def test_compiled_router_picks_the_eager_experts_without_a_library_topk(routing)
         weights, indices, _ = moe.gate(x)
         (c_weights, c_indices, _), codes = run_and_get_code(torch.compile(moe.gate, fullgraph=True), x)
     torch._dynamo.reset()
+    return (weights, indices), (c_weights, c_indices), "".join(codes)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_compiled_router_picks_the_eager_experts(routing):
+    """Inside a compiled graph the router's top-k are argmax rounds (`top_indices`): the same experts with the
+    same weights as eager torch.topk, for every routing method."""
+    (weights, indices), (c_weights, c_indices), _ = _compiled_router(routing)
     order, c_order = indices.argsort(-1), c_indices.argsort(-1)  # both unordered: compare as sets
     assert torch.equal(indices.gather(1, order), c_indices.gather(1, c_order))
     torch.testing.assert_close(weights.gather(1, order), c_weights.gather(1, c_order))
-    assert "topk" not in "".join(codes)
+
+
+@pytest.mark.inductor_codegen
+def test_compiled_router_leaves_no_library_topk():
+    """The argmax rounds are reductions inductor generates itself: no topk call left in the graph (a library
+    gatherTopK kernel per layer on a GPU, bench/RESULTS.md)."""
+    assert "topk" not in _compiled_router(ROUTINGS[0])[2]
 
 
 def test_auto_picks_grouped_on_cpu_and_copy_free_paths_without_it(monkeypatch):
