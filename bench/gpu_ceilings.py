@@ -8,11 +8,13 @@ before bench/decode.py; about 20 s on an H200).
 - SDPA at MLA's prefill shape (16 heads, 2048 tokens, q/k head dim 192, v 128, causal) with each backend, and
   with v padded to 192 (what the CPU path does for its flash kernel);
 - one V2-Lite-shaped MoE layer, eager, routed through gathered weights and through grouped matmuls at N tokens
-  (MoE.gather_max_pairs is set from this).
+  (MoE.gather_max_pairs is set from this), then compiled for a decode step (N = 1 and 8) with the down
+  projection as inductor generates it and as dsv3/fast/moe_triton.py's Triton kernel.
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 
 import torch
@@ -21,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dsv3
 from decode import V2_LITE
+from dsv3.fast.moe_triton import gathered_down_op
 
 
 def median_ms(fn, reps: int = 20) -> float:
@@ -83,6 +86,26 @@ def main() -> None:
                 times[impl] = median_ms(lambda: moe.routed(tokens, weights, indices)) * 1e3
             print(f"MoE layer, eager, N={n} ({n * moe.top_k} pairs): gathered weights {times['gather']:.0f} us, "
                   f"grouped matmuls {times['grouped']:.0f} us", flush=True)
+        # the compiled decode path (gathered weights, coordinate-descent tuned as in generate(compile=True)) with
+        # the down projection as inductor writes it and as dsv3/fast/moe_triton.py's kernel
+        stacks = moe._stacked_weights()
+        per_expert = (stacks[0][0].numel() + stacks[1][0].numel()) * stacks[1].element_size()  # gate/up + down
+        for n in (1, 8):
+            tokens = torch.randn(n, moe.gate.weight.shape[1], dtype=torch.bfloat16, device="cuda")
+            weights, indices, _ = moe.gate(tokens)
+            distinct = len(set(indices.flatten().tolist()))
+            for name, kernel in (("inductor down", None), ("Triton down", gathered_down_op())):
+                moe.gathered_down = kernel
+                torch._dynamo.reset()
+                step = torch.compile(moe.routed_gather, options={"coordinate_descent_tuning": True})
+                start = time.perf_counter()
+                step(tokens, weights, indices, *stacks)
+                warm = time.perf_counter() - start
+                us = median_ms(lambda: step(tokens, weights, indices, *stacks), 50) * 1e3
+                print(f"MoE layer, compiled gather, N={n}, {name}: {us:.1f} us = "
+                      f"{distinct * per_expert / us / 1e6:.2f} TB/s ({distinct} distinct experts; compile {warm:.0f} s)",
+                      flush=True)
+        moe.gathered_down = None
 
 
 if __name__ == "__main__":
