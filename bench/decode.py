@@ -177,6 +177,8 @@ def main() -> None:
     p.add_argument("--profile", type=Path, metavar="DIR", help="write torch.profiler kernel tables (and Chrome "
                    "traces) of one compiled decode step at batch 1 and at the largest --batches size, and of the "
                    "prefill, into DIR")
+    p.add_argument("--no-triton", action="store_true", help="compiled rows without dsv3/fast/moe_triton.py's "
+                   "down-projection kernel (taken anyway if the rows with it fail)")
     p.add_argument("--quick", action="store_true", help="the issue targets only, for a short GPU lease: no "
                    "transformers rows, batches 1 and 64, no grouped-MoE row, no compiled prefill")
     args = p.parse_args()
@@ -245,9 +247,11 @@ def main() -> None:
         """Run one figure; a failure prints its traceback and the run goes on to the next figure."""
         try:
             fn()
+            return True
         except Exception:  # noqa: BLE001 - keep what the other figures measure
             print(f"{name}: failed", flush=True)
             traceback.print_exc()
+            return False
 
     print(f"{'':<26}{'dsv3':>12} {'transformers':>13} {'floor':>12}  {'unit':<9}{'vs HF':>9} {'':>16}"
           f"{'warm-up':>9}")
@@ -306,8 +310,18 @@ def main() -> None:
         if not args.no_compile:  # last, so that a failure to compile cannot cost the eager figures above
             if not args.quick:
                 guarded("prefill (compile)", lambda: prefill_row(compiled_prefill, "(compile)"))
-            guarded("compile=True", lambda: compiled_rows(args, ours, prompt, n, run, hf_times, report, lambda B:
-                                                          floors(config, ours, B, ctx, args.bandwidth, elem)))
+            def compiled():
+                compiled_rows(args, ours, prompt, n, run, hf_times, report,
+                              lambda B: floors(config, ours, B, ctx, args.bandwidth, elem))
+            if args.no_triton or not guarded("compile=True", compiled):
+                # without dsv3/fast/moe_triton.py's kernel: inductor's own down projection (the previous path)
+                print("compile=True without the Triton down projection", flush=True)
+                dsv3.generation.moe_triton.install = lambda model: 0
+                for layer in ours.model.layers:
+                    if isinstance(layer.mlp, dsv3.moe.MoE):
+                        layer.mlp.gathered_down = None
+                torch._dynamo.reset()
+                guarded("compile=True (no Triton)", compiled)
         if args.profile:
             guarded("profile", lambda: profile(args, ours, prompt, long, device,
                                                None if args.no_compile or args.quick else compiled_prefill))
