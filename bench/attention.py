@@ -87,14 +87,13 @@ def run(contexts: list[int], topk: int, device: str, repeats_at: dict[int, int],
     for T in contexts:
         ids = torch.randint(0, model.config.vocab_size, (1, T), device=device)
         x = torch.randn(1, T, model.config.hidden_size, device=device)
-        positions, mask, length = model._positions_and_mask(1, T, device, None, 0)
-        cos, sin = model.rotary(positions)
+        ctx = model.attend_context(1, T, device, None, 0)
         repeats = repeats_at.get(T, 1)
         row = {"context": T, "topk": topk}
         for v in VARIANTS:
             set_variant(model, v)
             sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-            row[f"attn_s/{v}"] = timed(lambda: (layer.self_attn(x, cos, sin, mask, positions, length=length),
+            row[f"attn_s/{v}"] = timed(lambda: (layer.self_attn(x, ctx),
                                                 sync()), repeats)
             row[f"forward_s/{v}"] = timed(lambda: (model(ids), sync()), repeats)
             row[f"attn_gflop/{v}"] = attention_flops(model.config, T, v) / 1e9

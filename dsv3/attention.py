@@ -9,23 +9,51 @@ d_n = qk_nope_head_dim, d_r = qk_rope_head_dim, d_v = v_head_dim, d_c = kv_lora_
   directly against the d_c-dim latent shared by all heads. Cheapest for decoding: nothing per-head is materialised
   for the S cached tokens. DeepSeek's inference/model.py carries both (attn_impl "naive" / "absorb").
 The cache holds only kv_a_layernorm(c_kv) and the roped shared key k_pe, whichever form runs.
+
+Every layer of one forward shares an `Attend` context (positions, mask, RoPE tables, cache, attention span, the
+form, the rows to keep); DeepSeek Sparse Attention (dsv3/dsa.py) is `SparseMLA`, a subclass of this MLA.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dsa
 from .cache import KVCache
 from .config import ModelConfig
 from .layers import RMSNorm, linear_weight
 from .rope import apply_rope
 
 AttnImpl = Literal["auto", "naive", "absorb"]
+
+
+@dataclass(frozen=True)
+class Attend:
+    """What every attention layer of one forward shares.
+
+    positions: [B, T] the new tokens' positions; mask: [B, T, S] bool (True = may attend); cos/sin: [B, T, d_r/2]
+    RoPE tables at `positions`; cache: the latent cache (None: S = T, the keys are the new tokens themselves);
+    length: S, how many cache slots attention spans; attn_impl: "naive", "absorb" or "auto" (absorbed for a single
+    query); keep > 0: only the last `keep` positions are queried (a last layer whose other rows no logit needs).
+    """
+    positions: torch.Tensor
+    mask: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cache: KVCache | None = None
+    length: int | None = None
+    attn_impl: AttnImpl = "auto"
+    keep: int = 0
+
+    @property
+    def causal(self) -> bool:
+        """The keys are the T new tokens, each one queried, so the mask is plain causal (SDPA's fused kernels can
+        skip the blocks above the diagonal): no cache, or a cache filled from position 0 (length == T)."""
+        return (self.cache is None or self.length == self.positions.shape[1]) and not self.keep
 
 
 class MLA(nn.Module):
@@ -52,72 +80,64 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim),
                                    bias=False)
         self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
-        # DeepSeek Sparse Attention (V3.2): a lightning indexer picks the entries each query attends to (dsv3/dsa.py)
-        self.indexer = dsa.Indexer(c) if c.uses_dsa else None
-        self.dsa_mode: dsa.DSAMode = "sparse"
 
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, D] -> q: [B, T, H, d_n + d_r] (nope first, rope last, as the checkpoints lay it out)."""
+    def query(self, x: torch.Tensor, q_latent: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, D] -> q: [B, T, H, d_n + d_r] (nope first, rope last, as the checkpoints lay it out).
+        q_latent: c_q = q_a_layernorm(q_a_proj(x)) when the caller has it already (q-LoRA models)."""
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)) if q_latent is None else q_latent)
         return q.view(*x.shape[:2], self.n_heads, self.d_nope + self.d_rope)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                positions: torch.Tensor, cache: KVCache | None = None, layer: int = 0, length: int | None = None,
-                impl: AttnImpl = "auto", keep: int = 0) -> torch.Tensor:
-        """x: [B, T, D]; cos/sin: [B, T, d_r/2]; mask: [B, T, S] bool (True = may attend); positions: [B, T].
-        Returns [B, T, D], or [B, keep, D] with keep > 0.
-
-        With a cache, the new latents are written at `positions` and attention runs over its first `length` slots
-        (S = length); without one, S = T. keep > 0 queries only the last `keep` positions (a last layer whose other
-        outputs no logit needs); keys, values and the cache still cover all T. impl "auto": absorbed for a single
-        query (decoding, or keep = 1), naive otherwise.
-        """
-        if keep and self.indexer is not None:  # the indexer scores every query: attend for all, keep the last rows
-            return self.forward(x, cos, sin, mask, positions, cache, layer, length, impl)[:, -keep:]
-        if keep:  # the query side: the last `keep` positions
-            x_q, cos_q, sin_q, mask = x[:, -keep:], cos[:, -keep:], sin[:, -keep:], mask[:, -keep:]
-        else:
-            x_q, cos_q, sin_q = x, cos, sin
-        if self.indexer is None:
-            q = self.query(x_q)
-        else:  # the indexer reads the query latent too
-            q_latent = self.q_a_layernorm(self.q_a_proj(x))
-            q = self.q_b_proj(q_latent).view(*x.shape[:2], self.n_heads, self.d_nope + self.d_rope)
-        q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos_q, sin_q, self.interleave)
+    def latent(self, x: torch.Tensor, ctx: Attend, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T, D] -> the normed latent c_kv [B, S, d_c] and the roped shared key k_pe [B, S, d_r] attention
+        runs over, in x's dtype: the T new tokens (no cache), or the first S cache slots after writing them."""
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.d_rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [B, T, d_c]
-        k_pe = apply_rope(k_pe, cos, sin, self.interleave)  # [B, T, d_r]
-        if cache is not None:
-            c_kv, k_pe = cache.update(layer, positions, c_kv, k_pe, length)  # -> [B, S, d_c], [B, S, d_r]
-        if self.indexer is not None:
-            out = dsa.attend(self, x, q_latent, q_nope, q_pe, c_kv.to(x.dtype), k_pe.to(x.dtype), mask, cos, sin,
-                             positions, cache, layer, length)
-            if out is not None:
-                return self.o_proj(out.flatten(2))
-        if impl == "auto":
-            impl = "absorb" if q.shape[1] == 1 else "naive"
-        if impl == "absorb":
-            out = self._absorbed(q_nope, q_pe, c_kv.to(x.dtype), k_pe.to(x.dtype), mask)  # [B, T, H, d_v]
-        else:
-            # keys are the T new tokens themselves (no cache, or a cache filled from position 0: length == T, as
-            # every position must be < length), each queried: the mask is plain causal, which SDPA's fused
-            # kernels can skip
-            causal = (cache is None or length == x.shape[1]) and not keep
-            out = self._naive(q_nope, q_pe, c_kv.to(x.dtype), k_pe.to(x.dtype), None if causal else mask)
-        return self.o_proj(out.flatten(2))
+        k_pe = apply_rope(k_pe, ctx.cos, ctx.sin, self.interleave)  # [B, T, d_r]
+        if ctx.cache is not None:
+            c_kv, k_pe = ctx.cache.update(layer, ctx.positions, c_kv, k_pe, ctx.length)
+        return c_kv.to(x.dtype), k_pe.to(x.dtype)
 
-    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
-        """Expand keys/values per head: k = [W_UK c ; k_pe], v = W_UV c; then softmax(q·k·scale) v.
+    def forward(self, x: torch.Tensor, ctx: Attend, layer: int = 0) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D], or [B, keep, D] with ctx.keep > 0 (keys, values and the cache still cover
+        all T). `layer` indexes the cache. attn_impl "auto": absorbed for a single query, naive otherwise."""
+        x_q, cos, sin, mask = x, ctx.cos, ctx.sin, ctx.mask
+        if ctx.keep:  # the query side: the last `keep` positions
+            x_q, cos, sin, mask = x[:, -ctx.keep:], cos[:, -ctx.keep:], sin[:, -ctx.keep:], mask[:, -ctx.keep:]
+        q_nope, q_pe = self.query(x_q).split([self.d_nope, self.d_rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, self.interleave)
+        c_kv, k_pe = self.latent(x, ctx, layer)
+        return self.o_proj(self.attend(q_nope, q_pe, c_kv, k_pe, mask, ctx).flatten(2))
 
-        mask None: causal with S == T (is_causal lets the fused kernels skip the blocks above the diagonal)."""
+    def attend(self, q_nope, q_pe, c_kv, k_pe, mask, ctx: Attend) -> torch.Tensor:
+        """Dense attention of the queries q_nope [B, T, H, d_n], q_pe [B, T, H, d_r] over c_kv [B, S, d_c], k_pe
+        [B, S, d_r] under mask [B, T, S], in the form ctx.attn_impl picks: [B, T, H, d_v]."""
+        attn_impl = ctx.attn_impl
+        if attn_impl == "auto":
+            attn_impl = "absorb" if q_nope.shape[1] == 1 else "naive"
+        if attn_impl == "absorb":
+            return self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        return self._naive(q_nope, q_pe, c_kv, k_pe, None if ctx.causal else mask)
+
+    def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MHA mode's per-head keys and values: k = [W_UK c ; k_pe] [B, S, H, d_n+d_r], v = W_UV c [B, S, H, d_v]."""
         B, S, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.d_nope + self.d_v)
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
-        k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)), dim=-1)  # [B, S, H, d_n+d_r]
+        return torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)), dim=-1), v
+
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, d_n, d_c] and W_UV [H, d_v, d_c], the two halves of kv_b_proj per head (paper-V2 §2.1.2)."""
+        w = linear_weight(self.kv_b_proj).view(self.n_heads, self.d_nope + self.d_v, self.kv_lora_rank)
+        return w[:, :self.d_nope].to(dtype), w[:, self.d_nope:].to(dtype)
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
+        """Expand keys/values per head, then softmax(q·k·scale) v: [B, T, H, d_v].
+
+        mask None: causal with S == T (is_causal lets the fused kernels skip the blocks above the diagonal)."""
+        k, v = self.expand_kv(c_kv, k_pe)
         q = torch.cat((q_nope, q_pe), dim=-1)  # [B, T, H, d_n+d_r]
         d_qk = q.shape[-1]
         if padded := v.device.type == "cpu" and self.d_v < d_qk:
@@ -131,10 +151,9 @@ class MLA(nn.Module):
         return out[..., :self.d_v] if padded else out
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
-        """Scores against the latent: (W_UKᵀ q_nope)·c + q_pe·k_pe; output W_UV (Σ p c)."""
-        w = linear_weight(self.kv_b_proj).view(self.n_heads, self.d_nope + self.d_v, self.kv_lora_rank)
-        w_uk, w_uv = w[:, :self.d_nope], w[:, self.d_nope:]  # [H, d_n, d_c], [H, d_v, d_c]
-        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk.to(q_nope.dtype))  # [B, T, H, d_c]
+        """Scores against the latent: (W_UKᵀ q_nope)·c + q_pe·k_pe; output W_UV (Σ p c): [B, T, H, d_v]."""
+        w_uk, w_uv = self.absorbed_weights(q_nope.dtype)  # [H, d_n, d_c], [H, d_v, d_c]
+        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # [B, T, H, d_c]
         scores = (torch.einsum("bthc,bsc->bhts", q_lat, c_kv)
                   + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)) * self.softmax_scale
         scores = scores.masked_fill(~mask[:, None], float("-inf"))

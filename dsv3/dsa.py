@@ -21,7 +21,8 @@ d_c kv_lora_rank, d_r qk_rope_head_dim, k the token budget (index_topk, or fewer
   per query ([B, T, k, d_c] / [B, T, k, d_r]), so score and value work is O(T·k) instead of O(T·S). Queries are
   processed in blocks of BLOCK so the gathered rows and the indexer's [B, T, H_I, S] scores stay small; each block
   only looks at the keys some query of the block can see (causal reach), which also halves the indexer's work.
-- Modes (`MLA.dsa_mode`): "sparse" (default), "masked" (dense absorbed scores with everything but the top-k masked:
+- `SparseMLA` is MLA with an indexer: the same projections, cache and dense forms (dsv3/attention.py), and the
+  sparse ones below. Modes (`SparseMLA.dsa_mode`): "sparse" (default), "masked" (dense absorbed scores with everything but the top-k masked:
   the reference the gathered path must equal), "window" (sliding window of the last k tokens, the same budget,
   no indexer: the baseline), "dense" (plain MLA; the indexer only runs when training it), "blocked" (dense MLA in
   its MHA form, keys/values expanded once, SDPA per query block over its causal reach: dense attention whose memory
@@ -34,14 +35,15 @@ d_c kv_lora_rank, d_r qk_rope_head_dim, k the token budget (index_topk, or fewer
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import MLA, Attend
 from .config import ModelConfig
-from .layers import linear_weight
 from .rope import apply_rope
 
 DSAMode = Literal["sparse", "masked", "window", "dense", "blocked"]
@@ -202,82 +204,99 @@ def _reach(mask: torch.Tensor) -> int:
     return int(mask.flatten(0, 1).any(0).nonzero()[-1]) + 1
 
 
-def attend(mla, x, q_latent, q_nope, q_pe, c_kv, k_pe, mask, cos, sin, positions, cache, layer, length):
-    """DSA for one MLA layer. Returns the per-head outputs [B, T, H, d_v], or None for "dense" mode (the caller
-    runs plain MLA). x: [B,T,D]; q_latent: [B,T,q_lora_rank]; c_kv/k_pe: [B,S,·] (cache slots or the T tokens);
-    mask: [B,T,S] bool."""
-    ind: Indexer = mla.indexer
-    stage = ind.stage if torch.is_grad_enabled() else None
-    mode = "dense" if stage == "warmup" else mla.dsa_mode
-    ind.last_loss = None
-    if mode == "dense" and stage is None:
-        return None
-    if mode == "blocked":
-        return _blocked_dense(mla, q_nope, q_pe, c_kv, k_pe, mask)
-    w_kv = linear_weight(mla.kv_b_proj).view(mla.n_heads, mla.d_nope + mla.d_v, mla.kv_lora_rank)
-    w_uk, w_uv = w_kv[:, :mla.d_nope].to(x.dtype), w_kv[:, mla.d_nope:].to(x.dtype)
-    q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # [B, T, H, d_c]
-    if mode != "window":
-        if stage is not None:  # the indexer learns only from its KL: its inputs carry no gradient to the model
-            x, q_latent = x.detach(), q_latent.detach()
-        qi, ki, wi = ind(x, q_latent, cos, sin)
-        if cache is not None:
-            ki = cache.update_index(layer, positions, ki, length).to(qi.dtype)
-    if mode in ("sparse", "window"):
-        q_cat, entries = torch.cat((q_lat, q_pe), -1), torch.cat((c_kv, k_pe), -1)  # [B,T,H,d_c+d_r], [B,S,·]
-    B, T = x.shape[:2]
-    outs, kl = [], torch.zeros((), device=x.device)
-    for t0 in range(0, T, BLOCK):
-        t1 = min(T, t0 + BLOCK)
-        hi = _reach(mask[:, t0:t1])
-        m = mask[:, t0:t1, :hi]
-        args = (q_lat[:, t0:t1], q_pe[:, t0:t1], c_kv[:, :hi], k_pe[:, :hi])
-        if mode == "window":
-            idx, valid = window_select(m, ind.topk)
-        else:
-            scores = index_scores(qi[:, t0:t1], wi[:, t0:t1], ki[:, :hi])  # [B, Tb, S_b] fp32
-            idx, valid = topk_select(scores.detach(), m, ind.topk)
-        if mode == "dense":  # warm-up: target = dense attention over all visible keys
-            with torch.no_grad():
-                p = head_summed_probs(dense_logits(*args, m, mla.softmax_scale))
-            kl = kl + kl_to_indexer(p, scores, m)
-            continue
-        if mode == "masked":
-            chosen = torch.zeros_like(m).scatter_(-1, idx, valid)
-            logits = dense_logits(*args, m & chosen, mla.softmax_scale)
-            o_lat = torch.einsum("bths,bsc->bthc", logits.softmax(-1).to(x.dtype), args[2])
-        else:
-            o_lat, logits = sparse_mla(q_cat[:, t0:t1], entries, idx, valid, mla.softmax_scale, mla.kv_lora_rank)
-            if stage == "sparse":
-                p = head_summed_probs(logits.detach())  # [B, Tb, k]
-                kl = kl + kl_to_indexer(p, torch.gather(scores, -1, idx), valid)
-        outs.append(torch.einsum("bthc,hvc->bthv", o_lat, w_uv))
-    if stage is not None:
-        ind.last_loss = kl / (B * T)
-    return None if mode == "dense" else torch.cat(outs, dim=1)
+class SparseMLA(MLA):
+    """MLA whose queries attend over the entries a lightning indexer picks (V3.2 eq. 1-2): MLA's own projections,
+    latent cache and dense forms, plus the indexer and the sparse forms, chosen by `dsa_mode`."""
 
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.indexer = Indexer(config)
+        self.dsa_mode: DSAMode = "sparse"
 
-def _blocked_dense(mla, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
-    """Dense MLA, MHA mode, one query block at a time: [B, T, H, d_v]."""
-    B, S, _ = c_kv.shape
-    kv = mla.kv_b_proj(c_kv).view(B, S, mla.n_heads, mla.d_nope + mla.d_v)
-    k_nope, v = kv.split([mla.d_nope, mla.d_v], dim=-1)
-    k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, mla.n_heads, -1)), dim=-1).transpose(1, 2)
-    q, v = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2), v.transpose(1, 2)  # [B, H, ·, ·]
-    outs = []
-    for t0 in range(0, q.shape[2], BLOCK):
-        t1 = min(q.shape[2], t0 + BLOCK)
-        hi = _reach(mask[:, t0:t1])
-        outs.append(F.scaled_dot_product_attention(q[:, :, t0:t1], k[:, :, :hi], v[:, :, :hi],
-                                                   attn_mask=mask[:, None, t0:t1, :hi], scale=mla.softmax_scale))
-    return torch.cat(outs, dim=2).transpose(1, 2)
+    def forward(self, x: torch.Tensor, ctx: Attend, layer: int = 0) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D], or [B, keep, D] with ctx.keep > 0: the indexer scores every query, so all T
+        attend and the last `keep` rows are kept."""
+        q_latent = self.q_a_layernorm(self.q_a_proj(x))  # [B, T, q_lora_rank], read by the indexer too
+        q_nope, q_pe = self.query(x, q_latent).split([self.d_nope, self.d_rope], dim=-1)
+        q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, self.interleave)
+        c_kv, k_pe = self.latent(x, ctx, layer)
+        out = self.sparse(x, q_latent, q_nope, q_pe, c_kv, k_pe, ctx, layer)
+        if out is None:  # "dense" mode: plain MLA over every visible key
+            out = self.attend(q_nope, q_pe, c_kv, k_pe, ctx.mask, replace(ctx, keep=0))
+        return self.o_proj((out[:, -ctx.keep:] if ctx.keep else out).flatten(2))
+
+    def sparse(self, x, q_latent, q_nope, q_pe, c_kv, k_pe, ctx: Attend, layer: int) -> torch.Tensor | None:
+        """The per-head outputs [B, T, H, d_v] of the current mode, or None for "dense" (plain MLA runs).
+        x: [B,T,D]; q_latent: [B,T,q_lora_rank]; c_kv/k_pe: [B,S,·] (cache slots or the T tokens)."""
+        ind: Indexer = self.indexer
+        stage = ind.stage if torch.is_grad_enabled() else None
+        mode = "dense" if stage == "warmup" else self.dsa_mode
+        ind.last_loss = None
+        if mode == "dense" and stage is None:
+            return None
+        mask = ctx.mask
+        if mode == "blocked":
+            return self._blocked_dense(q_nope, q_pe, c_kv, k_pe, mask)
+        w_uk, w_uv = self.absorbed_weights(x.dtype)  # [H, d_n, d_c], [H, d_v, d_c]
+        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # [B, T, H, d_c]
+        if mode != "window":
+            if stage is not None:  # the indexer learns only from its KL: its inputs carry no gradient to the model
+                x, q_latent = x.detach(), q_latent.detach()
+            qi, ki, wi = ind(x, q_latent, ctx.cos, ctx.sin)
+            if ctx.cache is not None:
+                ki = ctx.cache.update_index(layer, ctx.positions, ki, ctx.length).to(qi.dtype)
+        if mode in ("sparse", "window"):
+            q_cat, entries = torch.cat((q_lat, q_pe), -1), torch.cat((c_kv, k_pe), -1)  # [B,T,H,d_c+d_r], [B,S,·]
+        B, T = x.shape[:2]
+        outs, kl = [], torch.zeros((), device=x.device)
+        for t0 in range(0, T, BLOCK):
+            t1 = min(T, t0 + BLOCK)
+            hi = _reach(mask[:, t0:t1])
+            m = mask[:, t0:t1, :hi]
+            args = (q_lat[:, t0:t1], q_pe[:, t0:t1], c_kv[:, :hi], k_pe[:, :hi])
+            if mode == "window":
+                idx, valid = window_select(m, ind.topk)
+            else:
+                scores = index_scores(qi[:, t0:t1], wi[:, t0:t1], ki[:, :hi])  # [B, Tb, S_b] fp32
+                idx, valid = topk_select(scores.detach(), m, ind.topk)
+            if mode == "dense":  # warm-up: target = dense attention over all visible keys
+                with torch.no_grad():
+                    p = head_summed_probs(dense_logits(*args, m, self.softmax_scale))
+                kl = kl + kl_to_indexer(p, scores, m)
+                continue
+            if mode == "masked":
+                chosen = torch.zeros_like(m).scatter_(-1, idx, valid)
+                logits = dense_logits(*args, m & chosen, self.softmax_scale)
+                o_lat = torch.einsum("bths,bsc->bthc", logits.softmax(-1).to(x.dtype), args[2])
+            else:
+                o_lat, logits = sparse_mla(q_cat[:, t0:t1], entries, idx, valid, self.softmax_scale,
+                                           self.kv_lora_rank)
+                if stage == "sparse":
+                    p = head_summed_probs(logits.detach())  # [B, Tb, k]
+                    kl = kl + kl_to_indexer(p, torch.gather(scores, -1, idx), valid)
+            outs.append(torch.einsum("bthc,hvc->bthv", o_lat, w_uv))
+        if stage is not None:
+            ind.last_loss = kl / (B * T)
+        return None if mode == "dense" else torch.cat(outs, dim=1)
+
+    def _blocked_dense(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """Dense MLA, MHA mode, one query block at a time: [B, T, H, d_v]."""
+        k, v = self.expand_kv(c_kv, k_pe)
+        q, k, v = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        outs = []
+        for t0 in range(0, q.shape[2], BLOCK):
+            t1 = min(q.shape[2], t0 + BLOCK)
+            hi = _reach(mask[:, t0:t1])
+            outs.append(F.scaled_dot_product_attention(q[:, :, t0:t1], k[:, :, :hi], v[:, :, :hi],
+                                                       attn_mask=mask[:, None, t0:t1, :hi], scale=self.softmax_scale))
+        return torch.cat(outs, dim=2).transpose(1, 2)
 
 
 def set_mode(model: nn.Module, mode: DSAMode) -> None:
     """Switch every DSA attention layer of `model` to `mode` ("sparse", "masked", "window", "dense")."""
     if mode not in ("sparse", "masked", "window", "dense", "blocked"):
         raise ValueError(f"dsa mode {mode!r}: expected 'sparse', 'masked', 'window', 'dense' or 'blocked'")
-    layers = [m for m in model.modules() if getattr(m, "indexer", None) is not None]
+    layers = [m for m in model.modules() if isinstance(m, SparseMLA)]
     if not layers:
         raise ValueError("set_mode: the model has no lightning indexer (config.index_topk is None)")
     for m in layers:
@@ -340,8 +359,10 @@ def add_indexers(model: nn.Module, index_n_heads: int, index_head_dim: int, inde
     model.config = config
     p = next(model.parameters())
     for m in model.modules():
-        if hasattr(m, "kv_b_proj") and getattr(m, "indexer", None) is None:
+        if type(m) is MLA:
             ind = Indexer(config).to(device=p.device, dtype=p.dtype)
             for lin in (ind.wq_b, ind.wk, ind.weights_proj):
                 nn.init.normal_(lin.weight, std=config.initializer_range)
+            # the layer keeps its weights and becomes the sparse subclass, which only adds the indexer and the mode
+            m.__class__ = SparseMLA
             m.indexer, m.dsa_mode = ind, "sparse"

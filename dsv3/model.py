@@ -8,12 +8,15 @@ state dict loads by name. MTP modules live in `mtp.k`; on disk they are `model.l
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
-from .attention import MLA, AttnImpl
+from .attention import MLA, Attend, AttnImpl
 from .cache import KVCache
 from .config import ModelConfig
+from .dsa import SparseMLA
 from .layers import MLP, RMSNorm
 from .moe import MoE
 from .rope import RotaryEmbedding
@@ -24,17 +27,16 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = MLA(config)
+        self.self_attn = SparseMLA(config) if config.uses_dsa else MLA(config)
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, cos, sin, mask, positions, cache=None, layer=0, length=None,
-                impl: AttnImpl = "auto", keep: int = 0) -> torch.Tensor:
-        """h: [B, T, D] -> [B, T, D], or [B, keep, D] for keep > 0: only the last `keep` positions go on past the
-        attention's queries (MLA's `keep`)."""
-        a = self.self_attn(self.input_layernorm(h), cos, sin, mask, positions, cache, layer, length, impl, keep)
-        h = (h[:, -keep:] if keep else h) + a
+    def forward(self, h: torch.Tensor, ctx: Attend, layer: int = 0) -> torch.Tensor:
+        """h: [B, T, D] -> [B, T, D], or [B, keep, D] for ctx.keep > 0: only the last `keep` positions go on past
+        the attention's queries. `layer` indexes the cache."""
+        a = self.self_attn(self.input_layernorm(h), ctx, layer)
+        h = (h[:, -ctx.keep:] if ctx.keep else h) + a
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -138,12 +140,11 @@ class Transformer(nn.Module):
         positions that need no logits: a 1-token prefill skips (T - 1)/T of that layer's attention and FFN.
         """
         B, T = input_ids.shape
-        positions, mask, length = self._positions_and_mask(B, T, input_ids.device, cache, start_pos, attend_length)
-        cos, sin = self.rotary(positions)
+        ctx = self.attend_context(B, T, input_ids.device, cache, start_pos, attend_length, impl)
         h = self.model.embed_tokens(input_ids)
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, mask, positions, cache, i, length, impl, keep if i == last else 0)
+            h = layer(h, replace(ctx, keep=keep) if i == last and keep else ctx, i)
         return self.model.norm(h)
 
     def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, depth: int = 0,
@@ -166,13 +167,13 @@ class Transformer(nn.Module):
         emb = self.model.embed_tokens(input_ids[:, 1:hidden.shape[1] + 1])
         x = mtp.eh_proj(torch.cat((mtp.enorm(emb), mtp.hnorm(hidden)), dim=-1))
         B, T = x.shape[:2]
-        positions, mask, length = self._positions_and_mask(B, T, x.device, cache, start_pos)
-        cos, sin = self.rotary(positions)
-        return mtp(x, cos, sin, mask, positions, cache, 0, length, "naive" if cache is None else "auto")
+        return mtp(x, self.attend_context(B, T, x.device, cache, start_pos, None,
+                                          "naive" if cache is None else "auto"))
 
-    def _positions_and_mask(self, B: int, T: int, device, cache: KVCache | None, start_pos,
-                            attend_length: int | None = None):
-        """positions [B, T]; mask [B, T, S] (key j visible to query t iff j <= position t); S (= cache length)."""
+    def attend_context(self, B: int, T: int, device, cache: KVCache | None, start_pos,
+                       attend_length: int | None = None, attn_impl: AttnImpl = "auto") -> Attend:
+        """The attention context of T new tokens per row: positions [B, T], mask [B, T, S] (key j visible to
+        query t iff j <= position t), RoPE tables, S (= the cache length attention spans)."""
         steps = torch.arange(T, device=device)
         if isinstance(start_pos, torch.Tensor):
             positions = start_pos.to(device).view(-1, 1) + steps  # [B, T]
@@ -188,7 +189,8 @@ class Transformer(nn.Module):
         else:
             key_pos = torch.arange(length, device=device)[None, None, :]
         mask = key_pos <= positions[:, :, None]
-        return positions, mask, length
+        cos, sin = self.rotary(positions)
+        return Attend(positions, mask, cos, sin, cache, length, attn_impl)
 
     # ------------------------------------------------------------------ sizes
     def num_parameters(self, *, activated: bool = False, include_mtp: bool = False) -> int:

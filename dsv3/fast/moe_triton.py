@@ -66,16 +66,21 @@ def launch_config(n: int, d: int, i: int) -> tuple[tuple[int, int], int, int]:
     return (n, triton.cdiv(d, block_d)), block_d, block_i
 
 
+def _launch(kernel, h: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+            down: torch.Tensor) -> torch.Tensor:
+    """Run `kernel` (the jitted kernel, or it wrapped for torch.compile) on contiguous inputs: [N, D]."""
+    N, K, I = h.shape
+    out = torch.empty(N, down.shape[1], dtype=h.dtype, device=h.device)
+    grid, block_d, block_i = launch_config(N, down.shape[1], I)
+    kernel[grid](h, indices, weights, down, out, down.shape[1], I=I, K=K, BLOCK_D=block_d, BLOCK_I=block_i)
+    return out
+
+
 def gathered_down_triton(h: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                          down: torch.Tensor) -> torch.Tensor:
     """`gathered_down_reference` as one Triton launch (any device Triton runs on, the CPU interpreter too)."""
-    N, K, I = h.shape
-    D = down.shape[1]
-    out = torch.empty(N, D, dtype=h.dtype, device=h.device)
-    grid, block_d, block_i = launch_config(N, D, I)
-    _gathered_down_kernel[grid](h.contiguous(), indices.contiguous(), weights.float().contiguous(),
-                                down.contiguous(), out, D, I=I, K=K, BLOCK_D=block_d, BLOCK_I=block_i)
-    return out
+    return _launch(_gathered_down_kernel, h.contiguous(), indices.contiguous(), weights.float().contiguous(),
+                   down.contiguous())
 
 
 @functools.cache
@@ -87,13 +92,7 @@ def gathered_down_op():
     @triton_op("dsv3::gathered_down", mutates_args=())
     def gathered_down(h: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                       down: torch.Tensor) -> torch.Tensor:
-        N, K, I = h.shape
-        D = down.shape[1]
-        out = torch.empty(N, D, dtype=h.dtype, device=h.device)
-        grid, block_d, block_i = launch_config(N, D, I)
-        wrap_triton(_gathered_down_kernel)[grid](h, indices, weights, down, out, D,
-                                                 I=I, K=K, BLOCK_D=block_d, BLOCK_I=block_i)
-        return out
+        return _launch(wrap_triton(_gathered_down_kernel), h, indices, weights, down)
 
     def call(h, indices, weights, down):
         return gathered_down(h.contiguous(), indices.contiguous(), weights.float().contiguous(), down.contiguous())
