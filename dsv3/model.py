@@ -110,7 +110,7 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int | torch.Tensor = 0,
-                *, impl: AttnImpl = "auto", return_hidden: bool = False, logits_to_keep: int = 0,
+                *, attn_impl: AttnImpl = "auto", return_hidden: bool = False, logits_to_keep: int = 0,
                 attend_length: int | None = None):
         """input_ids: [B, T] -> logits [B, T, V] (and the final normed hidden state [B, T, D] if return_hidden).
 
@@ -126,12 +126,13 @@ class Transformer(nn.Module):
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
         keep = 0 if return_hidden else logits_to_keep
-        h = self.hidden_states(input_ids, cache, start_pos, impl=impl, attend_length=attend_length, keep=keep)
+        h = self.hidden_states(input_ids, cache, start_pos, attn_impl=attn_impl, attend_length=attend_length,
+                               keep=keep)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         return (logits, h) if return_hidden else logits
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                      start_pos: int | torch.Tensor = 0, *, impl: AttnImpl = "auto",
+                      start_pos: int | torch.Tensor = 0, *, attn_impl: AttnImpl = "auto",
                       attend_length: int | None = None, keep: int = 0) -> torch.Tensor:
         """input_ids: [B, T] -> final normed hidden states [B, T, D].
 
@@ -140,7 +141,7 @@ class Transformer(nn.Module):
         positions that need no logits: a 1-token prefill skips (T - 1)/T of that layer's attention and FFN.
         """
         B, T = input_ids.shape
-        ctx = self.attend_context(B, T, input_ids.device, cache, start_pos, attend_length, impl)
+        ctx = self.attend_context(B, T, input_ids.device, cache, start_pos, attend_length, attn_impl)
         h = self.model.embed_tokens(input_ids)
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):

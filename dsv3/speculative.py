@@ -85,7 +85,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_ne
     n = T  # position of `a`
     while len(out) < max_new_tokens and out[-1] not in stops:
         pair = torch.cat((a, draft), dim=1)  # [1, 2] at positions n, n+1
-        logits, hidden = model(pair, cache, n, impl="absorb", return_hidden=True)
+        logits, hidden = model(pair, cache, n, attn_impl="absorb", return_hidden=True)
         stats.forwards += 1
         greedy = logits[0].argmax(-1)  # [2]: the tokens after a and after the draft
         stats.drafted += 1

@@ -125,7 +125,7 @@ def test_merge_unmerge_and_absorbed_attention(checkpoint):
         # absorbed MLA reads kv_b_proj through effective_weight(): same next-token logits as the naive path
         cache = model.new_cache(2, 16)
         model(IDS[:, :-1], cache)
-        step = model(IDS[:, -1:], cache, IDS.shape[1] - 1, impl="absorb")
+        step = model(IDS[:, -1:], cache, IDS.shape[1] - 1, attn_impl="absorb")
         assert rel_err(step, unmerged[:, -1:]) < 1e-5
         merge_lora(model)
         assert rel_err(model(IDS), unmerged) < 1e-6

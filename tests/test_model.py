@@ -23,7 +23,7 @@ def test_absorbed_equals_naive(q_lora_rank):
     model = tiny_model(q_lora_rank=q_lora_rank)
     ids = torch.randint(0, 1024, (3, 19))
     with torch.no_grad():
-        naive, absorbed = model(ids, impl="naive"), model(ids, impl="absorb")
+        naive, absorbed = model(ids, attn_impl="naive"), model(ids, attn_impl="absorb")
     torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5)
 
 
@@ -34,8 +34,8 @@ def test_cached_decoding_equals_full_forward(impl):
     cache = model.new_cache(batch_size=2, max_seq_len=16)
     with torch.no_grad():
         full = model(ids)
-        steps = [model(ids[:, :5], cache, 0, impl=impl)]
-        steps += [model(ids[:, t:t + 1], cache, t, impl=impl) for t in range(5, 12)]
+        steps = [model(ids[:, :5], cache, 0, attn_impl=impl)]
+        steps += [model(ids[:, t:t + 1], cache, t, attn_impl=impl) for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 

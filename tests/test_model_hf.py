@@ -89,7 +89,7 @@ def test_logits_match_transformers(name, tmp_path):
     with torch.no_grad():
         expected = ref(ids).logits
         for impl in ("naive", "absorb"):
-            assert rel_err(ours(ids, impl=impl), expected) < 1e-5, impl
+            assert rel_err(ours(ids, attn_impl=impl), expected) < 1e-5, impl
 
 
 @pytest.mark.parametrize("name", ["v3_qlora_groups_yarn", "v2lite_greedy"])
