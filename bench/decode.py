@@ -109,6 +109,8 @@ def compiled_rows(args, ours, prompt, n, run, hf_times, report, floor) -> None:
 
     (t_c, warm), t_hf = decode_seconds(run, gen, prompt, n, args.repeat), hf_times.get(1)
     report("decode batch 1 (compile)", t_c * 1e3, t_hf and t_hf * 1e3, floor(1) * 1e3, "ms/token", False, warm)
+    if args.quick:  # the batch-64 step is a second compile (about a minute on an H200)
+        return
     B = max(int(b) for b in args.batches.split(","))
     (t_c, warm), t_hf = decode_seconds(run, gen, distinct_rows(prompt, B), n, args.repeat), hf_times.get(B)
     report(f"decode batch {B} (compile)", B / t_c, t_hf and B / t_hf, B / floor(B), "tokens/s", True, warm)
@@ -148,7 +150,7 @@ def profile(args, ours, prompt, long, device, compiled_prefill=None) -> None:
 
     step = decode_step(compiled, device.type)
     length = -(-(args.prompt_len + args.new_tokens - 1) // 256) * 256  # generate's cache length (compiled)
-    for B in sorted({1, max(int(b) for b in args.batches.split(","))}):
+    for B in [1] if args.quick else sorted({1, max(int(b) for b in args.batches.split(","))}):
         x = distinct_rows(prompt, B)  # as in the timed rows
         cache = ours.new_cache(B, length)
         if compiled and cuda:
@@ -156,6 +158,8 @@ def profile(args, ours, prompt, long, device, compiled_prefill=None) -> None:
         ours(x, cache, 0)
         tokens, pos = x[:, -1], torch.full((B,), x.shape[1], device=device)
         record(f"decode_b{B}", lambda: step(ours, tokens, cache, pos), 5)
+    if args.quick:
+        return
     record("prefill", lambda: ours(long), 1)
     if compiled_prefill is not None:
         record("prefill_compile", lambda: compiled_prefill(long), 1)
@@ -179,8 +183,9 @@ def main() -> None:
                    "prefill, into DIR")
     p.add_argument("--no-triton", action="store_true", help="compiled rows without dsv3/fast/moe_triton.py's "
                    "down-projection kernel (taken anyway if the rows with it fail)")
-    p.add_argument("--quick", action="store_true", help="the issue targets only, for a short GPU lease: no "
-                   "transformers rows, batches 1 and 64, no grouped-MoE row, no compiled prefill")
+    p.add_argument("--quick", action="store_true", help="for a short GPU lease: no transformers rows, "
+                   "batches 1 and 64 eager, batch 1 compiled, no grouped-MoE row, no compiled prefill, profile of the "
+                   "batch-1 step only")
     args = p.parse_args()
     if args.quick:
         args.no_hf, args.batches, args.repeat = True, "64", min(args.repeat, 2)

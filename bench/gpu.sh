@@ -48,7 +48,7 @@ if ((dry)); then
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader || true
 stage tests python -m pytest -m "gpu or inductor_codegen" tests -q -p no:cacheprovider --continue-on-collection-errors
-stage ceilings python bench/gpu_ceilings.py
+stage ceilings python bench/gpu_ceilings.py $( ((quick)) && echo --quick)
 stage quant bash bench/gpu_quant.sh
 stage decode python bench/decode.py "${pass[@]}"
 echo "outputs in $out"

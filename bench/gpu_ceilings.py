@@ -1,7 +1,7 @@
 """The GPU's own ceilings and the kernel choices behind dsv3's GPU paths, in one short run (bench/gpu.sh runs it
 before bench/decode.py; about 20 s on an H200).
 
-    python bench/gpu_ceilings.py
+    python bench/gpu_ceilings.py [--quick]      # --quick: the ceilings and the compiled MoE layer at N = 1
 
 - copy bandwidth (2 GiB device-to-device, bytes read + written) and bf16 matmul rate (8192^3): the figures
   bench/decode.py's floors take (--bandwidth, --peak);
@@ -14,6 +14,7 @@ before bench/decode.py; about 20 s on an H200).
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import nullcontext
 
@@ -42,6 +43,7 @@ def median_ms(fn, reps: int = 20) -> float:
 
 
 def main() -> None:
+    quick = "--quick" in sys.argv[1:]  # the ceilings and the compiled MoE layer at N = 1 only
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu_ceilings.py needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}", flush=True)
@@ -54,7 +56,12 @@ def main() -> None:
     y = torch.randn_like(x)
     print(f"bf16 matmul 8192^3: {2 * 8192**3 / median_ms(lambda: x @ y) / 1e9:.0f} TFLOP/s", flush=True)
     del x, y
+    if not quick:
+        attention_backends()
+    moe_paths(quick)
 
+
+def attention_backends() -> None:
     H, T = 16, 2048
     q = torch.randn(1, H, T, 192, dtype=torch.bfloat16, device="cuda")
     k = torch.randn_like(q)
@@ -73,11 +80,13 @@ def main() -> None:
         except RuntimeError as error:
             print(f"SDPA {name}: {str(error).splitlines()[0]}", flush=True)
 
+
+def moe_paths(quick: bool) -> None:
     torch.manual_seed(0)
     with torch.device("cuda"):
         moe = dsv3.moe.MoE(dsv3.ModelConfig(**V2_LITE)).to(torch.bfloat16).eval()
     with torch.inference_mode():
-        for n in (1, 2, 4, 8, 16, 64, 2048):
+        for n in () if quick else (1, 2, 4, 8, 16, 64, 2048):
             tokens = torch.randn(n, moe.gate.weight.shape[1], dtype=torch.bfloat16, device="cuda")
             weights, indices, _ = moe.gate(tokens)
             times = {}
@@ -90,7 +99,7 @@ def main() -> None:
         # the down projection as inductor writes it and as dsv3/fast/moe_triton.py's kernel
         stacks = moe._stacked_weights()
         per_expert = (stacks[0][0].numel() + stacks[1][0].numel()) * stacks[1].element_size()  # gate/up + down
-        for n in (1, 8):
+        for n in (1,) if quick else (1, 8):
             tokens = torch.randn(n, moe.gate.weight.shape[1], dtype=torch.bfloat16, device="cuda")
             weights, indices, _ = moe.gate(tokens)
             distinct = len(set(indices.flatten().tolist()))
