@@ -157,16 +157,17 @@ class LoRATrainer:
                  tokenizer: Tokenizer | None = None, device: str | torch.device | None = None,
                  progress: bool = True) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if isinstance(base_model, (str, Path)):
+        from_dir = isinstance(base_model, (str, Path))
+        if tokenizer is None:
+            own = from_dir and Path(base_model, "tokenizer.json").is_file()
+            tokenizer = Tokenizer.from_pretrained(base_model if own else Path(__file__).parent / "bundled")
+        examples = read_examples(dataset_path, tokenizer, max_length)  # before the model: a bad line fails at once
+        if from_dir:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             self.base_path = str(base_model)
             model = load_pretrained(base_model, dtype=dtype, device=self.device)
-            if tokenizer is None and Path(base_model, "tokenizer.json").is_file():
-                tokenizer = Tokenizer.from_pretrained(base_model)
         else:
             self.base_path, model = None, base_model.to(self.device)
-        if tokenizer is None:
-            tokenizer = Tokenizer.from_pretrained(Path(__file__).parent / "bundled")
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         torch.manual_seed(seed)  # the A initialisation
@@ -178,7 +179,6 @@ class LoRATrainer:
         self.model = apply_lora(model, rank, alpha, targets, dropout, use_rslora, include_mtp=False)
         self.lr, self.weight_decay, self.seed = lr, weight_decay, seed
         self.output_dir, self.keep_checkpoints, self.progress = Path(output_dir), keep_checkpoints, progress
-        examples = read_examples(dataset_path, tokenizer, max_length)
         order = list(range(len(examples)))
         random.Random(seed).shuffle(order)
         n_eval = 0 if len(examples) < 2 else max(1, round(eval_fraction * len(examples)))

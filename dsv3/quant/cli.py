@@ -44,6 +44,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers) -> None:
     from .apply import DEFAULT_SKIP, SCHEMES
+    from .int4 import GROUP_SIZES
 
     p = subparsers.add_parser(
         "quantize", help="quantize a checkpoint's weights (int8, int4, fp8)",
@@ -53,7 +54,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (hub layout) or hub id")
     p.add_argument("--revision", help="hub branch, tag or commit of --model (default: main)")
     p.add_argument("--scheme", required=True, choices=sorted(SCHEMES), help="weight format")
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
+    p.add_argument("--group-size", type=int, default=128, choices=GROUP_SIZES,
+                   help="int4: input columns sharing a scale and zero, 32, 64, 128 or 256 (default 128)")
     p.add_argument("--pad", action=argparse.BooleanOptionalAction, default=True,
                    help="int4: zero-pad input widths the group size does not divide, as `dsv3 serve --quantize` "
                         "does (default; --no-pad: such a width is an error)")

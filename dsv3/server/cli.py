@@ -154,7 +154,10 @@ def serve(args) -> int:
                             ssl_certfile=options["ssl_certfile"], ssl_keyfile=options["ssl_keyfile"])
     scheme = "https" if options["ssl_certfile"] else "http"  # uvicorn logs no address for a socket it is given
     logging.getLogger("dsv3.server").info("serving on %s://%s:%d/v1 (Ctrl-C stops)", scheme, *sock.getsockname()[:2])
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises Ctrl-C: the usual way to stop
+        pass
     return 0
 
 
