@@ -18,7 +18,7 @@ from typing import TextIO
 
 import torch
 
-from .cli import device
+from .cli import REVISION_HELP, device, model_path
 from .generation import stream_text
 from .sampling import SamplingParams
 
@@ -117,12 +117,7 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO =
 
 def _model_dir(model: str | None, revision: str | None = None) -> Path:
     if model is not None:
-        from .checkpoint import CheckpointError, resolve_model
-
-        try:
-            path = resolve_model(model, revision)
-        except CheckpointError as error:
-            raise SystemExit(f"--model {error}") from None
+        path = model_path(model, revision)
         if not (path / "config.json").is_file():
             raise SystemExit(f"--model {path}: no config.json there; expected a checkpoint directory in the hub "
                              "layout with the tokenizer files beside it")
@@ -160,7 +155,7 @@ def add_cli(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--model", metavar="DIR", help="checkpoint directory with tokenizer files, or a hub id "
                    "(default: the bundled model)")
-    p.add_argument("--revision", help="hub branch, tag or commit of --model (default: main)")
+    p.add_argument("--revision", help=REVISION_HELP)
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")

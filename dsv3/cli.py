@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 # Modules that contribute subcommands, each with `add_cli(subparsers)`; imported only when the CLI starts.
 COMMAND_MODULES = [
@@ -61,6 +62,20 @@ def device(value: str) -> str:
     if chosen.type == "mps" and not torch.backends.mps.is_available():
         raise argparse.ArgumentTypeError(f"{value}: MPS is not available here; use --device cpu")
     return str(chosen)
+
+
+REVISION_HELP = "hub branch, tag or commit of --model (default: main)"
+
+
+def model_path(name: str, revision: str | None = None) -> Path:
+    """`--model DIR|HUB_ID [--revision R]` -> a local checkpoint directory (dsv3.checkpoint.resolve_model); one that
+    cannot be had ends the command with one line naming --model."""
+    from .checkpoint import CheckpointError, resolve_model
+
+    try:
+        return resolve_model(name, revision)
+    except CheckpointError as error:
+        raise SystemExit(f"--model {error}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .atomic import directory, write_file
-from .checkpoint import load_pretrained, resolve_model
+from .checkpoint import load_pretrained
+from .cli import REVISION_HELP, model_path
 from .lora import LORA_TARGETS, apply_lora, lora_modules, quantized_reference_forward, save_adapter
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -305,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"dsv3 finetune: --output {args.output}: a file is there; expected a directory")
     if not Path(args.data).is_file():
         raise SystemExit(f"dsv3 finetune: --data {args.data}: no such file")
-    model_dir = resolve_model(args.model, args.revision) if args.model else bundled_model_path()
+    model_dir = model_path(args.model, args.revision) if args.model else bundled_model_path()
     try:
         trainer = LoRATrainer(model_dir, args.data, rank=args.rank, alpha=args.alpha,
                               target_modules=args.target_modules, lr=args.lr, max_length=args.max_length,
@@ -330,7 +331,7 @@ def add_cli(subparsers) -> None:
                               description=__doc__.split("\n\n")[0],
                               epilog="example: dsv3 finetune --data data/lora/reply_format.jsonl --output runs/lora")
     p.add_argument("--model", help="base checkpoint directory or hub id (default: the bundled model)")
-    p.add_argument("--revision", help="hub branch, tag or commit of --model (default: main)")
+    p.add_argument("--revision", help=REVISION_HELP)
     p.add_argument("--data", required=True, help="jsonl: {'messages': [...]} or {'prompt', 'completion'} per line")
     p.add_argument("--output", required=True, help="directory for the adapter (PEFT format) and checkpoints")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import dsa
-from .checkpoint import load_pretrained, resolve_model
+from .checkpoint import load_pretrained
+from .cli import REVISION_HELP, model_path
 from .data import EpochSampler, PackedSequences
 from .model import Transformer
 from .moe import MoE
@@ -348,7 +349,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--config", help="HF config.json of a fresh, randomly initialised model (the bundled model's: "
                        "scripts/bundled/config.json)")
     model.add_argument("--model", help="checkpoint directory (hub layout) or hub id to start from")
-    p.add_argument("--revision", help="hub branch, tag or commit of --model (default: main)")
+    p.add_argument("--revision", help=REVISION_HELP)
     p.add_argument("--data", nargs="+", metavar="FILE", help="plain-text training files")
     p.add_argument("--dataset", help="a `datasets` hub id or local .json/.jsonl/.csv/.parquet/.txt file")
     p.add_argument("--dataset-config", help="configuration name of --dataset")
@@ -415,6 +416,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:  # --train-config's file, or a field's value
         raise SystemExit(f"dsv3 train: {error}") from None
     out = Path(cfg.out_dir)
+    source_dir = model_path(args.model, args.revision) if args.model else None
     if args.config:
         try:
             model_config = ModelConfig.from_hf(args.config)
@@ -423,7 +425,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
         model = Transformer(model_config)
     elif args.model:
-        model = load_pretrained(args.model, dtype=torch.float32, revision=args.revision)
+        model = load_pretrained(source_dir, dtype=torch.float32)
     elif args.resume and checkpoints(out):
         model = load_pretrained(checkpoints(out)[-1], dtype=torch.float32)
     else:
@@ -436,7 +438,6 @@ def run(args: argparse.Namespace) -> int:
     elif cfg.dsa_stage != "off" and not model.config.uses_dsa:
         raise SystemExit(f"dsv3 train: --dsa-stage {cfg.dsa_stage} needs a model with indexers (config index_topk) "
                          "or --index-topk K to add them")
-    source_dir = resolve_model(args.model, args.revision) if args.model else None
     tok_dir = Path(args.tokenizer or (source_dir if source_dir and Path(source_dir, "tokenizer.json").is_file()
                                       else _BUNDLED))
     tokenizer = Tokenizer.from_pretrained(tok_dir)

@@ -31,8 +31,9 @@ HUB_ID = "dsv3-test/bundled"  # the name the prepared hub cache holds the bundle
 
 
 def dsv3_env(**extra: str) -> dict:
+    """A child's environment: this checkout first on the path, offline, no API key, one torch thread (conftest.py)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra}
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
     env.pop("DSV3_API_KEY", None)
     return env
 
@@ -228,3 +229,15 @@ def test_cli_silences_the_no_cuda_runtime_log():
 
     assert main(["token", "create", "--api-key", "sk-test"]) == 0
     assert not logging.getLogger("torch.utils.cpp_extension").isEnabledFor(logging.WARNING)
+
+
+def test_finetune_max_steps_stops_there_with_a_checkpoint(tmp_path, capsys):
+    from dsv3.cli import main
+
+    out = tmp_path / "lora"
+    assert main(["finetune", "--data", str(ROOT / "data/lora/reply_format.jsonl"), "--output", str(out),
+                 "--max-steps", "2", "--batch-size", "4", "--eval-fraction", "0.01", "--no-progress"]) == 0
+    [checkpoint] = out.glob("checkpoint-epoch*")
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert (state["epoch"], state["step"]) == (1, 2) and (out / "adapter_model.safetensors").is_file()
+    assert "held-out loss" in capsys.readouterr().out

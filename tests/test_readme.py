@@ -4,13 +4,12 @@ Each runs as `python -m dsv3 ...` (the `dsv3` entry point, this checkout first o
 directory that links the repository's `data/`, `scripts/` and `dsv3/`, so README's relative paths hold and what the
 commands write (runs/...) lands in the temporary directory. The only additions: `dsv3 serve` gets a free --port
 (8000 may be taken) and is stopped with SIGINT once /health answers; `dsv3 chat` reads a prompt and /exit on stdin.
-They run two at a time, one torch thread each.
+They run two at a time, one torch thread each (tests/test_cli.py's dsv3_env).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import signal
@@ -23,8 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_cli import ROOT, dsv3_env
 
 
 def readme_commands() -> list[str]:
@@ -52,14 +50,6 @@ def workdir(tmp_path_factory):
     return work
 
 
-def _env() -> dict:
-    """This checkout first on the path, offline, one torch thread per process (as conftest.py gives pytest)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("DSV3_API_KEY", None)
-    return env
-
-
 def _argv(command: str) -> list[str]:
     return [sys.executable, "-m", "dsv3", *shlex.split(command)[1:]]
 
@@ -69,7 +59,7 @@ def _serve(command: str, cwd: Path) -> subprocess.CompletedProcess:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([*_argv(command), "--port", str(port)], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*_argv(command), "--port", str(port)], cwd=cwd, env=dsv3_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline, healthy = time.monotonic() + 120, False
@@ -93,7 +83,7 @@ def _run(command: str, cwd: Path) -> subprocess.CompletedProcess:
     if command.split()[1] == "serve":
         return _serve(command, cwd)
     stdin = "oak (noun):\n/exit\n" if command.split()[1] == "chat" else ""
-    return subprocess.run(_argv(command), cwd=cwd, env=_env(), input=stdin, capture_output=True, text=True,
+    return subprocess.run(_argv(command), cwd=cwd, env=dsv3_env(), input=stdin, capture_output=True, text=True,
                           timeout=300)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..cli import device
+from ..cli import REVISION_HELP, device, model_path
 from . import eval_subparsers
 from .mmlu_data import CATEGORIES, LETTERS, SUBJECT_CATEGORY, MMLUData, format_question, load_mmlu, subject_prefix
 
@@ -171,7 +171,7 @@ def add_cli(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="DIR", help="dsv3 checkpoint directory or hub id (default: the bundled model)")
-    p.add_argument("--revision", help="hub branch, tag or commit of --model (default: main)")
+    p.add_argument("--revision", help=REVISION_HELP)
     src.add_argument("--api-base", metavar="URL", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     p.add_argument("--api-model", default="dsv3", help="model name sent to the server (default: dsv3)")
     p.add_argument("--api-key", default=None, help="bearer token for the server (default: $OPENAI_API_KEY)")
@@ -213,11 +213,7 @@ def _model_scorer(args):
         except FileNotFoundError as e:
             raise SystemExit(f"error: {e}; or pass --model DIR / --api-base URL") from None
     else:
-        from ..checkpoint import CheckpointError, resolve_model
-        try:
-            path = resolve_model(args.model, args.revision)
-        except CheckpointError as e:
-            raise SystemExit(f"error: --model {e}") from None
+        path = model_path(args.model, args.revision)
     model = load_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device)
     if args.adapter:
         from ..lora import AdapterError, load_adapter

@@ -13,14 +13,12 @@ _WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.js
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..checkpoint import CheckpointError, load_pretrained, resolve_model
+    from ..checkpoint import load_pretrained
+    from ..cli import model_path
     from .apply import quantize, quantized_layers, save_quantized
     from .base import QuantizationError
 
-    try:
-        source = resolve_model(args.model, args.revision)
-    except CheckpointError as error:
-        raise SystemExit(f"--model {error}") from None
+    source = model_path(args.model, args.revision)
     output = Path(args.output)
     if source.resolve() == output.resolve():
         raise SystemExit("--output must differ from --model (the source checkpoint is not overwritten)")
@@ -43,6 +41,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
+    from ..cli import REVISION_HELP
     from .apply import DEFAULT_SKIP, SCHEMES
     from .int4 import GROUP_SIZES
 
@@ -52,7 +51,7 @@ def add_cli(subparsers) -> None:
                     "(config.json carries the quantization_config; dsv3.load_pretrained and dsv3 serve read it).",
         epilog="example: dsv3 quantize --model dsv3/bundled --scheme int4 --group-size 128 --output out/int4")
     p.add_argument("--model", required=True, help="checkpoint directory (hub layout) or hub id")
-    p.add_argument("--revision", help="hub branch, tag or commit of --model (default: main)")
+    p.add_argument("--revision", help=REVISION_HELP)
     p.add_argument("--scheme", required=True, choices=sorted(SCHEMES), help="weight format")
     p.add_argument("--group-size", type=int, default=128, choices=GROUP_SIZES,
                    help="int4: input columns sharing a scale and zero, 32, 64, 128 or 256 (default 128)")

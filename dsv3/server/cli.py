@@ -22,7 +22,7 @@ import tomllib
 from argparse import ArgumentTypeError
 from pathlib import Path
 
-from ..cli import device
+from ..cli import REVISION_HELP, device, model_path
 
 DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000, api_key=[], allow_cidr=[],
                 revision=None,
@@ -68,12 +68,7 @@ def resolve_options(args) -> dict:
 
 def _model_dir(options: dict) -> Path:
     if options["model"]:
-        from ..checkpoint import CheckpointError, resolve_model
-
-        try:
-            path = resolve_model(options["model"], options["revision"])
-        except CheckpointError as error:
-            raise SystemExit(f"--model {error}") from None
+        path = model_path(options["model"], options["revision"])
         if not (path / "config.json").is_file():
             raise SystemExit(f"--model {path}: no config.json there; expected a directory in the hub layout "
                              "(config.json, model.safetensors, tokenizer.json, tokenizer_config.json)")
@@ -211,7 +206,7 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     p.add_argument("--model", help="model directory (hub layout) or hub id, e.g. deepseek-ai/DeepSeek-V3 (fetched "
                    "with huggingface_hub; HF_HUB_OFFLINE=1: from its cache only); default: the bundled model")
-    p.add_argument("--revision", help="hub branch, tag or commit of --model (default: main)")
+    p.add_argument("--revision", help=REVISION_HELP)
     p.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port, 1-65535 (default 8000)")
