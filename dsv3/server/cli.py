@@ -129,7 +129,9 @@ def build_app(options: dict):
     if options["compile"]:
         logging.getLogger("dsv3.server").info("compiling the decode step before serving (Engine.warmup)")
         engine.warmup()
-    name = options["served_model_name"] or ("dsv3" if not options["model"] else path.resolve().name)
+    hub_id = options["model"] and not Path(options["model"]).is_dir()  # served under its hub id, as vLLM does
+    name = options["served_model_name"] or (options["model"] if hub_id else
+                                            path.resolve().name if options["model"] else "dsv3")
     settings = ServerSettings(model_name=name, api_keys=options["api_key"], allow_cidrs=options["allow_cidr"],
                               rate_limit=options["rate_limit"], rate_burst=options["rate_burst"],
                               plugins=options["plugin"])
