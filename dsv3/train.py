@@ -405,10 +405,11 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.data) == bool(args.dataset):
         raise SystemExit("dsv3 train: give exactly one of --data FILE... or --dataset NAME")
-    for flag, files in (("--data", args.data), ("--eval-data", args.eval_data)):
-        for file in files or ():
-            if not Path(file).is_file():
-                raise SystemExit(f"dsv3 train: {flag} {file}: no such file")
+    given = [("--data", f) for f in args.data or []] + [("--eval-data", f) for f in args.eval_data or []] + [
+        (flag, f) for flag, f in (("--config", args.config), ("--train-config", args.train_config)) if f]
+    for flag, file in given:  # before the model and the tokenizing: a typo fails at once
+        if not Path(file).exists():
+            raise SystemExit(f"dsv3 train: {flag} {file}: no such file")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise SystemExit(f"dsv3 train: --out {args.out}: a file is there; expected a directory (new or existing)")
     try:

@@ -69,7 +69,8 @@ MISTAKES = [
      "hub id deepseek-ai/DeepSeek-V3 is not in the Hugging Face cache while offline"),
     ("chat-no-gpu", "chat --device cuda:99", "argument --device: cuda:99: no such CUDA device"),
     ("chat-hub-revision", f"chat --model {HUB_ID} --revision v9", "at revision v9 is not in the Hugging Face cache"),
-    ("train-config-missing", "train --config {d}/nope.json --data {d}/text.txt --out {d}/run", "nope.json"),
+    ("train-config-missing", "train --config {d}/nope.json --data {d}/text.txt --out {d}/run",
+     "--config {d}/nope.json: no such file"),
     ("train-config-no-type", "train --config {d}/untyped.json --data {d}/text.txt --out {d}/run",
      "unsupported model_type None"),
     ("train-data-missing", "train --config {d}/tiny.json --data {d}/nope.txt --out {d}/run",
@@ -86,7 +87,7 @@ MISTAKES = [
     ("finetune-bad-line", "finetune --data {d}/bad.jsonl --output {d}/lora", "bad.jsonl:2: not valid JSON"),
     ("finetune-rank", "finetune --data data/lora/reply_format.jsonl --output {d}/lora --rank 0",
      "--rank must be at least 1"),
-    ("eval-too-many-shots", "eval mmlu --shots 9 --limit 1", "shots"),
+    ("eval-too-many-shots", "eval mmlu --shots 9 --limit 1", "9-shot asked for, but subject"),
     ("eval-output-is-file", "eval mmlu --output {d}/text.txt", "--output {d}/text.txt: a file is there"),
     ("token-no-key", "token create --expires-in 3600", "give --api-key KEY"),
 ]
