@@ -18,6 +18,7 @@ from typing import TextIO
 
 import torch
 
+from .cli import REVISION_HELP, device, model_path
 from .generation import stream_text
 from .sampling import SamplingParams
 
@@ -70,9 +71,13 @@ class ChatSession:
             self.messages.append({"role": "assistant", "content": "".join(answer)})
 
 
+COMPILING = "(compiling the decode step: the first answer takes minutes on a CPU, seconds once cached)"
+
+
 def repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
     """Read-eval-print loop over `session` until /exit or end of input."""
     out.write(HELP + "\n")
+    compiled = not session.compile
     while True:
         try:
             line = read(">>> ").strip()
@@ -93,6 +98,10 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO =
         if line.startswith("/"):
             out.write(f"unknown command {line.split()[0]}. {HELP}\n")
             continue
+        if not compiled:  # torch.compile runs inside the first answer, silently for minutes on a CPU
+            out.write(COMPILING + "\n")
+            out.flush()
+            compiled = True
         pieces = session.reply(line)
         try:
             for piece in pieces:
@@ -106,9 +115,9 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO =
         out.write("\n")
 
 
-def _model_dir(model: str | None) -> Path:
+def _model_dir(model: str | None, revision: str | None = None) -> Path:
     if model is not None:
-        path = Path(model)
+        path = model_path(model, revision)
         if not (path / "config.json").is_file():
             raise SystemExit(f"--model {path}: no config.json there; expected a checkpoint directory in the hub "
                              "layout with the tokenizer files beside it")
@@ -133,9 +142,8 @@ def run(args: argparse.Namespace, read: Callable[[str], str] = input, out: TextI
         SamplingParams(**sampling)  # before the (slow) load
     except ValueError as error:
         raise SystemExit(f"dsv3 chat: {error}") from None
-    path = _model_dir(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_pretrained(path, device=device).eval()
+    path = _model_dir(args.model, args.revision)
+    model = load_pretrained(path, device=args.device).eval()
     tokenizer = Tokenizer.from_pretrained(path)
     repl(ChatSession(model, tokenizer, system=args.system, compile=args.compile, **sampling), read, out)
     return 0
@@ -145,13 +153,16 @@ def add_cli(subparsers) -> None:
     """Register `dsv3 chat`."""
     p = subparsers.add_parser("chat", help="chat with a model in the terminal (streams its answers)",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", metavar="DIR", help="checkpoint directory with tokenizer files (default: bundled model)")
+    p.add_argument("--model", metavar="DIR", help="checkpoint directory with tokenizer files, or a hub id "
+                   "(default: the bundled model)")
+    p.add_argument("--revision", help=REVISION_HELP)
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", type=device, default="auto",
+                   help="torch device: auto (default: cuda when available, else cpu), cpu, cuda:1 ...")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA graphs on a GPU) and, on CPU, the prompt's prefill: "
                         "faster replies after a one-off compile of one to three minutes")

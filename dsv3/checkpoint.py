@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import write_file
 from .config import ModelConfig
 from .model import Transformer
 from .rope import RotaryEmbedding
@@ -91,18 +91,53 @@ def _few(keys) -> str:
     return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
+# What a hub snapshot needs for dsv3: weights, configs and tokenizer files (no pickles, no remote code).
+HUB_FILES = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def resolve_model(name: str | Path, revision: str | None = None) -> Path:
+    """A checkpoint directory for `name`: a local directory as is, else a Hugging Face hub id
+    ("deepseek-ai/DeepSeek-V3") fetched with huggingface_hub's `snapshot_download` into its cache (HF_HOME,
+    HF_HUB_CACHE; HF_HUB_OFFLINE=1 uses the cache only), HUB_FILES only. revision: branch, tag or commit (hub only).
+    """
+    path = Path(name)
+    if path.is_dir():
+        if revision is not None:
+            raise CheckpointError(f"{path}: a local directory has no revision; --revision applies to hub ids")
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(str(name))
+    except HFValidationError:
+        raise CheckpointError(f"{name}: no such directory (nor a hub id like deepseek-ai/DeepSeek-V3)") from None
+    try:
+        return Path(snapshot_download(str(name), revision=revision, allow_patterns=list(HUB_FILES)))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(f"{name}: no such directory, and hub id {name}"
+                              + (f" at revision {revision}" if revision else "")
+                              + " is not in the Hugging Face cache while offline (HF_HUB_OFFLINE=1 or no network); "
+                                "download it once online or give a local directory") from None
+    except HfHubHTTPError as error:  # not found, gated, bad revision: the hub's own message, first line
+        raise CheckpointError(f"{name}: no such directory, and the hub refused it: "
+                              f"{str(error).splitlines()[0]}") from None
+
+
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None, *, keep_fp8: bool = False) -> Transformer:
-    """Load a deepseek_v3 / deepseek_v2 checkpoint directory (single file or sharded; bf16, fp32 or FP8).
+                    device: torch.device | str | None = None, *, keep_fp8: bool = False,
+                    revision: str | None = None) -> Transformer:
+    """Load a deepseek_v3 / deepseek_v2 checkpoint (single file or sharded; bf16, fp32 or FP8).
 
     dtype: the model's dtype (default: the checkpoint's; FP8 weights are dequantised to bf16 unless given).
     The MTP layers (`model.layers.{num_hidden_layers}+`) load into `model.mtp`.
     keep_fp8: keep an FP8 checkpoint's weights in FP8 (dsv3.quant.FP8Linear) instead of dequantising them.
     Checkpoints written by dsv3.quant.save_quantized (int8/int4) always load quantized.
+    path: a directory or a hub id (`resolve_model`; revision: the hub revision).
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory")
+    path = resolve_model(path, revision)
     config = ModelConfig.from_hf(path)
     from .quant import apply as quant  # here, not at the top: dsv3.quant imports this module
 
@@ -190,21 +225,12 @@ def save_pretrained(model: Transformer, path: str | Path, *, dtype: torch.dtype 
     """Write `config.json` + `model.safetensors` so that dsv3 and transformers' AutoModelForCausalLM load it.
 
     mtp_copies: see `hub_state_dict`.
-    Each file is written to a temporary name and renamed, so a crash never leaves a half-written file.
+    Each file is written to a temporary name and renamed (dsv3.atomic), so a crash never leaves a half-written file.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = hub_state_dict(model, dtype, mtp_copies=mtp_copies)
     hf = model.config.to_hf()
     hf["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
-    _atomic_write(path / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2) + "\n"))
-    _atomic_write(path / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-
-
-def _atomic_write(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file(path / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2) + "\n"))
+    write_file(path / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))

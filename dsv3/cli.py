@@ -1,10 +1,19 @@
-"""`dsv3` command line: each subcommand lives beside the code it runs and registers itself via `add_cli`."""
+"""`dsv3` command line: each subcommand lives beside the code it runs and registers itself via `add_cli`.
+
+Every mistake a user can make ends the same way: exit status 1 (2 for a bad flag) and one line on stderr naming the
+flag, file or field and what was expected; never a traceback. Subcommands raise SystemExit("message") for what
+they check themselves; `main` turns the library's own errors (ValueError: CheckpointError, QuantizationError,
+DataError, config and JSON errors; OSError: files) into that line too.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+import warnings
+from pathlib import Path
 
 # Modules that contribute subcommands, each with `add_cli(subparsers)`; imported only when the CLI starts.
 COMMAND_MODULES = [
@@ -17,8 +26,60 @@ COMMAND_MODULES = [
 ]
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors, reported by the (sub)command the flag was given to: its usage goes to stdout,
+    `dsv3 serve: error: ...` to stderr. (Plain argparse reports a subcommand's unknown flag with the top-level
+    usage, since the top-level parser collects what the subparser left.)"""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:  # dsv3 only calls parse_args, so whatever is left here is a mistake
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def error(self, message: str):
+        self.print_usage(sys.stdout)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def device(value: str) -> str:
+    """`--device` of every subcommand: "auto" (the default) is cuda when a GPU is there, else cpu; a device that
+    this machine does not have is an error (argparse reports it as one line naming --device)."""
+    import torch
+
+    with warnings.catch_warnings():  # CUDA builds warn about a missing driver while probing; the answer is enough
+        warnings.simplefilter("ignore")
+        cuda = torch.cuda.is_available()
+        count = torch.cuda.device_count() if cuda else 0
+    if value == "auto":
+        return "cuda" if cuda else "cpu"
+    try:
+        chosen = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1, auto)") from None
+    if chosen.type == "cuda" and (not cuda or (chosen.index or 0) >= count):
+        raise argparse.ArgumentTypeError(f"{value}: no such CUDA device here ({count} found); use --device cpu")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: MPS is not available here; use --device cpu")
+    return str(chosen)
+
+
+REVISION_HELP = "hub branch, tag or commit of --model (default: main)"
+
+
+def model_path(name: str, revision: str | None = None) -> Path:
+    """`--model DIR|HUB_ID [--revision R]` -> a local checkpoint directory (dsv3.checkpoint.resolve_model); one that
+    cannot be had ends the command with one line naming --model."""
+    from .checkpoint import CheckpointError, resolve_model
+
+    try:
+        return resolve_model(name, revision)
+    except CheckpointError as error:
+        raise SystemExit(f"--model {error}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in readable PyTorch")
+    parser = ArgumentParser(prog="dsv3", description="DeepSeek-V3 in readable PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_cli(sub)
@@ -26,8 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # inductor imports torch.utils.cpp_extension, which logs "No CUDA runtime is found" on machines with a CUDA
+    # toolkit path but no GPU: noise between chat prompts, nothing the user can act on
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"dsv3 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as error:  # the library's errors name the file, key or field at fault
+        print(f"dsv3 {args.command}: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
 import numpy as np
 import torch
+
+from .atomic import write_file
 
 DocSplit = Literal["line", "paragraph", "file"]
 
@@ -80,12 +81,12 @@ def cached_tokens(cache_dir: str | Path, key: dict, make) -> np.ndarray:
         return np.load(path)
     tokens = make()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-    try:
-        np.save(tmp, tokens)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def save(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file object: np.save would add .npy to a name without it
+            np.save(f, tokens)
+
+    write_file(path, save)
     return tokens
 
 

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import write_file
 from .layers import linear_weight
 
 # Linear layers of the DeepSeek-V3 family by their HF names (attention; dense MLP, shared and routed experts).
@@ -363,19 +362,9 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
         "use_dora": False, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
         "lora_bias": False, **fields,
     }
-    _atomic(directory / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-    _atomic(directory / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    write_file(directory / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    write_file(directory / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     return directory
-
-
-def _atomic(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +31,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .atomic import directory, write_file
 from .checkpoint import load_pretrained
+from .cli import REVISION_HELP, model_path
 from .lora import LORA_TARGETS, apply_lora, lora_modules, quantized_reference_forward, save_adapter
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -158,16 +158,17 @@ class LoRATrainer:
                  tokenizer: Tokenizer | None = None, device: str | torch.device | None = None,
                  progress: bool = True) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if isinstance(base_model, (str, Path)):
+        from_dir = isinstance(base_model, (str, Path))
+        if tokenizer is None:
+            own = from_dir and Path(base_model, "tokenizer.json").is_file()
+            tokenizer = Tokenizer.from_pretrained(base_model if own else Path(__file__).parent / "bundled")
+        examples = read_examples(dataset_path, tokenizer, max_length)  # before the model: a bad line fails at once
+        if from_dir:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             self.base_path = str(base_model)
             model = load_pretrained(base_model, dtype=dtype, device=self.device)
-            if tokenizer is None and Path(base_model, "tokenizer.json").is_file():
-                tokenizer = Tokenizer.from_pretrained(base_model)
         else:
             self.base_path, model = None, base_model.to(self.device)
-        if tokenizer is None:
-            tokenizer = Tokenizer.from_pretrained(Path(__file__).parent / "bundled")
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         torch.manual_seed(seed)  # the A initialisation
@@ -179,7 +180,6 @@ class LoRATrainer:
         self.model = apply_lora(model, rank, alpha, targets, dropout, use_rslora, include_mtp=False)
         self.lr, self.weight_decay, self.seed = lr, weight_decay, seed
         self.output_dir, self.keep_checkpoints, self.progress = Path(output_dir), keep_checkpoints, progress
-        examples = read_examples(dataset_path, tokenizer, max_length)
         order = list(range(len(examples)))
         random.Random(seed).shuffle(order)
         n_eval = 0 if len(examples) < 2 else max(1, round(eval_fraction * len(examples)))
@@ -189,21 +189,33 @@ class LoRATrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
 
     # ------------------------------------------------------------------ loop
-    def train(self, epochs: int = 1, batch_size: int = 8, resume: bool = False) -> list[dict]:
+    def train(self, epochs: int = 1, batch_size: int = 8, resume: bool = False,
+              max_steps: int | None = None) -> list[dict]:
         """Train `epochs` epochs in total (resume: counting those already done). Returns the history: one record
-        per step ({"step", "epoch", "loss"}) and one per epoch end ({"epoch", "train_loss", "eval_loss"})."""
+        per step ({"step", "epoch", "loss"}) and one per epoch end ({"epoch", "train_loss", "eval_loss"}).
+
+        max_steps: stop after this many optimizer steps in total; the epoch it stops in ends there (held-out loss,
+        checkpoint), so a resume goes on with the next epoch.
+        """
         start_epoch, step, history = 0, 0, []
         if resume and self.checkpoints():
             start_epoch, step, history = self._load_checkpoint(self.checkpoints()[-1])
         steps_per_epoch = -(-len(self.train_examples) // batch_size)
-        bar = tqdm(total=steps_per_epoch * max(epochs - start_epoch, 0), desc="finetune", disable=not self.progress)
+        total = steps_per_epoch * max(epochs - start_epoch, 0)
+        if max_steps is not None:
+            total = min(total, max(max_steps - step, 0))
+        bar = tqdm(total=total, desc="finetune", disable=not self.progress)
         with quantized_reference_forward(self.model):
             for epoch in range(start_epoch, epochs):
+                if max_steps is not None and step >= max_steps:
+                    break
                 self.model.train()
                 order = list(range(len(self.train_examples)))
                 random.Random(self.seed * 1000 + epoch).shuffle(order)
                 total, count = 0.0, 0
                 for b in range(0, len(order), batch_size):
+                    if max_steps is not None and step >= max_steps:
+                        break
                     ids, targets = collate([self.train_examples[i] for i in order[b:b + batch_size]], self.pad_id)
                     loss_sum, n = example_loss(self.model, ids.to(self.device), targets)
                     self.optimizer.zero_grad(set_to_none=True)
@@ -246,23 +258,16 @@ class LoRATrainer:
         return sorted(p for p in self.output_dir.glob("checkpoint-epoch*") if (p / "trainer_state.json").is_file())
 
     def _save_checkpoint(self, epoch: int, step: int, history: list[dict]) -> Path:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         target = self.output_dir / f"checkpoint-epoch{epoch:03d}"
-        tmp = Path(tempfile.mkdtemp(dir=self.output_dir, prefix=f".{target.name}.tmp-"))
-        try:
+        with directory(target) as tmp:
             save_adapter(self.model, tmp, self.base_path)
             lora = {f"{n}.{k}": getattr(m, k).detach().contiguous() for n, m in lora_modules(self.model).items()
                     for k in ("lora_A", "lora_B")}
-            save_file(lora, str(tmp / "lora_state.safetensors"))
+            write_file(tmp / "lora_state.safetensors", lambda p: save_file(lora, str(p)))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             state = {"epoch": epoch, "step": step, "history": history,
                      "train_examples": len(self.train_examples), "eval_examples": len(self.eval_examples)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         if self.keep_checkpoints:
             for old in self.checkpoints()[:-self.keep_checkpoints]:
                 shutil.rmtree(old)
@@ -290,7 +295,18 @@ class LoRATrainer:
 def run(args: argparse.Namespace) -> int:
     from . import bundled_model_path
 
-    model_dir = args.model or bundled_model_path()
+    counts = dict(rank=args.rank, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
+                  max_steps=1 if args.max_steps is None else args.max_steps)
+    for name, value in counts.items():
+        if value < 1:
+            raise SystemExit(f"dsv3 finetune: --{name.replace('_', '-')} must be at least 1, got {value}")
+    if not 0 <= args.eval_fraction < 1:
+        raise SystemExit(f"dsv3 finetune: --eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise SystemExit(f"dsv3 finetune: --output {args.output}: a file is there; expected a directory")
+    if not Path(args.data).is_file():
+        raise SystemExit(f"dsv3 finetune: --data {args.data}: no such file")
+    model_dir = model_path(args.model, args.revision) if args.model else bundled_model_path()
     try:
         trainer = LoRATrainer(model_dir, args.data, rank=args.rank, alpha=args.alpha,
                               target_modules=args.target_modules, lr=args.lr, max_length=args.max_length,
@@ -302,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
     n_all = sum(p.numel() for p in trainer.model.parameters())
     print(f"dsv3 finetune: {len(trainer.train_examples)} training / {len(trainer.eval_examples)} held-out examples, "
           f"{n_train:,} trainable parameters ({100 * n_train / n_all:.2f}% of {n_all:,})")
-    history = trainer.train(args.epochs, args.batch_size, resume=args.resume)
+    history = trainer.train(args.epochs, args.batch_size, resume=args.resume, max_steps=args.max_steps)
     last = [r for r in history if "train_loss" in r]
     print(f"dsv3 finetune: adapter written to {args.output}"
           + (f" (held-out loss {last[-1]['eval_loss']:.4f})" if last and last[-1]["eval_loss"] is not None else ""))
@@ -313,23 +329,27 @@ def add_cli(subparsers) -> None:
     """Register `dsv3 finetune`."""
     p = subparsers.add_parser("finetune", help="LoRA fine-tuning on chat or prompt/completion jsonl",
                               description=__doc__.split("\n\n")[0],
-                              epilog="example: dsv3 finetune --data data/lora/reply_format.jsonl --output runs/lora "
-                                     "--rank 8 --alpha 16 --epochs 2")
-    p.add_argument("--model", help="base checkpoint directory (default: the bundled model)")
+                              epilog="example: dsv3 finetune --data data/lora/reply_format.jsonl --output runs/lora")
+    p.add_argument("--model", help="base checkpoint directory or hub id (default: the bundled model)")
+    p.add_argument("--revision", help=REVISION_HELP)
     p.add_argument("--data", required=True, help="jsonl: {'messages': [...]} or {'prompt', 'completion'} per line")
     p.add_argument("--output", required=True, help="directory for the adapter (PEFT format) and checkpoints")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=32)
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    p.add_argument("--alpha", type=float, default=16, help="LoRA alpha: updates scale by alpha/r (default 16)")
     p.add_argument("--target-modules", nargs="+", default=list(DEFAULT_TARGETS), choices=LORA_TARGETS,
                    metavar="NAME", help=f"linear layers to adapt, of {', '.join(LORA_TARGETS)} (default: attention)")
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--eval-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training examples (default 3)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (default: --epochs' worth)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step (default 32)")
+    p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (default 5e-3: LoRA on a small model "
+                   "learns the shipped data's reply format in 3 epochs; 2e-4 barely moves it)")
+    p.add_argument("--max-length", type=int, default=64,
+                   help="tokens per example; longer ones are cut (default 64: the shipped examples fit)")
+    p.add_argument("--eval-fraction", type=float, default=0.1,
+                   help="share of examples held out for the held-out loss (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the shuffles and the A init (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

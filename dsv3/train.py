@@ -18,6 +18,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,12 @@ from tqdm.auto import tqdm
 
 from . import dsa
 from .checkpoint import load_pretrained
+from .cli import REVISION_HELP, model_path
 from .data import EpochSampler, PackedSequences
 from .model import Transformer
 from .moe import MoE
-from .train_state import MetricsLog, checkpoints, load_checkpoint, rng_state, save_checkpoint
+from .train_state import (MetricsLog, StopOnSignal, TrainingInterrupted, checkpoints, load_checkpoint, rng_state,
+                          save_checkpoint)
 
 DSA_STAGES = ("off", "warmup", "sparse")  # TrainConfig.dsa_stage / --dsa-stage
 
@@ -234,6 +237,8 @@ def train(model: Transformer, cfg: TrainConfig, train_data, eval_data=None, *, r
     windows. resume: continue from the newest checkpoint in out_dir (same data order, optimizer, RNG states).
     stop_at: stop after this step (with a checkpoint), e.g. to train in slices; the schedule still spans cfg.steps.
     extra_files: copied into every checkpoint (e.g. the tokenizer files, to make it a complete hub directory).
+    SIGINT (Ctrl-C) or SIGTERM finishes the step in flight, saves a checkpoint and raises TrainingInterrupted (a
+    KeyboardInterrupt) saying where it is; `resume=True` continues from it exactly. A second signal stops at once.
     """
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -262,63 +267,76 @@ def train(model: Transformer, cfg: TrainConfig, train_data, eval_data=None, *, r
     history: list[dict] = []
     sums: dict[str, torch.Tensor] = {}
     t0, n_since = time.perf_counter(), 0
+    saved = step
+
+    def save() -> Path:
+        state = {"step": step, "data_position": position, "rng": rng_state(), "train_config": cfg.to_dict()}
+        target = out_dir / f"checkpoint-{step:06d}"
+        save_checkpoint(target, model, optimizer, state, extra_files)
+        if cfg.keep_checkpoints:
+            for old in checkpoints(out_dir)[:-cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+        return target
+
     bar = tqdm(total=last, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
-    while step < last:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = train_seqs[sampler.indices(position, cfg.batch_size)].to(device, non_blocking=True)
-        position += cfg.batch_size
-        loads: dict[str, torch.Tensor] = {}
-        for mb in batch.split(micro):
-            with autocast:
-                loss, parts = compute_loss(model, mb, cfg)
-            (loss * (mb.shape[0] / cfg.batch_size)).backward()
-            parts["loss"] = loss.detach()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0) + v * (mb.shape[0] / cfg.batch_size)
-            for name, m in moes.items():
-                if m.last_load is not None:
-                    loads[name] = loads[name] + m.last_load if name in loads else m.last_load
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cfg.bias_update_speed > 0 and cfg.dsa_stage != "warmup":  # the warm-up leaves the main model as is
-            update_router_bias(loads, moes, cfg.bias_update_speed)
-        step += 1
-        n_since += 1
-        bar.update(1)
-        is_last = step == last
-        do_eval = eval_seqs is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps)
-        if step % cfg.log_every == 0 or is_last or do_eval:
-            # float() waits for the device, so the time below covers the work done; eval comes after it
-            record = {"step": step, **{k: float(v) / n_since for k, v in sums.items()}, "lr": lr}
-            record["tokens_per_s"] = n_since * cfg.batch_size * cfg.seq_len / (time.perf_counter() - t0)
-            vio = {name: max_violation(load) for name, load in loads.items()}
-            if vio:
-                record["maxvio"] = sum(vio.values()) / len(vio)
-                record.update({f"maxvio/{n}": v for n, v in vio.items()})
-                record["load"] = {n: load.tolist() for n, load in loads.items()}
-                record["bias"] = {n: moes[n].gate.e_score_correction_bias.tolist() for n in loads
-                                  if moes[n].gate.e_score_correction_bias is not None}
-            if do_eval:
-                record["eval_loss"] = evaluate(model, eval_seqs, cfg, device, autocast)
-            log.append(record)
-            history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            **({"eval": f"{record['eval_loss']:.3f}"} if do_eval else {}))
-            sums, n_since = {}, 0
-            t0 = time.perf_counter()
-        if (cfg.save_every and step % cfg.save_every == 0) or is_last:
-            state = {"step": step, "data_position": position, "rng": rng_state(),
-                     "train_config": cfg.to_dict()}
-            save_checkpoint(out_dir / f"checkpoint-{step:06d}", model, optimizer, state, extra_files)
-            if cfg.keep_checkpoints:
-                for old in checkpoints(out_dir)[:-cfg.keep_checkpoints]:
-                    shutil.rmtree(old)
-            t0 = time.perf_counter()
-    bar.close()
+    with StopOnSignal() as stop:
+        while step < last and not stop.received:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = train_seqs[sampler.indices(position, cfg.batch_size)].to(device, non_blocking=True)
+            position += cfg.batch_size
+            loads: dict[str, torch.Tensor] = {}
+            for mb in batch.split(micro):
+                with autocast:
+                    loss, parts = compute_loss(model, mb, cfg)
+                (loss * (mb.shape[0] / cfg.batch_size)).backward()
+                parts["loss"] = loss.detach()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0) + v * (mb.shape[0] / cfg.batch_size)
+                for name, m in moes.items():
+                    if m.last_load is not None:
+                        loads[name] = loads[name] + m.last_load if name in loads else m.last_load
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.bias_update_speed > 0 and cfg.dsa_stage != "warmup":  # the warm-up leaves the main model as is
+                update_router_bias(loads, moes, cfg.bias_update_speed)
+            step += 1
+            n_since += 1
+            bar.update(1)
+            is_last = step == last
+            do_eval = eval_seqs is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
+                                                 or step == cfg.steps)
+            if step % cfg.log_every == 0 or is_last or do_eval:
+                # float() waits for the device, so the time below covers the work done; eval comes after it
+                record = {"step": step, **{k: float(v) / n_since for k, v in sums.items()}, "lr": lr}
+                record["tokens_per_s"] = n_since * cfg.batch_size * cfg.seq_len / (time.perf_counter() - t0)
+                vio = {name: max_violation(load) for name, load in loads.items()}
+                if vio:
+                    record["maxvio"] = sum(vio.values()) / len(vio)
+                    record.update({f"maxvio/{n}": v for n, v in vio.items()})
+                    record["load"] = {n: load.tolist() for n, load in loads.items()}
+                    record["bias"] = {n: moes[n].gate.e_score_correction_bias.tolist() for n in loads
+                                      if moes[n].gate.e_score_correction_bias is not None}
+                if do_eval:
+                    record["eval_loss"] = evaluate(model, eval_seqs, cfg, device, autocast)
+                log.append(record)
+                history.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                **({"eval": f"{record['eval_loss']:.3f}"} if do_eval else {}))
+                sums, n_since = {}, 0
+                t0 = time.perf_counter()
+            if (cfg.save_every and step % cfg.save_every == 0) or is_last:
+                save()
+                saved, t0 = step, time.perf_counter()
+        bar.close()
+        if stop.received:  # after the step in flight: nothing since the last checkpoint is lost
+            where = save() if step != saved else out_dir / f"checkpoint-{step:06d}"
+            raise TrainingInterrupted(f"{stop.received} after step {step}: checkpoint {where} saved; continue "
+                                      "with the same command plus --resume" if step else f"{stop.received} before "
+                                      "the first step: nothing to save")
     return history
 
 
@@ -328,8 +346,10 @@ _BUNDLED = Path(__file__).parent / "bundled"
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     model = p.add_mutually_exclusive_group()
-    model.add_argument("--config", help="HF config.json of a fresh, randomly initialised model")
-    model.add_argument("--model", help="checkpoint directory to start from (hub layout)")
+    model.add_argument("--config", help="HF config.json of a fresh, randomly initialised model (the bundled model's: "
+                       "scripts/bundled/config.json)")
+    model.add_argument("--model", help="checkpoint directory (hub layout) or hub id to start from")
+    p.add_argument("--revision", help=REVISION_HELP)
     p.add_argument("--data", nargs="+", metavar="FILE", help="plain-text training files")
     p.add_argument("--dataset", help="a `datasets` hub id or local .json/.jsonl/.csv/.parquet/.txt file")
     p.add_argument("--dataset-config", help="configuration name of --dataset")
@@ -385,13 +405,28 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.data) == bool(args.dataset):
         raise SystemExit("dsv3 train: give exactly one of --data FILE... or --dataset NAME")
-    cfg = _train_config(args)
+    given = [("--data", f) for f in args.data or []] + [("--eval-data", f) for f in args.eval_data or []] + [
+        (flag, f) for flag, f in (("--config", args.config), ("--train-config", args.train_config)) if f]
+    for flag, file in given:  # before the model and the tokenizing: a typo fails at once
+        if not Path(file).exists():
+            raise SystemExit(f"dsv3 train: {flag} {file}: no such file")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SystemExit(f"dsv3 train: --out {args.out}: a file is there; expected a directory (new or existing)")
+    try:
+        cfg = _train_config(args)
+    except (OSError, ValueError) as error:  # --train-config's file, or a field's value
+        raise SystemExit(f"dsv3 train: {error}") from None
     out = Path(cfg.out_dir)
+    source_dir = model_path(args.model, args.revision) if args.model else None
     if args.config:
+        try:
+            model_config = ModelConfig.from_hf(args.config)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"dsv3 train: --config {error}") from None
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
-        model = Transformer(ModelConfig.from_hf(args.config))
+        model = Transformer(model_config)
     elif args.model:
-        model = load_pretrained(args.model, dtype=torch.float32)
+        model = load_pretrained(source_dir, dtype=torch.float32)
     elif args.resume and checkpoints(out):
         model = load_pretrained(checkpoints(out)[-1], dtype=torch.float32)
     else:
@@ -404,7 +439,7 @@ def run(args: argparse.Namespace) -> int:
     elif cfg.dsa_stage != "off" and not model.config.uses_dsa:
         raise SystemExit(f"dsv3 train: --dsa-stage {cfg.dsa_stage} needs a model with indexers (config index_topk) "
                          "or --index-topk K to add them")
-    tok_dir = Path(args.tokenizer or (args.model if args.model and Path(args.model, "tokenizer.json").is_file()
+    tok_dir = Path(args.tokenizer or (source_dir if source_dir and Path(source_dir, "tokenizer.json").is_file()
                                       else _BUNDLED))
     tokenizer = Tokenizer.from_pretrained(tok_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -425,8 +460,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"dsv3 train: {n_params / 1e6:.2f}M parameters, {len(tokens):,} training tokens"
           + (f", {len(eval_tokens):,} held-out tokens" if eval_tokens is not None else ""))
     tok_files = [tok_dir / n for n in ("tokenizer.json", "tokenizer_config.json") if (tok_dir / n).is_file()]
-    history = train(model, cfg, tokens, eval_tokens, resume=args.resume, stop_at=args.stop_at,
-                    extra_files=tok_files, progress=not args.no_progress)
+    try:
+        history = train(model, cfg, tokens, eval_tokens, resume=args.resume, stop_at=args.stop_at,
+                        extra_files=tok_files, progress=not args.no_progress)
+    except TrainingInterrupted as stopped:
+        print(f"dsv3 train: {stopped}", file=sys.stderr)
+        return 130
     final = checkpoints(out)[-1]
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
     print(f"dsv3 train: checkpoint {final}" + (f", eval loss {evals[-1]:.4f}" if evals else ""))

@@ -10,16 +10,17 @@ from __future__ import annotations
 import base64
 import csv
 import json
-import os
 import random
 import shutil
-import tempfile
+import signal
+import threading
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from .atomic import directory
 from .checkpoint import load_pretrained, save_pretrained
 from .model import Transformer
 
@@ -53,24 +54,12 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(target: Path, model: Transformer, optimizer: torch.optim.Optimizer, state: dict,
                     extra_files: Sequence[str | Path] = ()) -> None:
     """Write the whole checkpoint into a temp dir beside `target`, then rename it: never a partial checkpoint."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary model directory
+    with directory(target) as tmp:
         save_pretrained(model, tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
         for f in extra_files:
-            shutil.copy2(f, tmp / Path(f).name)
-        if target.exists():  # a directory cannot be os.replace'd over a non-empty one: move the old aside first
-            old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copyfile(f, tmp / Path(f).name)  # not copy2: a new file gets the umask's mode, not the source's
 
 
 def checkpoints(out_dir: str | Path) -> list[Path]:
@@ -117,3 +106,34 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         with self.csv.open("a", newline="") as f:
             csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(record)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT / SIGTERM after saving a checkpoint; the message says where and how to resume."""
+
+
+class StopOnSignal:
+    """Within `with StopOnSignal() as stop:`, SIGINT and SIGTERM only set `stop.received` (the signal's name), so
+    the training loop can finish its step and save; the first signal restores the previous handlers, so a second
+    one acts at once (Ctrl-C raises KeyboardInterrupt). Outside the main thread signals cannot be caught: no-op."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> "StopOnSignal":
+        self.received: str | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum).name
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()

@@ -137,6 +137,7 @@ def test_cli_dsa_flags_are_checked(tmp_path, capsys):
     dense = tmp_path / "dense"
     torch.manual_seed(0)
     dsv3.save_pretrained(dsv3.Transformer(dsv3.ModelConfig.tiny(vocab_size=8192)), dense)
+    (tmp_path / "unused.txt").write_text("never read: the flags fail first\n")
     base = ["train", "--model", str(dense), "--data", str(tmp_path / "unused.txt"), "--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_:
         dsv3.cli.main([*base, "--dsa-stage", "bogus"])

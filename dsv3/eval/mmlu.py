@@ -21,11 +21,13 @@ import csv
 import json
 import math
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from ..cli import REVISION_HELP, device, model_path
 from . import eval_subparsers
 from .mmlu_data import CATEGORIES, LETTERS, SUBJECT_CATEGORY, MMLUData, format_question, load_mmlu, subject_prefix
 
@@ -168,7 +170,8 @@ def add_cli(subparsers) -> None:
         epilog="examples:\n" + "\n".join(__doc__.split("\n\n")[1].splitlines()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="DIR", help="dsv3 checkpoint directory (default: the bundled model)")
+    src.add_argument("--model", metavar="DIR", help="dsv3 checkpoint directory or hub id (default: the bundled model)")
+    p.add_argument("--revision", help=REVISION_HELP)
     src.add_argument("--api-base", metavar="URL", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     p.add_argument("--api-model", default="dsv3", help="model name sent to the server (default: dsv3)")
     p.add_argument("--api-key", default=None, help="bearer token for the server (default: $OPENAI_API_KEY)")
@@ -178,7 +181,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--split", choices=["test", "validation"], default=None,
                    help="default: validation for the shipped subset, test otherwise")
     p.add_argument("--shots", type=_count(0), default=0, help="dev exemplars per prompt (default 0, as lm-eval)")
-    p.add_argument("--output", metavar="DIR", required=True, help="directory for the result files")
+    p.add_argument("--output", metavar="DIR",
+                   help="directory for the result files (default: runs/mmlu-YYYYMMDD-HHMMSS, new for each run)")
     p.add_argument("--subjects", nargs="+", default=None, help="only these subjects (e.g. college_physics)")
     p.add_argument("--limit", type=_count(1), default=None, help="first N questions per subject (as lm-eval --limit)")
     p.add_argument("--batch-size", type=_count(1), default=16, help="sequences per forward / prompts per request")
@@ -188,7 +192,8 @@ def add_cli(subparsers) -> None:
                    help="with --generative: send the prompt as a user message (chat template; /v1/chat/completions)")
     p.add_argument("--max-new-tokens", type=_count(1), default=8, help="answer length in generative mode (default 8)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="in-process model dtype")
-    p.add_argument("--device", default=None, help="in-process model device (default: cuda if available)")
+    p.add_argument("--device", type=device, default="auto",
+                   help="in-process model device: auto (default: cuda when available, else cpu), cpu, cuda:1 ...")
     p.add_argument("--adapter", metavar="DIR", default=None,
                    help="LoRA adapter (PEFT format, e.g. from dsv3 finetune) merged into the in-process model")
     p.set_defaults(func=_main)
@@ -208,9 +213,8 @@ def _model_scorer(args):
         except FileNotFoundError as e:
             raise SystemExit(f"error: {e}; or pass --model DIR / --api-base URL") from None
     else:
-        path = Path(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_pretrained(path, dtype=getattr(torch, args.dtype), device=device)
+        path = model_path(args.model, args.revision)
+    model = load_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device)
     if args.adapter:
         from ..lora import AdapterError, load_adapter
         try:
@@ -238,6 +242,9 @@ def _evaluate(args) -> int:
 
     if args.chat and not args.generative:
         raise SystemExit("error: --chat needs --generative (chat answers are parsed, not scored by log-likelihood)")
+    output = Path(args.output or time.strftime("runs/mmlu-%Y%m%d-%H%M%S"))
+    if output.exists() and not output.is_dir():
+        raise SystemExit(f"error: --output {output}: a file is there; expected a directory")
     split = args.split or ("validation" if args.data is None else "test")
     data = load_mmlu(args.data, split, args.subjects, args.limit)
     data.check_shots(args.shots)
@@ -254,8 +261,8 @@ def _evaluate(args) -> int:
     config = {"model": model_label, "data": data.source, "split": split, "shots": args.shots, "limit": args.limit,
               "mode": ("chat " if args.chat else "") + ("generative" if args.generative else "loglikelihood"),
               "questions": len(preds)}
-    write_results(args.output, preds, summary, config)
+    write_results(output, preds, summary, config)
     print(format_report(summary, f"MMLU {split} ({data.source}), {args.shots}-shot, "
                                  f"{config['mode']}, model {model_label}"))
-    print(f"wrote {args.output}/predictions.jsonl, summary.json, results.csv")
+    print(f"wrote {output}/predictions.jsonl, summary.json, results.csv")
     return 0

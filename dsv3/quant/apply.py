@@ -107,13 +107,17 @@ def set_impl(model: nn.Module, impl: str) -> nn.Module:
 
 
 def save_quantized(model: nn.Module, path: str | Path) -> None:
-    """Write a quantized model as config.json (with its quantization_config) + model.safetensors."""
+    """Write a quantized model as config.json (with its quantization_config) + model.safetensors.
+
+    Without the MTP layers' copies of the embedding and output head (hub_state_dict's mtp_copies): loaders use the
+    main model's, and the copies would add 2 × vocab × hidden high-precision weights per MTP layer to the file.
+    """
     from ..checkpoint import save_pretrained
 
     if not quantized_layers(model) or not getattr(model.config, "quantization_config", None):
         raise QuantizationError("save_quantized: the model has no quantized layers; run dsv3.quant.quantize first "
                                 "(or save it with dsv3.save_pretrained)")
-    save_pretrained(model, path)
+    save_pretrained(model, path, mtp_copies=False)
 
 
 # ---------------------------------------------------------------------------------------- loading (checkpoint hook)

@@ -12,17 +12,23 @@ TLS: uvicorn's SSL context with TLS 1.3 as the minimum version.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import socket
 import ssl
 import tomllib
+from argparse import ArgumentTypeError
 from pathlib import Path
 
+from ..cli import REVISION_HELP, device, model_path
+
 DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000, api_key=[], allow_cidr=[],
+                revision=None,
                 rate_limit=100.0, rate_burst=None, ssl_certfile=None, ssl_keyfile=None, plugin=[], max_batch=8,
                 max_seq_len=2048, max_waiting=256, max_prefill_tokens=2048, block_size=16, prefix_cache_mb=64.0,
-                device="cpu", dtype=None, threads=None, quantize=None, adapter=None, compile=False,
+                device="auto", dtype=None, threads=None, quantize=None, adapter=None, compile=False,
                 compile_max_batch=8, log_level="info")
 
 
@@ -62,7 +68,7 @@ def resolve_options(args) -> dict:
 
 def _model_dir(options: dict) -> Path:
     if options["model"]:
-        path = Path(options["model"])
+        path = model_path(options["model"], options["revision"])
         if not (path / "config.json").is_file():
             raise SystemExit(f"--model {path}: no config.json there; expected a directory in the hub layout "
                              "(config.json, model.safetensors, tokenizer.json, tokenizer_config.json)")
@@ -85,13 +91,17 @@ def build_app(options: dict):
     from ..tokenizer import Tokenizer
     from .app import ServerSettings, create_app
 
+    try:
+        where = device(options["device"])  # a --config file's value is checked here too
+    except ArgumentTypeError as error:
+        raise SystemExit(f"--device {error}") from None
     path = _model_dir(options)
     if options["threads"]:
         torch.set_num_threads(options["threads"])
     # CPUs without native bf16 matmuls run a bf16 checkpoint several times slower than float32
-    default = torch.float32 if torch.device(options["device"]).type == "cpu" else None
+    default = torch.float32 if torch.device(where).type == "cpu" else None
     dtype = getattr(torch, options["dtype"]) if options["dtype"] else default
-    model = load_pretrained(path, dtype=dtype, device=options["device"])
+    model = load_pretrained(path, dtype=dtype, device=where)
     if options["quantize"]:  # int4: group 128, widths 128 does not divide zero-padded (dsv3.quant)
         from ..quant import QuantizationError, quantize
 
@@ -119,7 +129,9 @@ def build_app(options: dict):
     if options["compile"]:
         logging.getLogger("dsv3.server").info("compiling the decode step before serving (Engine.warmup)")
         engine.warmup()
-    name = options["served_model_name"] or ("dsv3" if not options["model"] else path.resolve().name)
+    hub_id = options["model"] and not Path(options["model"]).is_dir()  # served under its hub id, as vLLM does
+    name = options["served_model_name"] or (options["model"] if hub_id else
+                                            path.resolve().name if options["model"] else "dsv3")
     settings = ServerSettings(model_name=name, api_keys=options["api_key"], allow_cidrs=options["allow_cidr"],
                               rate_limit=options["rate_limit"], rate_burst=options["rate_burst"],
                               plugins=options["plugin"])
@@ -133,11 +145,36 @@ def serve(args) -> int:
     logging.basicConfig(level=options["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(options["ssl_certfile"]) != bool(options["ssl_keyfile"]):
         raise SystemExit("--ssl-certfile and --ssl-keyfile go together")
+    sock = listen(options["host"], options["port"])  # before the model loads: a busy port fails at once
     app = build_app(options)
     config = uvicorn_config(app, host=options["host"], port=options["port"], log_level=options["log_level"],
                             ssl_certfile=options["ssl_certfile"], ssl_keyfile=options["ssl_keyfile"])
-    uvicorn.Server(config).run()
+    scheme = "https" if options["ssl_certfile"] else "http"  # uvicorn logs no address for a socket it is given
+    logging.getLogger("dsv3.server").info("serving on %s://%s:%d/v1 (Ctrl-C stops)", scheme, *sock.getsockname()[:2])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises Ctrl-C: the usual way to stop
+        pass
     return 0
+
+
+def listen(host: str, port) -> socket.socket:
+    """The server's socket, bound to host:port (uvicorn serves on it); a bad or busy address is one clear line."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise SystemExit(f"--port {port}: expected a port number from 1 to 65535")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise SystemExit(f"--host {host}: {error.strerror}") from None
+    sock = socket.socket(family, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        hint = "; another server is listening there: pick another --port" if error.errno == errno.EADDRINUSE else ""
+        raise SystemExit(f"--port {port}: cannot listen on {host}:{port} ({error.strerror}){hint}") from None
+    return sock
 
 
 def uvicorn_config(app, **kwargs):
@@ -169,10 +206,12 @@ def token_create(args) -> int:
 
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    p.add_argument("--model", help="model directory (hub layout); default: the bundled model")
+    p.add_argument("--model", help="model directory (hub layout) or hub id, e.g. deepseek-ai/DeepSeek-V3 (fetched "
+                   "with huggingface_hub; HF_HUB_OFFLINE=1: from its cache only); default: the bundled model")
+    p.add_argument("--revision", help=REVISION_HELP)
     p.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--port", type=int, help="port, 1-65535 (default 8000)")
     p.add_argument("--api-key", action="append", help="accepted API key (repeatable; also $DSV3_API_KEY)")
     p.add_argument("--config", help="JSON or TOML file of options (command-line flags win)")
     p.add_argument("--allow-cidr", action="append", help="client network allowed, e.g. 10.0.0.0/8 (repeatable)")
@@ -187,7 +226,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--max-prefill-tokens", type=int, help="prompt tokens prefilled per step (default 2048)")
     p.add_argument("--block-size", type=int, help="prefix-cache block length in tokens (default 16)")
     p.add_argument("--prefix-cache-mb", type=float, help="prefix-cache memory cap in MiB (default 64; 0 = off)")
-    p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument("--device", help="torch device: auto (default: cuda when available, else cpu), cpu, cuda:1 ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
                    help="weights dtype (default: float32 on CPU, the checkpoint's on other devices)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core); on a "
