@@ -15,17 +15,11 @@ import torch
 from dsv3.cli import main as dsv3_main
 from dsv3.plugins import RedactEmails
 from dsv3.server import build_app, create_token
-from dsv3.server.cli import DEFAULTS
 
-from server_utils import MODEL_NAME, ServerThread, make_model_dir
+from server_utils import KEY, MODEL_NAME, ServerThread, make_model_dir
+from server_utils import server_options as options
 
-KEY = "sk-test-key-123"
 USER = [{"role": "user", "content": "Tell me about the cat."}]
-
-
-def options(model_dir, **overrides):
-    return {**DEFAULTS, "model": str(model_dir), "served_model_name": MODEL_NAME, "api_key": [KEY],
-            "max_seq_len": 256, "max_batch": 8, "block_size": 16, **overrides}
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_denied_error",
           404: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_overloaded"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "none"}
 _CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
@@ -51,8 +52,9 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """FastAPI's validation errors -> one readable message and the offending parameter (dotted path)."""
     # a union's members each report a mismatch of type; a member's own complaint (too long, too big) says more
     first = next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0] if errors else {})
-    # locations name union members too ("function-after[...]", "list[int]"): keep only field names and indices
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not (isinstance(p, str) and "[" in p)]
+    # locations name union members too ("str", "list[int]", "function-after[...]"): keep field names and indices
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not (isinstance(p, str) and ("[" in p or p in
+                                                                                             _TYPE_TAGS))]
     param = ".".join(loc) or None
     text = first.get("msg", "invalid request")
     if first.get("type") == "json_invalid":
