@@ -412,3 +412,19 @@ def test_hostile_bodies_never_cause_5xx(tokenizer):
                 assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
         check()
+
+
+def test_serve_flags_reach_the_settings(model_dir):
+    from dsv3.cli import build_parser
+    from dsv3.server.cli import resolve_options
+
+    args = build_parser().parse_args(["serve", "--max-body-bytes", "1000", "--forwarded-allow-ips", "10.0.0.1",
+                                      "--shared-prefix-cache", "--allowed-hosts", "api.example"])
+    options = resolve_options(args)
+    assert options["max_body_bytes"] == 1000 and options["forwarded_allow_ips"] == ["10.0.0.1"]
+    assert options["shared_prefix_cache"] is True and options["allowed_hosts"] == ["api.example"]
+    settings = build_app(server_options(model_dir)).state.dsv3.settings  # bound to 127.0.0.1: loopback names
+    assert settings.allowed_hosts == ["localhost", "127.0.0.1", "::1"] and not settings.shared_prefix_cache
+    assert build_app(server_options(model_dir, host="0.0.0.0")).state.dsv3.settings.allowed_hosts == []
+    with pytest.raises(SystemExit, match="^dsv3 serve: --max-body-bytes must be an integer >= 1, got 0$"):
+        build_app(server_options(model_dir, max_body_bytes=0))
