@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import uvicorn
 
@@ -50,6 +51,14 @@ def make_model_dir(path: Path, seed: int = 0) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(BUNDLED / name, path / name)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny model directory per test module (imported as a fixture); one torch thread, as the server and its
+    clients share the CPU."""
+    torch.set_num_threads(1)
+    return make_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
 def free_port() -> int:

@@ -18,7 +18,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from dsv3.engine import Engine, EngineConfig, QueueFullError, Request, Result
 from dsv3.sampling import SamplingParams
@@ -26,18 +25,13 @@ from dsv3.server import build_app, create_token
 from dsv3.server.app import ServerSettings, create_app
 from dsv3.tokenizer import Tokenizer
 
-from server_utils import BUNDLED, KEY, MODEL_NAME, ServerThread, make_model_dir, run_engine, server_options, tiny_model
+from server_utils import (BUNDLED, KEY, MODEL_NAME, ServerThread, model_dir, run_engine,  # noqa: F401 (a fixture)
+                          server_options, tiny_model)
 
 KEY2 = "sk-other-tenant-456"
 AUTH = {"authorization": f"Bearer {KEY}"}
 NAN, INF = float("nan"), float("inf")
 LIMITS = dict(max_prompts=64, max_request_tokens=2048, max_logprob_values=4096, max_body_bytes=1 << 20)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.set_num_threads(1)
-    return make_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +370,8 @@ def _hostile_bodies():
     typed = {name: numbers for name in sampling}
     typed.update(
         model=text | st.just(MODEL_NAME), user=text, stop=text | st.lists(text, max_size=20),
-        stop_token_ids=token_ids, prompt=text | token_ids | st.lists(text, max_size=3) | st.lists(token_ids, max_size=3),
+        stop_token_ids=token_ids,
+        prompt=text | token_ids | st.lists(text, max_size=3) | st.lists(token_ids, max_size=3),
         logit_bias=st.dictionaries(st.integers(-5, 10**6).map(str) | text, numbers, max_size=3),
         messages=st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]),
                                                  "content": text | st.lists(anything, max_size=2)}), max_size=3),

@@ -16,16 +16,10 @@ from dsv3.cli import main as dsv3_main
 from dsv3.plugins import RedactEmails
 from dsv3.server import build_app, create_token
 
-from server_utils import KEY, MODEL_NAME, ServerThread, make_model_dir
+from server_utils import KEY, MODEL_NAME, ServerThread, model_dir  # noqa: F401 (a fixture)
 from server_utils import server_options as options
 
 USER = [{"role": "user", "content": "Tell me about the cat."}]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.set_num_threads(1)
-    return make_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")
