@@ -193,7 +193,8 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None] | None = None, *,
            output_counts: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Next token per row: logits [B, V] -> LongTensor [B].
+    """Next token per row: logits [B, V] -> LongTensor [B]; -1 for a sampled row whose logits (after penalties and
+    temperature) hold NaN or infinities, so there is nothing to draw from.
 
     params[b] and generators[b] (None or a list of B; see `make_generator`) belong to row b; output_counts and
     prompt_mask are the [B, V] token history the penalties need (see `apply_penalties`). Work is done in float32.
@@ -218,16 +219,17 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         top_k = torch.tensor([min(p.top_k, V) for p in chosen], device=logits.device)
         scaled = top_k_top_p_mask(scaled, top_k, _row_values(chosen, "top_p", logits)[:, 0])
     probs = scaled.softmax(dim=-1)
-    broken = ~(torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0))  # checked here: on a GPU
-    if broken.any():  # multinomial would fail with a device-side assert that ends every request on the device
-        rows_at_fault = [sampled[i] for i in broken.nonzero()[:, 0].tolist()]
-        raise ValueError(f"sample: rows {rows_at_fault} have no distribution to draw from (NaN or infinite logits)")
+    # NaN or infinite logits leave a row no distribution: it draws from a placeholder and gets -1, without a host
+    # sync (multinomial would raise, and on a GPU fail with a device-side assert that ends every request there)
+    broken = ~torch.isfinite(probs).all(dim=-1, keepdim=True)  # [S, 1]
+    probs = torch.where(broken, 1.0, probs)
     if any(p.min_p > 0 for p in chosen):  # multinomial renormalises what is left
         floor = _row_values(chosen, "min_p", logits) * probs.amax(dim=-1, keepdim=True)
         probs = probs.masked_fill(probs < floor, 0.0)
     for i, b in enumerate(sampled):
         generator = None if generators is None else generators[b]
         tokens[b] = torch.multinomial(probs[i], 1, generator=generator)[0]
+    tokens[rows] = torch.where(broken[:, 0], -1, tokens[rows])
     return tokens
 
 

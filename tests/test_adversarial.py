@@ -110,7 +110,7 @@ def test_every_sampling_parameter_is_checked_at_the_edge(server, path, fields, p
 
 def test_a_sampling_failure_ends_only_its_own_request(tokenizer):
     """The second line of defence: parameters that get past the edge and break sampling end that request alone."""
-    engine = Engine(tiny_model(), tokenizer, EngineConfig(max_batch=4, max_seq_len=64))
+    engine = Engine(tiny_model(), tokenizer, EngineConfig(max_batch=5, max_seq_len=64))
 
     def request(poison=None):
         params = SamplingParams(max_new_tokens=6, temperature=0.8 if poison else 0.0)
@@ -120,8 +120,8 @@ def test_a_sampling_failure_ends_only_its_own_request(tokenizer):
 
     alone = run_engine(engine, [request()])[0]
     mixed = run_engine(engine, [request(), request(("repetition_penalty", 1e-300)), request(),
-                                request(("temperature", NAN))])
-    assert [r.finish_reason for r in mixed] == ["length", "error", "length", "error"]
+                                request(("temperature", NAN)), request(("logit_bias", {10**9: 1.0}))])  # raises
+    assert [r.finish_reason for r in mixed] == ["length", "error", "length", "error", "error"]
     assert "sampling failed" in mixed[1].error
     assert mixed[0].token_ids == mixed[2].token_ids == alone.token_ids
     assert engine.num_running == 0 and engine.prefix.referenced_blocks == 0

@@ -160,8 +160,10 @@ def test_top_k_beyond_the_vocabulary_keeps_every_token():
         logits, [off, off], [make_generator(1), make_generator(2)]).tolist()
 
 
-def test_rows_without_a_distribution_raise_naming_the_row():
-    logits = torch.zeros(2, 4)
+def test_rows_without_a_distribution_get_minus_one_and_the_others_are_drawn():
+    logits = torch.zeros(3, 4)
     logits[1, 2] = float("nan")
-    with pytest.raises(ValueError, match=r"rows \[1\] have no distribution"):
-        sample(logits, [SamplingParams(temperature=1.0)] * 2)
+    logits[2, 0] = 5.0
+    params = [SamplingParams(temperature=1.0, seed=0), SamplingParams(temperature=1.0), SamplingParams()]
+    tokens = sample(logits, params, [make_generator(0), None, None])
+    assert tokens[1] == -1 and tokens[2] == 0 and 0 <= tokens[0] < 4

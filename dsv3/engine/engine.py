@@ -285,45 +285,45 @@ class Engine:
         """Choose one token per sequence from logits [B, V] and hand each sequence its delta (with its prompt
         logprobs, prompt_lps[b], on the first one)."""
         rows = torch.tensor([s.row for s in seqs], device=self.device)
-        tokens, failed = self._choose(seqs, rows, logits)
-        ok = torch.tensor([i not in failed for i in range(len(seqs))], device=self.device)
-        self.counts[rows[ok], tokens[ok]] += 1
+        tokens = self._choose(seqs, rows, logits)  # [B], -1 where sampling failed
+        safe = tokens.clamp(min=0)  # the failed rows leave below: their counts and logprobs are never read
+        self.counts[rows, safe] += 1
         wanted = [s.request.logprobs for s in seqs if s.request.logprobs is not None]
-        lp = token_logprobs(logits, tokens, max(wanted)) if wanted else None
+        lp = token_logprobs(logits, safe, max(wanted)) if wanted else None
         for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
-            if i in failed:  # this request alone ends; its batch-mates go on
-                self._retire(seq, "error", error=failed[i])
+            if token < 0:  # this request alone ends; its batch-mates go on
+                self._retire(seq, "error", error="sampling failed for this request: its logits gave no "
+                             "distribution to draw from (check its parameters)")
                 continue
             k = seq.request.logprobs
             logprob = None if k is None else [_token_logprob(token, lp.chosen[i], lp.top_ids[i, :k],
                                                              lp.top_logprobs[i, :k])]
             self._advance(seq, token, logprob, prompt_lps[i] if prompt_lps else None)
 
-    def _choose(self, seqs: list[Sequence], rows: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """One token per row of logits [B, V] -> (tokens [B], {row index: error message} of the rows that failed).
+    def _choose(self, seqs: list[Sequence], rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row of logits [B, V] -> tokens [B], -1 for the rows where sampling failed.
 
-        Requests are validated before they get here; should sampling still fail (parameters that overflow in
-        float32, a model that returns NaN), each row is sampled alone so that only the failing requests end."""
+        Requests are validated before they get here, and `sample` answers -1 for a row without a distribution;
+        should sampling still raise, each row is sampled alone so that only the requests at fault end."""
         params = [s.request.params for s in seqs]
 
-        def draw(index: list[int]) -> torch.Tensor:
+        def draw(span: slice) -> torch.Tensor:  # the rows of a span: every row, or one
             history = {}
-            if any(params[i].has_penalties for i in index):
-                history = dict(output_counts=self.counts[rows[index]], prompt_mask=self.prompt_mask[rows[index]])
-            return sample(logits[index], [params[i] for i in index], [seqs[i].generator for i in index], **history)
+            if any(p.has_penalties for p in params[span]):
+                history = dict(output_counts=self.counts[rows[span]], prompt_mask=self.prompt_mask[rows[span]])
+            return sample(logits[span], params[span], [s.generator for s in seqs[span]], **history)
 
         try:
-            return draw(list(range(len(seqs)))), {}
+            return draw(slice(None))
         except Exception:
             pass  # find the rows at fault
-        tokens, failed = torch.zeros(len(seqs), dtype=torch.long, device=self.device), {}
+        tokens = torch.full((len(seqs),), -1, dtype=torch.long, device=self.device)
         for i in range(len(seqs)):
             try:
-                tokens[i] = draw([i])[0]
+                tokens[i] = draw(slice(i, i + 1))[0]
             except Exception as error:
                 log.warning("sampling failed for request %s: %r", seqs[i].handle.id, error)
-                failed[i] = f"sampling failed for this request ({type(error).__name__}); check its parameters"
-        return tokens, failed
+        return tokens
 
     def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int, end: int) -> list[TokenLogprob]:
         """logits [T, V] of prompt positions start..end-1 -> logprobs of the prompt tokens they predict
