@@ -423,3 +423,5 @@ def test_serve_flags_reach_the_settings(model_dir):
     assert build_app(server_options(model_dir, host="0.0.0.0")).state.dsv3.settings.allowed_hosts == []
     with pytest.raises(SystemExit, match="^dsv3 serve: --max-body-bytes must be an integer >= 1, got 0$"):
         build_app(server_options(model_dir, max_body_bytes=0))
+    with pytest.raises(SystemExit, match="^dsv3 serve: --forwarded-allow-ips: 'my_proxy' is not an IP address"):
+        build_app(server_options(model_dir, forwarded_allow_ips=["my_proxy"]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import ipaddress
 import logging
 import re
 import time
@@ -75,6 +76,11 @@ class ServerSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for proxy in (p for p in self.forwarded_allow_ips if p != "*"):
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"forwarded_allow_ips: {proxy!r} is not an IP address or CIDR (or '*')") from None
 
 
 def load_plugin(spec: str):
@@ -173,8 +179,7 @@ class RequestContext:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.state.settings.max_body_bytes:  # FastAPI passes HTTPExceptions from reading the body
-                error = self._too_large()
-                raise HTTPException(413, error.message)
+                raise HTTPException(413, self._too_large().message)
             return message
 
         return capped

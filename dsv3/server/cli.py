@@ -135,7 +135,8 @@ def build_app(options: dict):
             forwarded_allow_ips=options["forwarded_allow_ips"], shared_prefix_cache=options["shared_prefix_cache"],
             allowed_hosts=default_allowed_hosts(options["host"]) if hosts is None else hosts)
     except ValueError as error:
-        raise SystemExit(f"dsv3 serve: --{str(error).replace('_', '-')}") from None
+        name, _, rest = str(error).partition(" ")  # ServerSettings names the field first
+        raise SystemExit(f"dsv3 serve: --{name.replace('_', '-')} {rest}") from None
     return create_app(engine, tokenizer, settings)
 
 
