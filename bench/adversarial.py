@@ -3,9 +3,10 @@
     python bench/adversarial.py                  # the bundled model, 30 s of flood
     python bench/adversarial.py --seconds 10 --model DIR
 
-`dsv3 serve` runs as a subprocess with its default limits (bench/serve.py's `server`). Two threads send, in a loop,
-a chat request with a 10 MB message (refused with 413 from its Content-Length) and a completions request with
-10,000 prompts (refused with 400 before anything is tokenised), while this thread polls /health every 10 ms.
+`dsv3 serve` runs as a subprocess with its default limits (bench/serve.py's `server`). Three threads send, in a loop,
+a chat request with a 10 MB message (refused with 413 from its Content-Length), a completions request with 10,000
+prompts and one with a 3.9 MB prompt under the body cap (both refused with 400 before anything is tokenised),
+while this thread polls /health every 10 ms.
 Prints /health's p50/p99/max latency with the flood, and without it for comparison.
 """
 
@@ -58,7 +59,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     args = parser.parse_args()
     bodies = [json.dumps({"messages": [{"role": "user", "content": "a" * (10 << 20)}], "model": NAME}).encode(),
-              json.dumps({"model": NAME, "prompt": ["hi"] * 10_000, "max_tokens": 1}).encode()]
+              json.dumps({"model": NAME, "prompt": ["hi"] * 10_000, "max_tokens": 1}).encode(),
+              json.dumps({"model": NAME, "prompt": "a b " * 975_000, "max_tokens": 1}).encode()]
     with tempfile.TemporaryDirectory() as scratch:
         path, label = model_dir(args.model, Path(scratch))
         with server(path) as base_url:

@@ -183,6 +183,11 @@ def test_a_body_over_the_cap_is_413_with_or_without_content_length(server):
 
 def test_prompt_count_request_tokens_and_response_size_are_capped(server):
     url = server.base_url
+    longest = server.app.state.dsv3.longest_token  # more characters than 128 such tokens hold cannot fit
+    for path, fields in (("/chat/completions", dict(messages=[{"role": "user", "content": "x" * (128 * longest + 1)}])),
+                         ("/completions", dict(prompt=["hi", "x" * (128 * longest + 1)]))):
+        error = assert_error(post(url + path, body_of(path, **fields)), 400, code="context_length_exceeded")
+        assert "characters" in error["message"]  # refused before tokenising
     assert_error(post(url + "/completions", body_of("/completions", prompt=["hi"] * 10_000)), 400, "prompt")
     many = [[7] * 100] * 21  # each fits the context; together 2100 > max_request_tokens
     assert_error(post(url + "/completions", body_of("/completions", prompt=many, max_tokens=1)), 400, "prompt")
@@ -193,11 +198,13 @@ def test_prompt_count_request_tokens_and_response_size_are_capped(server):
 
 
 def test_health_answers_while_huge_requests_are_refused(server):
-    """Acceptance, bounded: /health keeps answering while 10 MB bodies and 10k-prompt requests arrive for 3 s.
-    bench/adversarial.py measures the p99 over 30 s."""
+    """Acceptance, bounded: /health keeps answering while 10 MB bodies, 10k-prompt requests and 0.9 MB prompts
+    (under the body cap, refused before they are tokenised) arrive for 3 s. bench/adversarial.py measures the p99
+    over 30 s."""
     stop, refused = threading.Event(), []
     floods = [json.dumps(body_of("/chat/completions", messages=[{"role": "user", "content": "a" * (10 << 20)}])),
-              json.dumps(body_of("/completions", prompt=["hi"] * 10_000))]
+              json.dumps(body_of("/completions", prompt=["hi"] * 10_000)),
+              json.dumps(body_of("/chat/completions", messages=[{"role": "user", "content": "a b " * 225_000}]))]
 
     def flood(content):
         with httpx.Client(headers={**AUTH, "content-type": "application/json"}, timeout=60) as http:
@@ -223,7 +230,7 @@ def test_health_answers_while_huge_requests_are_refused(server):
         stop.set()
         for t in threads:
             t.join()
-    assert set(refused) <= {400, 413} and len(refused) >= 4
+    assert set(refused) <= {400, 413} and len(refused) >= 6
     assert statistics.quantiles(latencies, n=100)[98] < 1.0  # the unpatched server stalled for ~20 s
 
 

@@ -109,6 +109,8 @@ class AppState:
         self.plugins = [load_plugin(p) for p in settings.plugins]
         self.metrics = Metrics(engine, settings.model_name)
         self.created = int(time.time())
+        # the most UTF-8 bytes one token stands for (special tokens included): bounds the text that can fit
+        self.longest_token = max(len(tokenizer.decode([i]).encode("utf-8")) for i in range(tokenizer.vocab_size))
 
 
 class RequestContext:

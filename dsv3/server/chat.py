@@ -20,9 +20,9 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from ..engine import Delta, Request, TokenLogprob
-from .common import (FINGERPRINT, Job, check_logprob_values, check_model, collect_results, engine_failure,
-                     json_response, max_new_tokens, observe_finish, post_process, sampling_params, stop_strings,
-                     stream_choices, stream_chunk, submit, token_text, usage_body)
+from .common import (FINGERPRINT, Job, check_logprob_values, check_model, check_text_fits, collect_results,
+                     engine_failure, json_response, max_new_tokens, observe_finish, post_process, sampling_params,
+                     stop_strings, stream_choices, stream_chunk, submit, token_text, usage_body)
 from .errors import bad_request
 from .schemas import ChatCompletionRequest
 
@@ -61,6 +61,7 @@ def chat_prompt(state, body: ChatCompletionRequest) -> list[int]:
     for plugin in state.plugins:
         if hasattr(plugin, "pre_process"):
             messages = plugin.pre_process(messages)
+    check_text_fits(state, sum(len(m["content"]) for m in messages), "messages")
     try:
         return state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except Exception as error:  # template rejections, unencodable text: the request's fault

@@ -101,6 +101,18 @@ def stop_strings(body) -> tuple[str, ...]:
     return stops
 
 
+def check_text_fits(state, chars: int, param: str) -> None:
+    """Refuse, before tokenising, a text that cannot fit the context. A byte-level BPE tokenizer without a
+    normalizer (DeepSeek's) spends one token per at most `longest_token` bytes of text, and a character is at least
+    one byte, so more characters than max_seq_len x longest_token are more tokens than the context holds. This
+    matters because the tokenizers library's encode holds the GIL: a 4 MB prompt tokenised in a worker thread
+    still stalls the event loop (and /health) for seconds."""
+    limit = state.engine.max_seq_len
+    if chars > limit * state.longest_token:
+        raise bad_request(f"This model's maximum context length is {limit} tokens. However, your {param} has "
+                          f"{chars} characters, more than {limit} tokens can hold.", param, "context_length_exceeded")
+
+
 def max_new_tokens(state, body, prompt_len: int, requested: int | None, param: str) -> int:
     limit = state.engine.max_seq_len
     if requested is None:

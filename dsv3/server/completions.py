@@ -21,9 +21,9 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from ..engine import Delta, Request, TokenLogprob
-from .common import (FINGERPRINT, Job, check_logprob_values, check_model, collect_results, engine_failure,
-                     json_response, max_new_tokens, observe_finish, post_process, sampling_params, stop_strings,
-                     stream_choices, stream_chunk, submit, token_text, usage_body)
+from .common import (FINGERPRINT, Job, check_logprob_values, check_model, check_text_fits, collect_results,
+                     engine_failure, json_response, max_new_tokens, observe_finish, post_process, sampling_params,
+                     stop_strings, stream_choices, stream_chunk, submit, token_text, usage_body)
 from .errors import bad_request
 from .schemas import CompletionRequest
 
@@ -43,6 +43,7 @@ def _completion_prompts(state, body: CompletionRequest) -> tuple[list[list[int]]
     ids, texts = [], []
     for p in prompt:
         if isinstance(p, str):
+            check_text_fits(state, len(p), "prompt")
             try:
                 ids.append(state.tokenizer.encode(p))
             except Exception as error:
