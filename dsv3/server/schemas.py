@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API as the openai SDK, LangChain and lm-eval send them (pydantic, extra="allow").
 
-Unknown fields are accepted and ignored, as vLLM does; fields the model cannot honour (image parts, forced tool
-calls, JSON modes, suffix) are rejected with a 400 that says so rather than silently dropped. Field list:
+Unknown fields are accepted and ignored, as vLLM does; fields the model cannot honour (image parts, tools,
+JSON modes, suffix) are rejected with a 400 that says so rather than silently dropped. Field list:
 ../shared/reference/compat-server.md §1.2, §1.3, §2; vLLM's extras `top_k`, `repetition_penalty`, `stop_token_ids`,
 `ignore_eos`, `min_p` come through `extra_body`.
 
