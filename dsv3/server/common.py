@@ -236,8 +236,10 @@ def token_text(state, token_id: int) -> str:
 async def json_response(build) -> Response:
     """The JSON response `build()` returns, built and serialised in a worker thread: with logprobs it decodes
     every token, which on the event loop would stall every stream and /health meanwhile."""
-    return Response(await run_in_threadpool(lambda: json.dumps(build(), ensure_ascii=False).encode("utf-8")),
-                    media_type="application/json")
+    def render() -> bytes:  # as starlette's JSONResponse renders
+        return json.dumps(build(), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+    return Response(await run_in_threadpool(render), media_type="application/json")
 
 
 def sse(payload) -> str:
