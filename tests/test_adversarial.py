@@ -37,7 +37,7 @@ LIMITS = dict(max_prompts=64, max_request_tokens=2048, max_logprob_values=4096, 
 @pytest.fixture(scope="module")
 def server(model_dir):
     srv = ServerThread(build_app(server_options(model_dir, api_key=[KEY, KEY2], rate_limit=10_000, max_seq_len=128,
-                                                **LIMITS)))
+                                                max_batch=12, **LIMITS)))
     yield srv
     srv.stop()
 
@@ -129,7 +129,8 @@ def test_a_sampling_failure_ends_only_its_own_request(tokenizer):
 
 def test_poisoned_requests_leave_every_stream_complete(server):
     """Acceptance, scaled down: 8 clients streaming while 50 poisoned requests of each kind arrive (three kinds at
-    the HTTP edge, one submitted to the engine directly, past the edge); all 8 streams end with [DONE]."""
+    the HTTP edge, one submitted to the engine directly, past the edge, into the 4 rows the streams leave free);
+    all 8 streams end with [DONE]."""
     engine = server.app.state.dsv3.engine
     kinds = [("/completions", {"repetition_penalty": 1e-300}), ("/chat/completions", {"top_k": 10**20}),
              ("/chat/completions", {"temperature": NAN})]
@@ -141,7 +142,7 @@ def test_poisoned_requests_leave_every_stream_complete(server):
         return Result.of(engine.submit(Request([1, 2, 3], params))).finish_reason
 
     async def stream(http, i, started):
-        body = body_of("/chat/completions", max_tokens=80, ignore_eos=True, stream=True, temperature=0,
+        body = body_of("/chat/completions", max_tokens=100, ignore_eos=True, stream=True, temperature=0,
                        messages=[{"role": "user", "content": f"story {i}"}])
         lines = []
         async with http.stream("POST", "/chat/completions", content=json.dumps(body)) as response:
@@ -152,7 +153,7 @@ def test_poisoned_requests_leave_every_stream_complete(server):
                         started.append(i)
                         if len(started) == 8:
                             streamed.set()
-        return lines
+        return lines, time.monotonic()
 
     async def go():
         async with httpx.AsyncClient(base_url=server.base_url, headers={**AUTH, "content-type": "application/json"},
@@ -160,17 +161,22 @@ def test_poisoned_requests_leave_every_stream_complete(server):
             started = []
             streams = [asyncio.create_task(stream(http, i, started)) for i in range(8)]
             await asyncio.wait_for(streamed.wait(), 30)
-            direct = asyncio.gather(*(asyncio.to_thread(engine_poison) for _ in range(50)))
+            async def poison_engine():
+                return await asyncio.gather(*(asyncio.to_thread(engine_poison) for _ in range(50))), time.monotonic()
+
+            direct = asyncio.create_task(poison_engine())
             statuses = []
             for _ in range(50):
                 replies = await asyncio.gather(*(http.post(p, content=json.dumps(body_of(p, **f))) for p, f in kinds))
                 statuses += [r.status_code for r in replies]
-            return await asyncio.gather(*streams), statuses, await direct
+            (reasons, poisoned_until) = await direct
+            return await asyncio.gather(*streams), statuses, reasons, poisoned_until
 
-    lines, statuses, direct = asyncio.run(go())
+    streams, statuses, direct, poisoned_until = asyncio.run(go())
     assert statuses == [400] * 150 and direct == ["error"] * 50
-    for stream_lines in lines:
-        assert stream_lines[-1] == "data: [DONE]" and not any('"error"' in line for line in stream_lines)
+    assert min(end for _, end in streams) > poisoned_until  # the engine's poison met the streams in the batch
+    for lines, _ in streams:
+        assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------- 2: sizes
