@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--model", help="model directory (default: the bundled model)")
     parser.add_argument("--seconds", type=float, default=30.0)
     args = parser.parse_args()
-    bodies = [json.dumps({"messages": [{"role": "user", "content": "a" * (10 << 20)}], "model": NAME}).encode(),
+    bodies = [json.dumps({"messages": [{"role": "user", "content": "a b " * (10 << 18)}], "model": NAME}).encode(),
               json.dumps({"model": NAME, "prompt": ["hi"] * 10_000, "max_tokens": 1}).encode(),
               json.dumps({"model": NAME, "prompt": "a b " * 975_000, "max_tokens": 1}).encode()]
     with tempfile.TemporaryDirectory() as scratch:
