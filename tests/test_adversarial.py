@@ -405,12 +405,15 @@ def _hostile_bodies():
 
 def test_hostile_bodies_never_cause_5xx(tokenizer):
     from fastapi.testclient import TestClient
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, example, given, settings
 
     app = tiny_app(tokenizer, api_keys=[KEY], rate_limit=0)
     with TestClient(app, headers=AUTH) as http:
         @settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(_hostile_bodies())
+        @example(("/v1/completions", body_of("/completions", repetition_penalty=1e-300)))  # the findings
+        @example(("/v1/chat/completions", body_of("/chat/completions", top_k=10**20)))
+        @example(("/v1/completions", body_of("/completions", model="\ud800")))
         def check(case):
             path, body = case
             content = json.dumps(body, ensure_ascii=True).encode()  # NaN, Infinity and \ud800 escapes included
