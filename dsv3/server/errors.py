@@ -48,13 +48,17 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def _names_a_field(part) -> bool:
+    """Validation locations name union members too ("str", "list[int]", "function-after[...]") beside field names
+    and list indices; `param` keeps only the latter."""
+    return part != "body" and not (isinstance(part, str) and ("[" in part or part in _TYPE_TAGS))
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """FastAPI's validation errors -> one readable message and the offending parameter (dotted path)."""
     # a union's members each report a mismatch of type; a member's own complaint (too long, too big) says more
     first = next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0] if errors else {})
-    # locations name union members too ("str", "list[int]", "function-after[...]"): keep field names and indices
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not (isinstance(p, str) and ("[" in p or p in
-                                                                                             _TYPE_TAGS))]
+    loc = [str(p) for p in first.get("loc", ()) if _names_a_field(p)]
     param = ".".join(loc) or None
     text = first.get("msg", "invalid request")
     if first.get("type") == "json_invalid":
