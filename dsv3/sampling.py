@@ -12,7 +12,8 @@ A decoding step turns the model's last-position logits [B, V] into one token per
 2. logit_bias (OpenAI's per-token additive bias);
 3. temperature 0 -> greedy argmax; otherwise divide by the temperature, keep the top_k highest logits
    (0 = off), then the smallest set of tokens whose probability reaches top_p (nucleus sampling, Holtzman et al.
-   2020), renormalise and draw.
+   2020), then drop tokens less likely than min_p times the most likely one (min-p sampling, Nguyen et al. 2024;
+   0 = off), renormalise and draw.
 
 Rows draw from their own `torch.Generator`, so a seeded row gives the same tokens whatever else is in the batch.
 The token history is kept by the caller as two [B, V] tensors (the layout of vLLM's sampler): `prompt_mask`
@@ -44,14 +45,20 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 0.01, 100.0
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one sequence is decoded. Defaults are greedy decoding with no penalties (as `dsv3.generate`).
 
     temperature: >= 0; 0 means greedy (argmax), and then top_k/top_p/seed have no effect.
-    top_p: in (0, 1]; 1 keeps every token. top_k: >= 0; 0 keeps every token.
+    top_p: in (0, 1]; 1 keeps every token. top_k: >= 0; 0 keeps every token (a k beyond the vocabulary too).
+    min_p: in [0, 1]; 0 keeps every token.
     presence_penalty, frequency_penalty: in [-2, 2] (OpenAI's range), over generated tokens.
-    repetition_penalty: > 0; 1 is off. Over prompt and generated tokens (CTRL).
+    repetition_penalty: in [REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX]; 1 is off. Over prompt and generated
+    tokens (CTRL). Beyond that range the penalty already bans (or forces) every seen token, and ever smaller values
+    divide logits into float32 infinities that no distribution can be drawn from.
     logit_bias: {token id: bias} added to the logits (OpenAI allows -100..100).
     max_new_tokens: >= 1. stop_token_ids: generation of a row ends after it emits one of these.
     seed: an int seeds the row's own generator (same seed, same tokens); None uses torch's global RNG.
@@ -61,6 +68,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -80,11 +88,14 @@ class SamplingParams:
             bad("top_p", "a number in (0, 1]")
         if not _is_int(self.top_k) or self.top_k < 0:
             bad("top_k", "an integer >= 0 (0 = off)")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            bad("min_p", "a number in [0, 1] (0 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             if not _is_number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
                 bad(name, "a number in [-2, 2]")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            bad("repetition_penalty", "a finite number > 0 (1 = off)")
+        if not _is_number(self.repetition_penalty) or not (
+                REPETITION_PENALTY_MIN <= self.repetition_penalty <= REPETITION_PENALTY_MAX):
+            bad("repetition_penalty", f"a number in [{REPETITION_PENALTY_MIN:g}, {REPETITION_PENALTY_MAX:g}] (1 = off)")
         if not isinstance(self.logit_bias, Mapping) or not all(
             _is_int(k) and k >= 0 and _is_number(v) for k, v in self.logit_bias.items()
         ):
@@ -182,7 +193,8 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None] | None = None, *,
            output_counts: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Next token per row: logits [B, V] -> LongTensor [B].
+    """Next token per row: logits [B, V] -> LongTensor [B]; -1 for a sampled row whose logits (after penalties and
+    temperature) hold NaN or infinities, so there is nothing to draw from.
 
     params[b] and generators[b] (None or a list of B; see `make_generator`) belong to row b; output_counts and
     prompt_mask are the [B, V] token history the penalties need (see `apply_penalties`). Work is done in float32.
@@ -203,12 +215,21 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     chosen = [params[b] for b in sampled]
     scaled = logits[rows] / _row_values(chosen, "temperature", logits)
     if any(p.top_k > 0 or p.top_p < 1 for p in chosen):
-        top_k = torch.tensor([p.top_k for p in chosen], device=logits.device)
+        V = logits.shape[-1]
+        top_k = torch.tensor([min(p.top_k, V) for p in chosen], device=logits.device)
         scaled = top_k_top_p_mask(scaled, top_k, _row_values(chosen, "top_p", logits)[:, 0])
     probs = scaled.softmax(dim=-1)
+    # NaN or infinite logits leave a row no distribution: it draws from a placeholder and gets -1, without a host
+    # sync (multinomial would raise, and on a GPU fail with a device-side assert that ends every request there)
+    broken = ~torch.isfinite(probs).all(dim=-1, keepdim=True)  # [S, 1]
+    probs = torch.where(broken, 1.0, probs)
+    if any(p.min_p > 0 for p in chosen):  # multinomial renormalises what is left
+        floor = _row_values(chosen, "min_p", logits) * probs.amax(dim=-1, keepdim=True)
+        probs = probs.masked_fill(probs < floor, 0.0)
     for i, b in enumerate(sampled):
         generator = None if generators is None else generators[b]
         tokens[b] = torch.multinomial(probs[i], 1, generator=generator)[0]
+    tokens[rows] = torch.where(broken[:, 0], -1, tokens[rows])
     return tokens
 
 

@@ -8,15 +8,23 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import uvicorn
 
 import dsv3
 from dsv3 import ModelConfig, Transformer, save_pretrained
-from dsv3.server.cli import uvicorn_config
+from dsv3.server.cli import DEFAULTS, uvicorn_config
 
 BUNDLED = Path(dsv3.__file__).parent / "bundled"
 MODEL_NAME = "tiny-test"
+KEY = "sk-test-key-123"
+
+
+def server_options(model_dir, **overrides) -> dict:
+    """`dsv3 serve` options for a test server on `model_dir` (build_app's input), with one API key."""
+    return {**DEFAULTS, "model": str(model_dir), "served_model_name": MODEL_NAME, "api_key": [KEY],
+            "max_seq_len": 256, "max_batch": 8, "block_size": 16, **overrides}
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
@@ -45,6 +53,14 @@ def make_model_dir(path: Path, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny model directory per test module (imported as a fixture); one torch thread, as the server and its
+    clients share the CPU."""
+    torch.set_num_threads(1)
+    return make_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,8 +73,8 @@ class ServerThread:
     def __init__(self, app, **config) -> None:
         self.port = free_port()
         self.app = app
-        self.server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=1, **config))
+        config = {"log_level": "warning", "timeout_graceful_shutdown": 1, **config}
+        self.server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=self.port, **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

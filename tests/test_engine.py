@@ -102,6 +102,18 @@ def test_prefix_cache_hit_gives_identical_output_and_reports_cached_tokens(model
     assert engine.prefix.referenced_blocks == 0
 
 
+def test_prefix_cache_salts_keep_tenants_apart(model, tokenizer):
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=2, max_seq_len=128, block_size=16))
+    prompt = tokenizer.encode("a system prompt only tenant a has sent " * 3)  # > 2 blocks
+
+    def cached(salt):
+        return run(engine, [Request(prompt, greedy(1), cache_salt=salt)])[0].usage.cached_tokens
+
+    assert cached("a") == 0 and cached("a") == (len(prompt) - 1) // 16 * 16 > 0
+    assert cached("b") == 0 and cached(None) == 0  # another salt, or none, sees nothing of tenant a's
+    assert cached(None) > 0 and engine.prefix.referenced_blocks == 0
+
+
 def test_prefix_cache_lru_eviction_under_the_byte_cap(model, tokenizer):
     probe = Engine(model, tokenizer, EngineConfig(max_batch=1, max_seq_len=64, block_size=8))
     cap = 4 * probe.prefix.bytes_per_block

@@ -12,7 +12,8 @@ from dsv3.sampling import (SamplingParams, apply_penalties, count_tokens, make_g
 @pytest.mark.parametrize("field, value", [
     ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.01), ("top_k", -1),
     ("top_k", 2.5), ("presence_penalty", 2.5), ("frequency_penalty", -2.01), ("repetition_penalty", 0.0),
-    ("repetition_penalty", -1.0), ("max_new_tokens", 0), ("max_new_tokens", True), ("stop_token_ids", "abc"),
+    ("repetition_penalty", -1.0), ("repetition_penalty", 1e-300), ("repetition_penalty", 1e3), ("min_p", -0.1),
+    ("min_p", 1.5), ("min_p", float("inf")), ("max_new_tokens", 0), ("max_new_tokens", True), ("stop_token_ids", "abc"),
     ("stop_token_ids", (1, -2)), ("seed", 1.5), ("logit_bias", {"5": 1.0}),
 ])
 def test_invalid_params_name_the_field(field, value):
@@ -143,3 +144,26 @@ def test_count_tokens_of_ragged_rows():
     assert counts.tolist() == [[0, 2, 0, 1], [1, 0, 0, 0]]
     with pytest.raises(ValueError, match=r"row 1 .*\[0, 4\)"):
         count_tokens([[1], [4]], vocab_size=4)
+
+
+def test_min_p_keeps_tokens_at_least_min_p_times_the_most_likely():
+    logits = torch.tensor([[0.0, math.log(0.5), math.log(0.09), math.log(0.2)]])  # probabilities 1 : .5 : .09 : .2
+    params = [SamplingParams(temperature=1.0, min_p=0.1, seed=s) for s in range(200)]
+    drawn = {int(sample(logits, [p], [make_generator(p.seed)])[0]) for p in params}
+    assert drawn == {0, 1, 3}  # 0.09 < 0.1 x 1 is dropped
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token():
+    logits = torch.randn(2, 5)
+    big, off = SamplingParams(temperature=1.0, top_k=10**20, seed=1), SamplingParams(temperature=1.0, seed=1)
+    assert sample(logits, [big, big], [make_generator(1), make_generator(2)]).tolist() == sample(
+        logits, [off, off], [make_generator(1), make_generator(2)]).tolist()
+
+
+def test_rows_without_a_distribution_get_minus_one_and_the_others_are_drawn():
+    logits = torch.zeros(3, 4)
+    logits[1, 2] = float("nan")
+    logits[2, 0] = 5.0
+    params = [SamplingParams(temperature=1.0, seed=0), SamplingParams(temperature=1.0), SamplingParams()]
+    tokens = sample(logits, params, [make_generator(0), None, None])
+    assert tokens[1] == -1 and tokens[2] == 0 and 0 <= tokens[0] < 4

@@ -195,7 +195,7 @@ class Engine:
             # keep at least the last prompt token to compute: its logits choose the first output token; prompt
             # logprobs need the logits of every position, which cached blocks do not carry
             limit = 0 if seq.request.prompt_logprobs is not None else len(seq.tokens) - 1
-            blocks = self.prefix.match(seq.tokens, limit)
+            blocks = self.prefix.match(seq.tokens, limit, seq.request.cache_salt)
             start = len(blocks) * self.prefix.block_size
             need = seq.n_prompt - start
             # padded rows run positions up to max(start) + max(need) - 1, which must stay inside the cache
@@ -241,7 +241,7 @@ class Engine:
         prompt_lps = []
         for b, seq in enumerate(group):
             seq.n_computed = seq.n_prompt
-            self.prefix.store(seq.tokens, rows.rows(b), seq.held)
+            self.prefix.store(seq.tokens, rows.rows(b), seq.held, seq.request.cache_salt)
             wanted = seq.request.prompt_logprobs is not None
             lps = self._prompt_logprobs(seq, logits[b, :lengths[b]], starts[b], seq.n_prompt) if wanted else None
             prompt_lps.append([None] + lps if wanted else None)
@@ -260,7 +260,7 @@ class Engine:
         keep = 0 if seq.request.prompt_logprobs is not None else 1  # else only the last position's logits are read
         logits = self.model(ids, row, start, impl="naive", logits_to_keep=keep)[0]  # [T or 1, V]
         seq.n_computed = end
-        self.prefix.store(seq.tokens[:end], row, seq.held)
+        self.prefix.store(seq.tokens[:end], row, seq.held, seq.request.cache_salt)
         if seq.request.prompt_logprobs is not None:
             seq.prompt_logprobs += self._prompt_logprobs(seq, logits, start, end)
         if end == seq.n_prompt:
@@ -285,19 +285,45 @@ class Engine:
         """Choose one token per sequence from logits [B, V] and hand each sequence its delta (with its prompt
         logprobs, prompt_lps[b], on the first one)."""
         rows = torch.tensor([s.row for s in seqs], device=self.device)
-        params = [s.request.params for s in seqs]
-        history = {}
-        if any(p.has_penalties for p in params):
-            history = dict(output_counts=self.counts[rows], prompt_mask=self.prompt_mask[rows])
-        tokens = sample(logits, params, [s.generator for s in seqs], **history)
-        self.counts[rows, tokens] += 1
+        tokens = self._choose(seqs, rows, logits)  # [B], -1 where sampling failed
+        safe = tokens.clamp(min=0)  # the failed rows leave below: their counts and logprobs are never read
+        self.counts[rows, safe] += 1
         wanted = [s.request.logprobs for s in seqs if s.request.logprobs is not None]
-        lp = token_logprobs(logits, tokens, max(wanted)) if wanted else None
+        lp = token_logprobs(logits, safe, max(wanted)) if wanted else None
         for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            if token < 0:  # this request alone ends; its batch-mates go on
+                self._retire(seq, "error", error="sampling failed for this request: its logits gave no "
+                             "distribution to draw from (check its parameters)")
+                continue
             k = seq.request.logprobs
             logprob = None if k is None else [_token_logprob(token, lp.chosen[i], lp.top_ids[i, :k],
                                                              lp.top_logprobs[i, :k])]
             self._advance(seq, token, logprob, prompt_lps[i] if prompt_lps else None)
+
+    def _choose(self, seqs: list[Sequence], rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row of logits [B, V] -> tokens [B], -1 for the rows where sampling failed.
+
+        Requests are validated before they get here, and `sample` answers -1 for a row without a distribution;
+        should sampling still raise, each row is sampled alone so that only the requests at fault end."""
+        params = [s.request.params for s in seqs]
+
+        def draw(span: slice) -> torch.Tensor:  # the rows of a span: every row, or one
+            history = {}
+            if any(p.has_penalties for p in params[span]):
+                history = dict(output_counts=self.counts[rows[span]], prompt_mask=self.prompt_mask[rows[span]])
+            return sample(logits[span], params[span], [s.generator for s in seqs[span]], **history)
+
+        try:
+            return draw(slice(None))
+        except Exception:
+            pass  # find the rows at fault
+        tokens = torch.full((len(seqs),), -1, dtype=torch.long, device=self.device)
+        for i in range(len(seqs)):
+            try:
+                tokens[i] = draw(slice(i, i + 1))[0]
+            except Exception as error:
+                log.warning("sampling failed for request %s: %r", seqs[i].handle.id, error)
+        return tokens
 
     def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int, end: int) -> list[TokenLogprob]:
         """logits [T, V] of prompt positions start..end-1 -> logprobs of the prompt tokens they predict
@@ -334,7 +360,8 @@ class Engine:
         """Finish a sequence: cache its blocks (finished normally), free its references and row, send the last delta."""
         if seq.row >= 0:
             if reason in ("stop", "length"):  # the output's blocks serve the next turn of a chat
-                self.prefix.store(seq.tokens[:-1], self.cache.rows(seq.row), seq.held)
+                self.prefix.store(seq.tokens[:-1], self.cache.rows(seq.row), seq.held,
+                                  seq.request.cache_salt)
             for moved, src in self.scheduler.finish(seq):
                 # a prefilling sequence holds n_computed positions; a running one mid-step may already hold its
                 # newest token, so copy that position too

@@ -5,6 +5,9 @@ name stands for the whole prefix up to the end of that block: two prompts share 
 token before it (vLLM's automatic prefix caching, docs/design/prefix_caching.md; nano-vllm engine/block_manager.py,
 which also checks the tokens on a hit, as done here to make hash collisions harmless).
 
+A salt (vLLM's `cache_salt`) starts the chain: prompts with different salts never share a block, so the server
+salts with the caller's key id and one tenant cannot learn, from `cached_tokens`, what another one sent.
+
 The engine's cache is static, one row per running request (dsv3.KVCache), so blocks cannot be shared in place as in
 a paged cache. Instead a block's latents (c_kv and k_pe of every layer, with DSA also the indexer keys;
 `bytes_per_token` each) are copied out of the row into a preallocated pool, and copied back into the row of a later
@@ -27,17 +30,20 @@ from ..cache import KVCache
 
 @dataclass(eq=False)
 class Block:
-    """One cached block: its slot in the pool, its chained hash, its tokens, and how many requests hold it."""
+    """One cached block: its slot in the pool, its chained hash, its tokens and salt, and how many requests hold
+    it."""
 
     slot: int
     key: int
     tokens: tuple[int, ...]
+    salt: str | None = None
     refs: int = 0
 
 
-def block_keys(tokens: list[int], block_size: int) -> list[tuple[int, tuple[int, ...]]]:
-    """(chained hash, tokens) of every full block; the hash of block i covers tokens[: (i + 1) · block_size]."""
-    keys, parent = [], 0
+def block_keys(tokens: list[int], block_size: int, salt: str | None = None) -> list[tuple[int, tuple[int, ...]]]:
+    """(chained hash, tokens) of every full block; the hash of block i covers the salt and
+    tokens[: (i + 1) · block_size]."""
+    keys, parent = [], 0 if salt is None else hash(("salt", salt))
     for start in range(0, len(tokens) - block_size + 1, block_size):
         chunk = tuple(tokens[start:start + block_size])
         parent = hash((parent, chunk))
@@ -71,13 +77,14 @@ class PrefixCache:
         self.queried_tokens = self.hit_tokens = self.evictions = 0
 
     # ------------------------------------------------------------------ lookup
-    def match(self, tokens: list[int], max_tokens: int) -> list[Block]:
-        """The cached blocks that cover the longest prefix of tokens[:max_tokens], each now referenced once more."""
+    def match(self, tokens: list[int], max_tokens: int, salt: str | None = None) -> list[Block]:
+        """The cached blocks stored with `salt` that cover the longest prefix of tokens[:max_tokens], each now
+        referenced once more."""
         self.queried_tokens += len(tokens)
         found = []
-        for key, chunk in block_keys(tokens[:max_tokens], self.block_size):
+        for key, chunk in block_keys(tokens[:max_tokens], self.block_size, salt):
             block = self._blocks.get(key)
-            if block is None or block.tokens != chunk:
+            if block is None or block.tokens != chunk or block.salt != salt:
                 break
             found.append(block)
         for block in found:
@@ -97,17 +104,18 @@ class PrefixCache:
             row.ik[:, 0, :n] = self.ik[:, slots].flatten(1, 2)
 
     # ------------------------------------------------------------------ insertion
-    def store(self, tokens: list[int], row: KVCache, held: dict[int, Block]) -> None:
+    def store(self, tokens: list[int], row: KVCache, held: dict[int, Block], salt: str | None = None) -> None:
         """Save every full block of `tokens` (whose latents are in the one-row view `row` at positions 0..) that is
-        not cached yet, and reference each block in `held` (key -> block, the request's holdings) once."""
-        for i, (key, chunk) in enumerate(block_keys(tokens, self.block_size)):
+        not cached yet under `salt`, and reference each block in `held` (key -> block, the request's holdings)
+        once."""
+        for i, (key, chunk) in enumerate(block_keys(tokens, self.block_size, salt)):
             if key in held:
                 continue
             block = self._blocks.get(key)
-            if block is not None and block.tokens != chunk:
+            if block is not None and (block.tokens != chunk or block.salt != salt):
                 return  # a hash collision: leave the resident block alone
             if block is None:
-                block = self._allocate(key, chunk)
+                block = self._allocate(key, chunk, salt)
                 if block is None:
                     return  # every block is held by a running request; nothing more fits
                 span = slice(i * self.block_size, (i + 1) * self.block_size)
@@ -143,7 +151,7 @@ class PrefixCache:
         block.refs += 1
         self._idle.pop(block.key, None)
 
-    def _allocate(self, key: int, chunk: tuple[int, ...]) -> Block | None:
+    def _allocate(self, key: int, chunk: tuple[int, ...], salt: str | None) -> Block | None:
         if self._free:
             slot = self._free.pop()
         elif self._idle:
@@ -153,5 +161,5 @@ class PrefixCache:
             slot = victim.slot
         else:
             return None
-        block = self._blocks[key] = Block(slot, key, chunk)
+        block = self._blocks[key] = Block(slot, key, chunk, salt)
         return block

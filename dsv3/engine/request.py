@@ -34,7 +34,9 @@ class Request:
     logprobs: None for none, k >= 0 for the chosen token's logprob plus the k most likely alternatives;
     prompt_logprobs: None, or k >= 0 for the logprob of every prompt token (the first gets None) plus k alternatives,
     as `echo` with `logprobs` needs (lm-eval's log-likelihoods). Such a request recomputes its whole prompt: cached
-    blocks carry no logits. ignore_eos: keep going past the end-of-sequence token (benchmarks).
+    blocks carry no logits. ignore_eos: keep going past the end-of-sequence token (benchmarks). cache_salt: the
+    prefix cache shares blocks only between requests with the same salt (None: the unsalted pool); the server
+    salts with the caller's key id so that tenants do not share (dsv3/engine/prefix_cache.py).
     """
 
     prompt_ids: list[int]
@@ -43,6 +45,7 @@ class Request:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     ignore_eos: bool = False
+    cache_salt: str | None = None
 
 
 @dataclass

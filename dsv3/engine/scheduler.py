@@ -68,9 +68,10 @@ class Scheduler:
         self.wakeup = threading.Condition(self.lock)
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence (thread-safe); raises QueueFullError when max_waiting are already waiting."""
+        """Queue a new sequence (thread-safe); raises QueueFullError when max_waiting are already waiting.
+        Cancelled ones do not count: they leave at the next step, but their room is free now."""
         with self.lock:
-            if len(self.waiting) >= self.max_waiting:
+            if sum(not s.handle.cancelled.is_set() for s in self.waiting) >= self.max_waiting:
                 raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests); retry later")
             self.waiting.append(seq)
             self.wakeup.notify()

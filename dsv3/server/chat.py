@@ -5,8 +5,8 @@ Stream shape (../shared/reference/compat-server.md §1.5): every chunk has the s
 `stream_options.include_usage` every chunk has `usage: null` and one last chunk has `choices: []` and the usage;
 `data: [DONE]` ends it. `: keep-alive` comments are sent while nothing is produced, and a failure mid-stream is a
 `data: {"error": ...}` event. What the model cannot honour gets a 400 that says so: image, audio and file parts,
-JSON response formats, and a tool_choice that forces a call ("required" or a named function). Tools offered with
-tool_choice "auto" (or none given) are accepted and the model answers in text, which "auto" allows.
+JSON response formats, tools and tool_choice (other than "none"). The chat template is rendered and tokenised in
+a worker thread, as the response is built, so a large request does not stall the event loop.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import time
 import uuid
 
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
 from ..engine import Delta, Request, TokenLogprob
-from .common import (FINGERPRINT, Job, check_model, collect_results, engine_failure, max_new_tokens,
-                     observe_finish, post_process, sampling_params, stop_strings, submit,
-                     stream_choices, stream_chunk, token_text, usage_body)
+from .common import (FINGERPRINT, Job, check_logprob_values, check_model, check_text_fits, collect_results,
+                     engine_failure, json_response, max_new_tokens, observe_finish, post_process, sampling_params,
+                     stop_strings, stream_choices, stream_chunk, submit, token_text, usage_body)
 from .errors import bad_request
 from .schemas import ChatCompletionRequest
 
@@ -60,6 +61,7 @@ def chat_prompt(state, body: ChatCompletionRequest) -> list[int]:
     for plugin in state.plugins:
         if hasattr(plugin, "pre_process"):
             messages = plugin.pre_process(messages)
+    check_text_fits(state, sum(len(m["content"]) for m in messages), "messages")
     try:
         return state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except Exception as error:  # template rejections, unencodable text: the request's fault
@@ -79,22 +81,25 @@ def _chat_logprobs(state, logprobs: list[TokenLogprob] | None) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------- chat
-async def chat_completions(state, request: HTTPRequest, body: ChatCompletionRequest):
+async def chat_completions(state, request: HTTPRequest, body: ChatCompletionRequest, cache_salt: str | None):
     check_model(state, body.model)
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise bad_request(f"response_format {body.response_format.get('type')!r} is not supported: this server "
                           "cannot constrain output to JSON", "response_format")
-    if body.tools and body.tool_choice not in (None, "none", "auto"):
-        raise bad_request("tool_choice that requires a tool call is not supported: this model has no tool calling",
-                          "tool_choice")
-    prompt = chat_prompt(state, body)
+    if body.tools:
+        raise bad_request("tools are not supported by this model", "tools")
+    if body.tool_choice not in (None, "none"):
+        raise bad_request("tool_choice is not supported: this model has no tool calling", "tool_choice")
+    prompt = await run_in_threadpool(chat_prompt, state, body)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if requested == 0:
         raise bad_request("max_tokens must be at least 1", "max_tokens")
     max_new = max_new_tokens(state, body, len(prompt), requested, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
+    if top is not None:
+        check_logprob_values(state, body.n * max_new * (top + 1), "top_logprobs")
     requests = [Request(prompt, sampling_params(state, body, max_new, k), stop_strings(body), logprobs=top,
-                        ignore_eos=body.ignore_eos) for k in range(body.n)]
+                        ignore_eos=body.ignore_eos, cache_salt=cache_salt) for k in range(body.n)]
     job = Job(submit(state, requests, "messages"), [0] * body.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -105,13 +110,17 @@ async def chat_completions(state, request: HTTPRequest, body: ChatCompletionRequ
         if r.finish_reason not in ("stop", "length"):
             raise engine_failure(Delta(finish_reason=r.finish_reason, error=r.error))
         observe_finish(state, job, k, Delta(finish_reason=r.finish_reason, usage=r.usage))
-    choices = [{"index": k,
-                "message": {"role": "assistant", "content": post_process(state, r.text), "refusal": None},
-                "logprobs": _chat_logprobs(state, r.logprobs) if top is not None else None,
-                "finish_reason": r.finish_reason} for k, r in enumerate(results)]
-    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
-                         "system_fingerprint": FINGERPRINT, "choices": choices,
-                         "usage": usage_body(job, [r.usage for r in results])})
+
+    def build():
+        choices = [{"index": k,
+                    "message": {"role": "assistant", "content": post_process(state, r.text), "refusal": None},
+                    "logprobs": _chat_logprobs(state, r.logprobs) if top is not None else None,
+                    "finish_reason": r.finish_reason} for k, r in enumerate(results)]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
+                "system_fingerprint": FINGERPRINT, "choices": choices,
+                "usage": usage_body(job, [r.usage for r in results])}
+
+    return await json_response(build)
 
 
 async def _chat_stream(state, body, job: Job, rid: str, created: int):

@@ -30,6 +30,9 @@ DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000,
                 max_seq_len=2048, max_waiting=256, max_prefill_tokens=2048, block_size=16, prefix_cache_mb=64.0,
                 device="auto", dtype=None, threads=None, quantize=None, adapter=None, compile=False,
                 compile_max_batch=8, log_level="info")
+# request limits and trust boundaries (docs/security.md); allowed_hosts None: loopback names when bound to loopback
+DEFAULTS.update(max_body_bytes=4 << 20, max_prompts=256, max_request_tokens=1 << 17, max_logprob_values=1 << 16,
+                forwarded_allow_ips=[], allowed_hosts=None, shared_prefix_cache=False)
 
 
 def _read_config(path: str) -> dict:
@@ -132,9 +135,20 @@ def build_app(options: dict):
     hub_id = options["model"] and not Path(options["model"]).is_dir()  # served under its hub id, as vLLM does
     name = options["served_model_name"] or (options["model"] if hub_id else
                                             path.resolve().name if options["model"] else "dsv3")
-    settings = ServerSettings(model_name=name, api_keys=options["api_key"], allow_cidrs=options["allow_cidr"],
-                              rate_limit=options["rate_limit"], rate_burst=options["rate_burst"],
-                              plugins=options["plugin"])
+    from .security import default_allowed_hosts
+
+    hosts = options["allowed_hosts"]
+    try:
+        settings = ServerSettings(
+            model_name=name, api_keys=options["api_key"], allow_cidrs=options["allow_cidr"],
+            rate_limit=options["rate_limit"], rate_burst=options["rate_burst"], plugins=options["plugin"],
+            max_body_bytes=options["max_body_bytes"], max_prompts=options["max_prompts"],
+            max_request_tokens=options["max_request_tokens"], max_logprob_values=options["max_logprob_values"],
+            forwarded_allow_ips=options["forwarded_allow_ips"], shared_prefix_cache=options["shared_prefix_cache"],
+            allowed_hosts=default_allowed_hosts(options["host"]) if hosts is None else hosts)
+    except ValueError as error:
+        field, _, rest = str(error).partition(" ")  # ServerSettings names the field first
+        raise SystemExit(f"dsv3 serve: --{field.replace('_', '-')} {rest}") from None
     return create_app(engine, tokenizer, settings)
 
 
@@ -179,11 +193,16 @@ def listen(host: str, port) -> socket.socket:
 
 def uvicorn_config(app, **kwargs):
     """uvicorn.Config(app, **kwargs), loaded, with TLS 1.3 as the minimum protocol when TLS is on (uvicorn has no
-    option for a minimum version, so it is set on the SSL context uvicorn built)."""
+    option for a minimum version, so it is set on the SSL context uvicorn built). uvicorn's own proxy-header
+    handling is off (it trusts X-Forwarded-For from 127.0.0.1 by default): the app trusts only
+    --forwarded-allow-ips. Query-string values are blanked in the access log."""
     import uvicorn
 
-    config = uvicorn.Config(app, **kwargs)
+    from .security import redact_access_log
+
+    config = uvicorn.Config(app, **{"proxy_headers": False, **kwargs})
     config.load()
+    redact_access_log()
     if config.ssl is not None:
         config.ssl.minimum_version = ssl.TLSVersion.TLSv1_3
     return config
@@ -243,6 +262,18 @@ def add_cli(subparsers) -> None:
                    "(default 8: the compiled step attends over all --max-seq-len slots, which costs more than it "
                    "saves at 32 rows on CPU)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    # request limits and trust boundaries: docs/security.md
+    p.add_argument("--max-body-bytes", type=int, help="request body cap, 413 beyond it (default 4 MiB)")
+    p.add_argument("--max-prompts", type=int, help="prompts in one completions request (default 256)")
+    p.add_argument("--max-request-tokens", type=int, help="prompt tokens in one request (default 131072)")
+    p.add_argument("--max-logprob-values", type=int, help="log-probabilities in one response: n x tokens x "
+                   "(top_logprobs + 1) (default 65536)")
+    p.add_argument("--forwarded-allow-ips", action="append", help="proxy IP or CIDR whose X-Forwarded-For names "
+                   "the client (repeatable; default: none, the header is ignored)")
+    p.add_argument("--allowed-hosts", action="append", help="Host header name accepted (repeatable; '*' = any; "
+                   "default: localhost, 127.0.0.1, ::1 when bound to loopback, else any)")
+    p.add_argument("--shared-prefix-cache", action="store_true", default=None, help="one prefix cache for all API "
+                   "keys (single tenant); by default each key's prompts are cached apart")
     p.set_defaults(func=serve)
 
     t = subparsers.add_parser("token", help="temporary API tokens")

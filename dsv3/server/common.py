@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 
 from fastapi import Request as HTTPRequest
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from ..engine import ContextLengthError, Delta, QueueFullError, Request, Result
 from ..sampling import SamplingParams
@@ -45,14 +47,21 @@ class Job:
 
 # ---------------------------------------------------------------------------------------------- request -> engine
 def sampling_params(state, body, max_new: int, index: int) -> SamplingParams:
+    """The engine's SamplingParams for choice `index`; bounds that depend on the model are checked here (the schema
+    checks the rest), so every refusal is a 400 naming its field."""
+    vocab = state.engine.vocab_size
     bias = {}
     for key, value in (body.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < state.engine.vocab_size:
-            raise bad_request(f"logit_bias: key {key!r} is not a token id in [0, {state.engine.vocab_size})",
-                              "logit_bias")
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab:
+            raise bad_request(f"logit_bias: key {key!r} is not a token id in [0, {vocab})", "logit_bias")
         if not -100 <= value <= 100:
             raise bad_request(f"logit_bias: value {value} for token {key} is outside [-100, 100]", "logit_bias")
         bias[int(key)] = value
+    if body.top_k is not None and body.top_k > vocab:
+        raise bad_request(f"top_k: must be -1 or 0 (off) or at most the vocabulary size {vocab}, got {body.top_k}",
+                          "top_k")
+    if any(not 0 <= t < vocab for t in body.stop_token_ids or ()):
+        raise bad_request(f"stop_token_ids: token ids must be in [0, {vocab})", "stop_token_ids")
     temperature = 1.0 if body.temperature is None else body.temperature
     try:
         return SamplingParams(
@@ -60,6 +69,7 @@ def sampling_params(state, body, max_new: int, index: int) -> SamplingParams:
             temperature=0.0 if temperature < 1e-5 else temperature,  # vLLM's epsilon: below it, greedy
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=max(0, body.top_k or 0),
+            min_p=body.min_p or 0.0,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=body.repetition_penalty or 1.0,
@@ -67,8 +77,20 @@ def sampling_params(state, body, max_new: int, index: int) -> SamplingParams:
             stop_token_ids=tuple(body.stop_token_ids or ()),
             seed=None if body.seed is None else (body.seed + index) % 2**63,
         )
-    except ValueError as error:
-        raise bad_request(str(error)) from None
+    except ValueError as error:  # SamplingParams names the field first; the API calls max_new_tokens max_tokens
+        field = str(error).split(" ", 1)[0]
+        raise bad_request(str(error), {"max_new_tokens": "max_tokens"}.get(field, field)) from None
+
+
+def check_logprob_values(state, count: int, param: str) -> None:
+    """Refuse a request whose logprobs would exceed max_logprob_values: count = the (top + 1) values its choices
+    ask for, summed over generated (and, with echo, prompt) tokens. A 155-byte request can otherwise ask for
+    n=16 x 2048 tokens x 21 values, megabytes of JSON built on the event loop."""
+    limit = state.settings.max_logprob_values
+    if count > limit:
+        raise bad_request(f"{param}: this request asks for {count} log-probabilities (n x tokens x (top_logprobs + "
+                          f"1)), more than this server's limit of {limit}; ask for fewer choices, tokens or "
+                          "alternatives", param)
 
 
 def stop_strings(body) -> tuple[str, ...]:
@@ -77,6 +99,18 @@ def stop_strings(body) -> tuple[str, ...]:
     if any(not s for s in stops):
         raise bad_request("stop: stop strings must be non-empty", "stop")
     return stops
+
+
+def check_text_fits(state, chars: int, param: str) -> None:
+    """Refuse, before tokenising, a text that cannot fit the context. A byte-level BPE tokenizer without a
+    normalizer (DeepSeek's) spends one token per at most `longest_token` bytes of text, and a character is at least
+    one byte, so more characters than max_seq_len x longest_token are more tokens than the context holds. This
+    matters because the tokenizers library's encode holds the GIL: a 4 MB prompt tokenised in a worker thread
+    still stalls the event loop (and /health) for seconds."""
+    limit = state.engine.max_seq_len
+    if chars > limit * state.longest_token:
+        raise bad_request(f"This model's maximum context length is {limit} tokens. However, your {param} has "
+                          f"{chars} characters, more than {limit} tokens can hold.", param, "context_length_exceeded")
 
 
 def max_new_tokens(state, body, prompt_len: int, requested: int | None, param: str) -> int:
@@ -197,6 +231,15 @@ def post_process(state, text: str) -> str:
 
 def token_text(state, token_id: int) -> str:
     return state.tokenizer.decode([token_id])
+
+
+async def json_response(build) -> Response:
+    """The JSON response `build()` returns, built and serialised in a worker thread: with logprobs it decodes
+    every token, which on the event loop would stall every stream and /health meanwhile."""
+    def render() -> bytes:  # as starlette's JSONResponse renders
+        return json.dumps(build(), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+    return Response(await run_in_threadpool(render), media_type="application/json")
 
 
 def sse(payload) -> str:

@@ -5,6 +5,9 @@ prompt-major (prompt p, choice j -> index p·n + j), which lm-eval relies on whe
 `logprobs` the response carries the log-probability of every prompt token (the first is null) followed by the
 generated ones, in the legacy shape {tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}:
 lm-eval sums the continuation's part of it. `max_tokens: 0` with `echo` scores the prompt without generating.
+
+A request holds at most `max_prompts` prompts of at most `max_request_tokens` tokens together (ServerSettings);
+they are tokenised, and the response built, in a worker thread.
 """
 
 from __future__ import annotations
@@ -13,18 +16,19 @@ import time
 import uuid
 
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
 from ..engine import Delta, Request, TokenLogprob
-from .common import (FINGERPRINT, Job, check_model, collect_results, engine_failure, max_new_tokens,
-                     observe_finish, post_process, sampling_params, stop_strings, submit,
-                     stream_choices, stream_chunk, token_text, usage_body)
+from .common import (FINGERPRINT, Job, check_logprob_values, check_model, check_text_fits, collect_results,
+                     engine_failure, json_response, max_new_tokens, observe_finish, post_process, sampling_params,
+                     stop_strings, stream_choices, stream_chunk, submit, token_text, usage_body)
 from .errors import bad_request
 from .schemas import CompletionRequest
 
 def _completion_prompts(state, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
-    """`prompt` in any of its four forms -> (token ids, text) per prompt."""
+    """`prompt` in any of its four forms -> (token ids, text) per prompt, within the request's limits."""
     prompt = body.prompt
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -32,9 +36,14 @@ def _completion_prompts(state, body: CompletionRequest) -> tuple[list[list[int]]
         raise bad_request("prompt is empty", "prompt")
     if all(isinstance(p, int) for p in prompt):
         prompt = [prompt]
+    limits = state.settings
+    if len(prompt) > limits.max_prompts:
+        raise bad_request(f"prompt: {len(prompt)} prompts in one request; this server takes at most "
+                          f"{limits.max_prompts}", "prompt")
     ids, texts = [], []
     for p in prompt:
         if isinstance(p, str):
+            check_text_fits(state, len(p), "prompt")
             try:
                 ids.append(state.tokenizer.encode(p))
             except Exception as error:
@@ -46,6 +55,10 @@ def _completion_prompts(state, body: CompletionRequest) -> tuple[list[list[int]]
                                   f"[0, {state.engine.vocab_size})", "prompt")
             ids.append(list(p))
             texts.append(state.tokenizer.decode(p))
+    total = sum(map(len, ids))
+    if total > limits.max_request_tokens:
+        raise bad_request(f"prompt: {total} prompt tokens in one request; this server takes at most "
+                          f"{limits.max_request_tokens}", "prompt")
     return ids, texts
 
 
@@ -63,25 +76,28 @@ def _legacy_logprobs(state, pairs: list[tuple[int, TokenLogprob | None]], offset
 
 
 # ---------------------------------------------------------------------------------------------- completions
-async def completions(state, request: HTTPRequest, body: CompletionRequest):
+async def completions(state, request: HTTPRequest, body: CompletionRequest, cache_salt: str | None):
     check_model(state, body.model)
     if body.suffix:
         raise bad_request("suffix (fill-in-the-middle) is not supported", "suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("best_of is not supported (it must equal n)", "best_of")
-    prompts, texts = _completion_prompts(state, body)
+    prompts, texts = await run_in_threadpool(_completion_prompts, state, body)
     requested = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
     score_only = requested == 0  # echo + max_tokens=0: score the prompt, generate nothing
     if score_only and not body.echo:
         raise bad_request("max_tokens must be at least 1 (0 is allowed only with echo)", "max_tokens")
-    k_lp, requests, prompt_of = body.logprobs, [], []
+    k_lp, requests, prompt_of, values = body.logprobs, [], [], 0
     for p, ids in enumerate(prompts):
         max_new = max_new_tokens(state, body, len(ids), max(1, requested), "prompt")
+        values += body.n * (max_new + (len(ids) if body.echo else 0)) * ((k_lp or 0) + 1)
         for j in range(body.n):
             requests.append(Request(ids, sampling_params(state, body, max_new, j), stop_strings(body), logprobs=k_lp,
                                     prompt_logprobs=k_lp if body.echo and k_lp is not None else None,
-                                    ignore_eos=body.ignore_eos))
+                                    ignore_eos=body.ignore_eos, cache_salt=cache_salt))
             prompt_of.append(p)
+    if k_lp is not None:
+        check_logprob_values(state, values, "logprobs")
     job = Job(submit(state, requests, "prompt"), prompt_of)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -89,27 +105,33 @@ async def completions(state, request: HTTPRequest, body: CompletionRequest):
                                  media_type="text/event-stream",
                                  background=BackgroundTask(job.cancel))
     results = await collect_results(request, job)
-    choices = []
     for k, r in enumerate(results):
         if r.finish_reason not in ("stop", "length"):
             raise engine_failure(Delta(finish_reason=r.finish_reason, error=r.error))
         observe_finish(state, job, k, Delta(finish_reason=r.finish_reason, usage=r.usage))
-        prompt_ids, prompt_text = prompts[prompt_of[k]], texts[prompt_of[k]]
-        gen_ids, gen_lp, text = r.token_ids, r.logprobs or [], post_process(state, r.text)
         if score_only:
-            gen_ids, gen_lp, text = [], [], ""
             r.usage.completion_tokens = 0
-        logprobs = None
-        if k_lp is not None:
-            pairs = list(zip(gen_ids, gen_lp))
-            if body.echo:
-                pairs = list(zip(prompt_ids, r.prompt_logprobs)) + pairs
-            logprobs = _legacy_logprobs(state, pairs)
-        choices.append({"index": k, "text": (prompt_text if body.echo else "") + text, "logprobs": logprobs,
-                        "finish_reason": r.finish_reason})
-    return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-                         "system_fingerprint": FINGERPRINT, "choices": choices,
-                         "usage": usage_body(job, [r.usage for r in results])})
+
+    def build():
+        choices = []
+        for k, r in enumerate(results):
+            prompt_ids, prompt_text = prompts[prompt_of[k]], texts[prompt_of[k]]
+            gen_ids, gen_lp, text = r.token_ids, r.logprobs or [], post_process(state, r.text)
+            if score_only:
+                gen_ids, gen_lp, text = [], [], ""
+            logprobs = None
+            if k_lp is not None:
+                pairs = list(zip(gen_ids, gen_lp))
+                if body.echo:
+                    pairs = list(zip(prompt_ids, r.prompt_logprobs)) + pairs
+                logprobs = _legacy_logprobs(state, pairs)
+            choices.append({"index": k, "text": (prompt_text if body.echo else "") + text, "logprobs": logprobs,
+                            "finish_reason": r.finish_reason})
+        return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+                "system_fingerprint": FINGERPRINT, "choices": choices,
+                "usage": usage_body(job, [r.usage for r in results])}
+
+    return await json_response(build)
 
 
 async def _completion_stream(state, body, job: Job, texts: list[str], rid: str, created: int):

@@ -8,10 +8,14 @@ param/code from the body; it retries 429 and 5xx, waiting Retry-After seconds wh
 
 from __future__ import annotations
 
+import json
+
 from fastapi.responses import JSONResponse
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_denied_error",
           404: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_overloaded"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "none"}
+_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 class APIError(Exception):
@@ -20,7 +24,7 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code = status, message, param, code or _CODES.get(status)
         self.type = type or _TYPES.get(status, "invalid_request_error")
         self.headers = headers or {}
 
@@ -28,18 +32,33 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class _ASCIIJSON(JSONResponse):
+    """JSON with non-ASCII escaped: an error may quote the client's text, lone surrogates included, which UTF-8
+    cannot encode (JSON's \\u escapes can)."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    return _ASCIIJSON(error.body(), status_code=error.status, headers=error.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
+def _names_a_field(part) -> bool:
+    """Validation locations name union members too ("str", "list[int]", "function-after[...]") beside field names
+    and list indices; `param` keeps only the latter."""
+    return part != "body" and not (isinstance(part, str) and ("[" in part or part in _TYPE_TAGS))
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """FastAPI's validation errors -> one readable message and the offending parameter (dotted path)."""
-    first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # a union's members each report a mismatch of type; a member's own complaint (too long, too big) says more
+    first = next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0] if errors else {})
+    loc = [str(p) for p in first.get("loc", ()) if _names_a_field(p)]
     param = ".".join(loc) or None
     text = first.get("msg", "invalid request")
     if first.get("type") == "json_invalid":

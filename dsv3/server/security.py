@@ -5,11 +5,16 @@
   does the same).
 - Temporary tokens: `dsv3t.<key id>.<expiry unix s>.<hex HMAC-SHA256(key, "<key id>.<expiry>")>`. The key id is a
   digest prefix of the key that signed it, so the server finds the key without the token carrying it; a token whose
-  expiry has passed, or whose signature does not verify, is rejected (401). `dsv3 token create --expires-in 3600`.
-- The allowlist is a list of CIDR networks (`ipaddress`); other clients get 403.
+  expiry has passed (401 saying so), or whose signature does not verify, or that is malformed, is rejected (401).
+  `dsv3 token create --expires-in 3600`.
+- The allowlist is a list of CIDR networks (`ipaddress`); other clients get 403. It sees the peer's address, or the
+  one a proxy named in `--forwarded-allow-ips` forwarded (uvicorn's ProxyHeadersMiddleware, app.py).
+- Host names (`--allowed-hosts`): a request whose Host header names another host is refused (400), so a web page
+  whose DNS name was rebound to 127.0.0.1 cannot reach a server bound to loopback.
 - Rate limit: a token bucket per caller (the key id, or the client address when keys are off): `rate` requests
   per second refill a bucket of `burst`; an empty bucket answers 429 with Retry-After.
-Keys never appear in logs or metrics: only key ids do.
+Keys never appear in logs or metrics: only key ids do; the access log shows no query-string values
+(`?api_key=...` is not how keys are sent, but clients try it).
 """
 
 from __future__ import annotations
@@ -17,11 +22,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import logging
 import math
+import re
 import threading
 import time
+from datetime import datetime, timezone
 
 TOKEN_PREFIX = "dsv3t"
+_EXPIRY = re.compile(r"[0-9]{1,15}")  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+class ExpiredTokenError(Exception):
+    """A token whose signature verifies but whose expiry has passed (the server answers 401 saying so)."""
+
+    def __init__(self, expiry: int) -> None:
+        when = datetime.fromtimestamp(expiry, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        super().__init__(f"The token expired at {when}; create a new one (dsv3 token create).")
 
 
 def key_id(key: str) -> str:
@@ -64,14 +82,17 @@ class KeyRing:
         return key_id(bearer) if match else None
 
     def _check_token(self, token: str, now: float) -> str | None:
+        """The key id of a valid token; None for a bad one; raises ExpiredTokenError for an expired one."""
         parts = token.split(".")
-        if len(parts) != 4 or not parts[2].isdigit():
+        if len(parts) != 4 or not _EXPIRY.fullmatch(parts[2]):
             return None
         _, kid, expiry, signature = parts
         key = self._keys.get(kid)
         if key is None or not hmac.compare_digest(_signature(key, kid, int(expiry)), signature):
             return None
-        return kid if int(expiry) > now else None
+        if int(expiry) <= now:
+            raise ExpiredTokenError(int(expiry))
+        return kid
 
 
 class Allowlist:
@@ -91,6 +112,48 @@ class Allowlist:
         except ValueError:
             return False
         return any(address in net for net in self.networks)
+
+
+class HostCheck:
+    """Host header names allowed (empty: any). Names are compared without the port, case-insensitively."""
+
+    def __init__(self, hosts: list[str]) -> None:
+        self.hosts = {h.lower().strip("[]") for h in hosts}
+
+    def allows(self, header: str | None) -> bool:
+        if not self.hosts or "*" in self.hosts:
+            return True
+        host = (header or "").lower()
+        name = host[1:host.find("]")] if host.startswith("[") else host.rpartition(":")[0] or host
+        return name in self.hosts
+
+
+def default_allowed_hosts(bind_host: str) -> list[str]:
+    """Loopback names when the server is bound to loopback (a browser's rebound DNS name is refused), else any."""
+    try:
+        loopback = bind_host == "localhost" or ipaddress.ip_address(bind_host).is_loopback
+    except ValueError:
+        loopback = False
+    return list(LOOPBACK_HOSTS) if loopback else []
+
+
+class RedactQuery(logging.Filter):
+    """Blanks query-string values in uvicorn's access log lines (record.args[2] is the path with its query)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
+            path, _, query = args[2].partition("?")
+            query = re.sub(r"=[^&]*", "=[redacted]", query)
+            record.args = args[:2] + (f"{path}?{query}",) + args[3:]
+        return True
+
+
+def redact_access_log() -> None:
+    """Install RedactQuery on uvicorn's access logger (once)."""
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactQuery) for f in logger.filters):
+        logger.addFilter(RedactQuery())
 
 
 class RateLimiter:
