@@ -118,21 +118,21 @@ def test_int8_cpu_kernel_matches_reference(dtype):
 @pytest.mark.parametrize("group_size, in_dim", [(32, 96), (64, 256), (128, 200), (256, 512)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_cpu_kernel_matches_reference(group_size, in_dim, dtype):
-    lin = linear(64, in_dim, dtype)
+    lin = linear(80, in_dim, dtype)  # 80 rows: one full 64-row block of the AVX512 layout and a partial one
     q = Int4Linear.from_linear(lin, group_size=group_size)  # in_dim 200 is padded to 256 for g128
-    plain = {k: v.clone() for k, v in q.state_dict().items()}
-    x = torch.randn(3, 4, in_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert q.layout == "cpu" and q.scales is None  # repacked when placed: no second copy of the weights
+    x = torch.randn(3, 7, in_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
     ref = q.forward_reference(x)
     q.impl = "kernel"
-    out = q(x)
-    assert q.layout == "cpu" and q.scales is None  # repacked in place: no second copy of the weights
-    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
-    # the state dict (and so every checkpoint) still sees the portable layout, exactly
-    assert all(torch.equal(plain[k], v) for k, v in q.state_dict().items()) and q.nbytes() == Int4Linear.from_linear(
-        lin, group_size=group_size).nbytes()
-    assert torch.equal(q.dequantize(torch.float32), Int4Linear.from_linear(lin, group_size=group_size)
-                       .dequantize(torch.float32))
-    assert q.layout == "plain"
+    assert rel(q(x), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    q.impl = "auto"  # 21 rows > DENSE_ABOVE_ROWS: dequantised once from the CPU layout, one dense matmul
+    assert q.dense_above_rows < 21 and torch.equal(q(x), q.forward_dense(x))
+    assert rel(q(x), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # the state dict (and so every checkpoint) sees the portable layout, exactly, and dequantize leaves the layout
+    fresh = Int4Linear.from_linear(lin, group_size=group_size)
+    fresh._unpack_kernel()
+    assert all(torch.equal(getattr(fresh, k), v) for k, v in q.state_dict().items()) and q.nbytes() == fresh.nbytes()
+    assert torch.equal(q.dequantize(torch.float32), fresh.dequantize(torch.float32)) and q.layout == "cpu"
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA int4/int8 kernels need a GPU (not available here)")

@@ -9,6 +9,8 @@ float dtype (bf16 or fp32). Bytes: 1 per weight + 2-4 per row, so ≈ 0.5 of bf1
 Kernel: on CPU `aten._weight_int8pack_mm(x, q, scale)` (int8 weights read directly, scale applied per output);
 on CUDA the scale is applied after an int8→activation-dtype cast matmul, `(x @ qᵀ) · scale`, the form
 torch.compile fuses into one kernel (gpt-fast's int8 path).
+Many rows (`forward_dense`): the same `(x @ qᵀ) · scale` — the cast of q is exact (|q| <= 127 fits bf16's 8 bits),
+so the dense matmul reads one converted copy of the weight and the scale is one multiply of the output.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Int8Linear(QuantizedLinear):
     scheme = "int8"
+    # CPU crossover, bf16, one thread (bench/quant.py --crossover): the kernel costs ~6 us per row on a 768x256
+    # matrix against ~40 us + 0.3 us per row for cast + dense matmul; at 8 rows they are level.
+    DENSE_ABOVE_ROWS = {"cpu": 8}
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16,
                  bias: torch.Tensor | None = None, device: torch.device | str | None = None) -> None:
@@ -44,15 +49,26 @@ class Int8Linear(QuantizedLinear):
         layer = cls(linear.in_features, linear.out_features, w.dtype, linear.bias, w.device)
         layer.weight, scale = quantize_int8(w)
         layer.weight_scale = scale.to(w.dtype)
+        layer._place()
         return layer
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale.float()[:, None]).to(dtype)
 
-    def kernel_available(self, x: torch.Tensor) -> bool:
-        return x.device.type in ("cpu", "cuda") and x.is_floating_point()
+    def kernel_supported(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type in ("cpu", "cuda") and dtype.is_floating_point
+
+    def _prepare_kernel(self) -> None:
+        self.scale = self.weight_scale.to(self.dtype)  # [out] in the compute dtype (the same tensor when it is)
 
     def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
-        if x2d.device.type == "cpu":
-            return torch._weight_int8pack_mm(x2d, self.weight, self.weight_scale.to(x2d.dtype))
-        return F.linear(x2d, self.weight.to(x2d.dtype)) * self.weight_scale.to(x2d.dtype)
+        if x2d.is_cpu:
+            return torch._weight_int8pack_mm(x2d, self.weight, self.scale)
+        return self._cast_matmul(x2d)
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._cast_matmul(x)
+        return y if self.bias is None else y + self.bias
+
+    def _cast_matmul(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> (x @ qᵀ) · scale [..., out]
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale
