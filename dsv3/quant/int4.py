@@ -99,9 +99,10 @@ class Int4Linear(QuantizedLinear):
         self.layout = "plain"  # or the device type ("cpu", "cuda") whose kernel layout qweight holds
         self.cpu_block = None  # rows per block of the CPU layout, once its inverse is checked (CPU_BLOCKS)
 
-    # CPU crossover, bf16, one thread (bench/quant.py --crossover): the kernel costs ~5 us per row on a 768x256
-    # matrix; unpacking + dequantising it once costs about as much as 16 rows of it.
-    DENSE_ABOVE_ROWS = {"cpu": 16}
+    # CPU, bf16, one thread (2-core Xeon, torch 2.13): the kernel costs ~5 us per row on a 768x256 matrix and
+    # ~0.5 us per row on the bundled model's 64x256 experts; unpacking + dequantising + a dense matmul costs
+    # ~600 us and ~80 us: level at ~120 and ~150 rows. Whole-model 256-token prefill: 1.55x bf16 at 128 (16: 2.0x).
+    DENSE_ABOVE_ROWS = {"cpu": 128}
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, group_size: int = 128, **_) -> "Int4Linear":
