@@ -23,7 +23,8 @@ module (`.to`) see the portable layout again.
   partial block pairs rows 2j (low) and 2j + 1 (high). `unpack_cpu_layout` inverts that with a few tensor ops; the
   repack checks the round trip exactly and otherwise leaves the layer without its dense path.
 - CUDA layout: unpacked by running the kernel on rows of the identity with scale 1, zero 8 (exact: q <= 15).
-Many rows on a CPU (`forward_dense`, above DENSE_ABOVE_ROWS): unpack + dequantise once, one dense matmul.
+Many rows on a CPU (above DENSE_ABOVE_ROWS): unpack + dequantise once (`dequantize`, straight from the CPU layout),
+one dense matmul.
 """
 
 from __future__ import annotations
@@ -61,22 +62,32 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(1)
 
 
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(q - 8) · scale + zero as q · scale + (zero - 8 · scale), in place on q (float32; scale and zero broadcast
+    over the group): the same float32 operations in every layout, so every layout dequantises to the same bits."""
+    return q.mul_(scale).add_(zero - 8 * scale)
+
+
 CPU_BLOCKS = (64, 32)  # output rows per block of the CPU kernel layout: AVX512, AVX2 builds
 
 
 def unpack_cpu_layout(packed: torch.Tensor, out_features: int, in_features: int, block: int) -> torch.Tensor:
-    """`_convert_weight_to_int4pack_for_cpu`'s bytes -> q uint8 [out, in] (see the module docstring).
+    """`_convert_weight_to_int4pack_for_cpu`'s bytes -> qᵀ uint8 [in, out] (see the module docstring), the
+    orientation the layout unpacks to without a transpose: rows of `block` values are moved whole.
 
     Full blocks: [out // block, in, block/2] bytes, row j low nibble, row j + block/2 high; the tail block
     (out % block rows): [in, tail/2] bytes, row 2j low, 2j + 1 high.
     """
     flat, full = packed.reshape(-1), out_features // block * block
-    head = flat[:full * in_features // 2].view(-1, in_features, block // 2)
-    q = torch.cat((head & 0xF, head >> 4), dim=-1).transpose(1, 2).reshape(full, in_features)
-    if full == out_features:
-        return q
-    tail = flat[full * in_features // 2:].view(in_features, -1)
-    return torch.cat((q, torch.stack((tail & 0xF, tail >> 4), dim=-1).flatten(1).t()))
+    head = flat[:full * in_features // 2].view(-1, in_features, block // 2)  # [NB, in, block/2]
+    q_t = torch.empty(in_features, out_features, dtype=torch.uint8, device=packed.device)
+    blocks = q_t[:, :full].view(in_features, -1, block).transpose(0, 1)  # [NB, in, block]
+    blocks[..., :block // 2] = head & 0xF
+    blocks[..., block // 2:] = head >> 4
+    if full < out_features:
+        tail = flat[full * in_features // 2:].view(in_features, -1)
+        q_t[:, full:] = torch.stack((tail & 0xF, tail >> 4), dim=-1).flatten(1)
+    return q_t
 
 
 class Int4Linear(QuantizedLinear):
@@ -100,8 +111,8 @@ class Int4Linear(QuantizedLinear):
         self.cpu_block = None  # rows per block of the CPU layout, once its inverse is checked (CPU_BLOCKS)
 
     # CPU, bf16, one thread (2-core Xeon, torch 2.13): the kernel costs ~5 us per row on a 768x256 matrix and
-    # ~0.5 us per row on the bundled model's 64x256 experts; unpacking + dequantising + a dense matmul costs
-    # ~600 us and ~80 us: level at ~120 and ~150 rows. Whole-model 256-token prefill: 1.55x bf16 at 128 (16: 2.0x).
+    # ~0.45 us per row on the bundled model's 64x256 experts; unpacking + dequantising once + a dense matmul costs
+    # ~430 us and ~80 us: level at ~90 and ~170 rows. Whole-model 256-token prefill was fastest switching at 128.
     DENSE_ABOVE_ROWS = {"cpu": 128}
 
     @classmethod
@@ -122,10 +133,16 @@ class Int4Linear(QuantizedLinear):
             self._unpack_kernel()
             if self.impl == "auto":
                 self.impl = "reference"
+        if self.cpu_block is not None:  # dequantised in the transposed orientation the layout unpacks to
+            sz = self.scale_and_zero.float()  # [groups, out, 2]
+            q_t = unpack_cpu_layout(self.qweight, self.out_features, self.padded_in, self.cpu_block).float()
+            w_t = dequantize_groups(q_t.view(-1, self.group_size, self.out_features), sz[:, None, :, 0],
+                                    sz[:, None, :, 1])
+            return w_t.view(self.padded_in, -1)[:self.in_features].to(dtype).t()
         q, scales, zeros = self._plain_tensors()
-        q = q.view(self.out_features, -1, self.group_size).float()
-        w = torch.addcmul(zeros.float()[..., None], q.sub_(8), scales.float()[..., None])
-        return w.reshape(self.out_features, -1)[:, :self.in_features].to(dtype)
+        w = dequantize_groups(q.reshape(self.out_features, -1, self.group_size).float(), scales.float()[..., None],
+                              zeros.float()[..., None])
+        return w.view(self.out_features, -1)[:, :self.in_features].to(dtype)
 
     # ----------------------------------------------------------------- kernel
     def kernel_supported(self, device: torch.device, dtype: torch.dtype) -> bool:
@@ -147,9 +164,6 @@ class Int4Linear(QuantizedLinear):
             x2d = F.pad(x2d, (0, self.padded_in - self.in_features))
         return self._mm(x2d.contiguous(), self.scale_and_zero)
 
-    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(x.dtype), self.bias)
-
     def _mm(self, x2d: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
         if self.layout == "cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.qweight, self.group_size, sz)
@@ -166,7 +180,7 @@ class Int4Linear(QuantizedLinear):
             q = unpack_nibbles(self.qweight)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             self.cpu_block = next((b for b in CPU_BLOCKS if torch.equal(
-                unpack_cpu_layout(packed, self.out_features, self.padded_in, b), q)), None)
+                unpack_cpu_layout(packed, self.out_features, self.padded_in, b).t(), q)), None)
         else:  # the CUDA converter takes uint8 [out, in/2] with column 2j in the HIGH nibble (torchao's convention)
             swapped = (self.qweight << 4) | (self.qweight >> 4)
             packed = torch.ops.aten._convert_weight_to_int4pack(swapped, self._inner_k_tiles())
@@ -182,7 +196,7 @@ class Int4Linear(QuantizedLinear):
         sz = self.scale_and_zero
         scales, zeros = sz[..., 0].t().to(torch.bfloat16), sz[..., 1].t().to(torch.bfloat16)
         if self.cpu_block is not None:
-            return unpack_cpu_layout(self.qweight, self.out_features, self.padded_in, self.cpu_block), scales, zeros
+            return unpack_cpu_layout(self.qweight, self.out_features, self.padded_in, self.cpu_block).t(), scales, zeros
         # rows of the identity through the kernel with scale 1 and zero 8 give q itself (exact: q <= 15)
         unit = torch.stack((torch.ones_like(sz[..., 0]), torch.full_like(sz[..., 0], 8)), dim=-1)
         cols = []
