@@ -40,11 +40,12 @@ def test_fp8_kernel_at_every_row_count(out_dim, in_dim):
 @pytest.mark.parametrize("out_dim, in_dim", SHAPES)
 def test_int_kernels_match_reference(cls, kwargs, out_dim, in_dim):
     lin = linear(out_dim, in_dim, torch.bfloat16)
+    w = cls.from_linear(lin, **kwargs).dequantize(torch.float32).cuda()  # the reference weight, from a CPU copy
     q = cls.from_linear(lin, **kwargs).cuda()
     assert q.kernel_ready
     x = torch.randn(256, in_dim, dtype=torch.bfloat16, device="cuda")
     for m in (1, 2, 3, 8, 16, 64, 256):
-        ref = q.forward_reference(x[:m])
-        assert rel(q(x[:m]), ref) < 1e-2, f"M = {m}"
+        assert rel(q(x[:m]), x[:m].float() @ w.t()) < 1e-2, f"M = {m}"
+    assert q.impl == "auto" and getattr(q, "layout", "cuda") == "cuda"  # the kernel ran: nothing fell back
     back = q.cpu()  # the portable layout again, exactly
-    assert torch.equal(back.dequantize(torch.float32), cls.from_linear(lin, **kwargs).dequantize(torch.float32))
+    assert torch.equal(back.dequantize(torch.float32), w.cpu())
