@@ -34,12 +34,12 @@ class QuantizationError(ValueError):
 
 
 class QuantizedLinear(nn.Module):
-    """Base class. Subclasses register their packed buffers and implement `dequantize`, `kernel_available`,
+    """Base class. Subclasses register their packed buffers and implement `dequantize`, `kernel_supported`,
     `forward_kernel`; `scheme` names the format ("int8", "int4", "fp8")."""
 
     scheme = ""
     # Device type -> rows above which "auto" runs `forward_dense` rather than the kernel (absent: never).
-    # Subclasses set their measured crossovers (bench/quant.py --crossover prints them).
+    # Subclasses set their measured crossovers (bench/quant.py prints kernel against dense path by rows).
     DENSE_ABOVE_ROWS: dict[str, int] = {}
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, bias: torch.Tensor | None) -> None:

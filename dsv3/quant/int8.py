@@ -70,7 +70,7 @@ class Int8Linear(QuantizedLinear):
             probe = torch.zeros(1, self.in_features, dtype=self.dtype, device=self.weight.device)
             try:
                 self.int8pack = torch._weight_int8pack_mm(probe, self.weight, self.scale).shape[1] == self.out_features
-            except (RuntimeError, NotImplementedError):
+            except (RuntimeError, NotImplementedError, TypeError):
                 self.int8pack = False
 
     def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
