@@ -94,7 +94,7 @@ class QuantizedLinear(nn.Module):
                                     f"kernel for {x.dtype} input on {x.device.type} (layer dtype {self.dtype}); "
                                     "use impl='reference' or 'auto'")
         y = self.forward_kernel(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _place(self) -> None:
         """Decide, for the device the tensors are on now, whether the kernel runs and above how many rows the

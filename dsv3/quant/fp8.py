@@ -74,6 +74,7 @@ class FP8Linear(QuantizedLinear):
                                                    device=device))
         self.register_buffer("weight_scale_inv", torch.ones(-(-out_features // FP8_BLOCK),
                                                             -(-in_features // FP8_BLOCK), device=device))
+        self.scale_b = None  # the kernel's [K/128 padded to 4, out/128] column-major weight scales (_prepare_kernel)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, **_) -> "FP8Linear":

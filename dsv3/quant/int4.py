@@ -165,7 +165,9 @@ class Int4Linear(QuantizedLinear):
         return self._mm(x2d.contiguous(), self.scale_and_zero)
 
     def _mm(self, x2d: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-        return self.int4pack_mm(x2d, self.qweight, self.group_size, sz)
+        if self.layout == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu.default(x2d, self.qweight, self.group_size, sz)
+        return torch.ops.aten._weight_int4pack_mm.default(x2d, self.qweight, self.group_size, sz)
 
     def _inner_k_tiles(self) -> int:
         return next(t for t in (8, 4, 2) if self.padded_in % (16 * t) == 0)
@@ -182,9 +184,6 @@ class Int4Linear(QuantizedLinear):
         else:  # the CUDA converter takes uint8 [out, in/2] with column 2j in the HIGH nibble (torchao's convention)
             swapped = (self.qweight << 4) | (self.qweight >> 4)
             packed = torch.ops.aten._convert_weight_to_int4pack(swapped, self._inner_k_tiles())
-        # the op itself (an OpOverload: no overload resolution per call)
-        self.int4pack_mm = (torch.ops.aten._weight_int4pack_mm_for_cpu if device_type == "cpu"
-                            else torch.ops.aten._weight_int4pack_mm).default
         sz = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous()
         self.scale_and_zero = sz.to(self.dtype)  # [groups, out, 2] in the activations' dtype: bf16 values, exact
         self.qweight, self.scales, self.zeros, self.layout = packed, None, None, device_type

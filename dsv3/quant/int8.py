@@ -80,7 +80,7 @@ class Int8Linear(QuantizedLinear):
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         y = self._cast_matmul(x)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _cast_matmul(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> (x @ qᵀ) · scale [..., out]
         return F.linear(x, self.weight.to(x.dtype)) * self.scale
