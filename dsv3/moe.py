@@ -204,6 +204,14 @@ class MoE(nn.Module):
     def routed_loop(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sort the N·K (token, expert) pairs by expert, one module call per used expert (gradients flow to the
         expert modules; `.tolist()` of the counts is a host sync, which is why decoding avoids this path)."""
+        if torch.compiler.is_compiling():
+            # inside a compiled graph (quantized or LoRA experts: no stacks) `.tolist()` would split the graph and
+            # recompile per expert pattern: every expert runs on every row instead, weighted 0 where not chosen —
+            # E/K times the expert work, until such experts have a gathered path of their own
+            out = torch.zeros_like(x)
+            for e, expert in enumerate(self.experts):
+                out = out + expert(x) * (weights * (indices == e)).sum(-1, keepdim=True).to(x.dtype)
+            return out
         order = indices.flatten().argsort()  # pairs sorted by expert
         counts = torch.bincount(indices.flatten(), minlength=self.n_experts).tolist()
         token = order // self.top_k  # which token each sorted pair belongs to

@@ -6,12 +6,20 @@ Two forwards compute the same function:
 - `forward_reference`: dequantise the whole weight to the activation dtype, then `F.linear` — the definition.
 - `forward_kernel`: a fused low-bit matmul where this device has one (subclasses say which); tests check that it
   agrees with the reference.
-`impl` picks one: "auto" (kernel when `kernel_available(x)` and x needs no gradient, else reference), "reference"
-or "kernel". Gradients flow to the input through the reference path (frozen quantized base + adapters, QLoRA-style).
+`impl` picks one: "auto", "reference" or "kernel". "auto" takes the kernel when the layer's device has one for its
+compute dtype, x is in that dtype, needs no gradient and has at most `dense_above_rows` rows; with more rows it
+dequantises the weight once and runs one dense matmul (`forward_dense`): a fused low-bit kernel made for decode
+costs about a matvec per row on a CPU, so a 256-token prefill through it is tens of times slower than dense.
+Gradients flow to the input through the reference path (frozen quantized base + adapters, QLoRA-style).
+
+Where the kernel runs is decided once, when the layer is placed (`from_linear`, `.to(...)`, `load_state_dict`):
+`_place()` asks `kernel_supported(device, dtype)` and lets the subclass lay out its tensors for that kernel
+(`_prepare_kernel`), so the forward does no capability queries, layout conversions or scale casts per call.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
 import torch
@@ -26,10 +34,13 @@ class QuantizationError(ValueError):
 
 
 class QuantizedLinear(nn.Module):
-    """Base class. Subclasses register their packed buffers and implement `dequantize`, `kernel_available`,
+    """Base class. Subclasses register their packed buffers and implement `dequantize`, `kernel_supported`,
     `forward_kernel`; `scheme` names the format ("int8", "int4", "fp8")."""
 
     scheme = ""
+    # Device type -> rows above which "auto" runs `forward_dense` rather than the kernel (absent: never).
+    # Subclasses set their measured crossovers (bench/quant.py prints kernel against dense path by rows).
+    DENSE_ABOVE_ROWS: dict[str, int] = {}
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -37,18 +48,28 @@ class QuantizedLinear(nn.Module):
         self.dtype = dtype  # the float dtype the layer computes in (the weight dtype it replaced)
         self.impl: Impl = "auto"
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.kernel_ready = False  # set by _place(): the fused kernel runs here for `dtype` inputs
+        self.dense_above_rows = sys.maxsize  # set by _place() from DENSE_ABOVE_ROWS for the layer's device
 
     # ----------------------------------------------------------------- subclass interface
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The dense weight [out, in] in `dtype` (computed in float32, then cast)."""
         raise NotImplementedError
 
-    def kernel_available(self, x: torch.Tensor) -> bool:
+    def kernel_supported(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether `forward_kernel` runs for `dtype` inputs on `device` (asked once per placement)."""
         raise NotImplementedError
 
+    def _prepare_kernel(self) -> None:
+        """Lay the tensors out for the kernel on their (new) device; called by _place() when kernel_ready."""
+
     def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
-        """x2d: [N, in] -> [N, out] without the bias."""
+        """x2d: [N, in] in the layer's dtype -> [N, out] without the bias."""
         raise NotImplementedError
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Many rows: dequantise once, one dense matmul (subclasses may fold scales in more cheaply)."""
+        return self.forward_reference(x)
 
     # ----------------------------------------------------------------- shared
     def effective_weight(self) -> torch.Tensor:
@@ -62,15 +83,31 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         impl = self.impl
         if impl == "auto":  # the fused ops have no backward: inputs that need a gradient take the reference path
-            wants_grad = x.requires_grad and torch.is_grad_enabled()
-            impl = "kernel" if self.kernel_available(x) and not wants_grad else "reference"
-        if impl == "reference":
+            if not self.kernel_ready or x.dtype != self.dtype or (x.requires_grad and torch.is_grad_enabled()):
+                return self.forward_reference(x)
+            if x.numel() > self.dense_above_rows * self.in_features:
+                return self.forward_dense(x)
+        elif impl == "reference":
             return self.forward_reference(x)
-        if not self.kernel_available(x):
+        elif not (self.kernel_ready and x.dtype == self.dtype):
             raise QuantizationError(f"{type(self).__name__}[{self.out_features}x{self.in_features}]: no fused "
-                                    f"kernel for {x.dtype} input on {x.device.type}; use impl='reference' or 'auto'")
+                                    f"kernel for {x.dtype} input on {x.device.type} (layer dtype {self.dtype}); "
+                                    "use impl='reference' or 'auto'")
         y = self.forward_kernel(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _place(self) -> None:
+        """Decide, for the device the tensors are on now, whether the kernel runs and above how many rows the
+        dense path takes over; lay the tensors out for the kernel. Called after every placement."""
+        device = next(iter(self.buffers())).device
+        self.kernel_ready = device.type != "meta" and self.kernel_supported(device, self.dtype)
+        self.dense_above_rows = self.DENSE_ABOVE_ROWS.get(device.type, sys.maxsize)
+        if self.kernel_ready:
+            self._prepare_kernel()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._place()
 
     def _apply(self, fn, recurse=True):
         """`.to(device)` moves the packed tensors; a dtype change (`model.to(torch.bfloat16)`) reaches only the compute
@@ -81,6 +118,7 @@ class QuantizedLinear(nn.Module):
             if self._buffers[name].dtype != dtype:
                 self._buffers[name] = self._buffers[name].to(dtype)
         self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        self._place()
         return self
 
     def nbytes(self) -> int:

@@ -10,6 +10,15 @@ token per 128 channels, DeepSeek's `act_quant`) and `torch.nn.functional.scaled_
 BlockWise1x128 × BlockWise128x128 scaling (cuBLAS ≥ 12.9), accumulating in fp32 as DeepSeek's `fp8_gemm` does.
 It differs from the reference by the activation rounding (~3% relative per element, e4m3 has 3 mantissa bits).
 Elsewhere the reference path dequantises (DeepSeek's default `gemm_impl = "bf16"`).
+
+Rows (M) the cuBLAS blockwise kernel accepts, measured on an H200 (torch 2.11, four weight shapes):
+    M = 1       "scale_a must have strides (1, 1); got [1, 16]"   (a 1-row scale_a is not column-major)
+    M = 2, 6    CUBLAS_STATUS_NOT_SUPPORTED (no algorithm from cublasLtMatmulAlgoGetHeuristic)
+    M = 16, 32, 128   run
+so `forward_kernel` pads the rows with zeros to a multiple of FP8_ROW_MULTIPLE (`padded_rows`) and slices the
+result: decode (M = 1) reads the fp8 weight once, as the unpadded GEMM would, and the 15 zero rows cost tensor-core
+time the memory-bound matvec does not miss. `quantize_activations` builds xq [M_pad, K] and scale_a [M_pad, K/128]
+column-major (strides (1, M_pad)), the layout cuBLAS asks for at every M_pad.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from ..checkpoint import FP8_BLOCK, dequantize_fp8
 from .base import QuantizedLinear
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+FP8_ROW_MULTIPLE = 16  # activation rows per cuBLAS blockwise fp8 GEMM: a multiple of this (table above)
 
 
 def quantize_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,6 +44,26 @@ def quantize_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor,
     return q.to(torch.float8_e4m3fn), scale
 
 
+def padded_rows(m: int) -> int:
+    """Rows of the GEMM for m activation rows: the next multiple of FP8_ROW_MULTIPLE."""
+    return -(-m // FP8_ROW_MULTIPLE) * FP8_ROW_MULTIPLE
+
+
+def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's `act_quant` on zero-padded rows: x2d [M, K] (K % 128 == 0) -> (xq float8_e4m3fn [M_pad, K],
+    scale_a float32 [M_pad, K/128] with strides (1, M_pad)), x ≈ xq · scale_a per 1x128 tile; M_pad = padded_rows(M).
+    Zero rows get the floor scale 1e-4/448 and quantize to zeros."""
+    m, k = x2d.shape
+    m_pad, k_blocks = padded_rows(m), k // FP8_BLOCK
+    tiles = x2d.new_zeros(m_pad, k, dtype=torch.float32)  # the float32 copy of x, with the padding rows
+    tiles[:m] = x2d
+    tiles = tiles.view(m_pad, k_blocks, FP8_BLOCK)
+    s = tiles.abs().amax(dim=-1).clamp(min=1e-4) / FP8_MAX  # [M_pad, K/128], per token per 128 channels
+    xq = (tiles / s[..., None]).to(torch.float8_e4m3fn).view(m_pad, k)
+    scale_a = torch.empty_strided((m_pad, k_blocks), (1, m_pad), dtype=torch.float32, device=x2d.device)
+    return xq, scale_a.copy_(s)
+
+
 class FP8Linear(QuantizedLinear):
     scheme = "fp8"
 
@@ -44,30 +74,32 @@ class FP8Linear(QuantizedLinear):
                                                    device=device))
         self.register_buffer("weight_scale_inv", torch.ones(-(-out_features // FP8_BLOCK),
                                                             -(-in_features // FP8_BLOCK), device=device))
+        self.scale_b = None  # the kernel's [K/128 padded to 4, out/128] column-major weight scales (_prepare_kernel)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, **_) -> "FP8Linear":
         w = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, w.dtype, linear.bias, w.device)
         layer.weight, layer.weight_scale_inv = quantize_fp8(w)
+        layer._place()
         return layer
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_fp8(self.weight, self.weight_scale_inv, dtype)
 
-    def kernel_available(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cuda" and x.dtype == torch.bfloat16 and hasattr(F, "scaled_mm")
-                and torch.cuda.get_device_capability(x.device) == (9, 0)
+    def kernel_supported(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return (device.type == "cuda" and dtype == torch.bfloat16 and hasattr(F, "scaled_mm")
+                and torch.cuda.get_device_capability(device) == (9, 0)
                 and self.in_features % FP8_BLOCK == 0 and self.out_features % FP8_BLOCK == 0)
 
-    def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
-        m, k = x2d.shape
-        tiles = x2d.float().view(m, k // FP8_BLOCK, FP8_BLOCK)
-        s = tiles.abs().amax(dim=-1).clamp(min=1e-4) / FP8_MAX  # [M, K/128], per token per 128 channels
-        xq = (tiles / s[..., None]).to(torch.float8_e4m3fn).view(m, k)
-        k_blocks = k // FP8_BLOCK
+    def _prepare_kernel(self) -> None:
+        k_blocks = self.in_features // FP8_BLOCK
         padded = -(-k_blocks // 4) * 4  # cuBLAS wants the 128x128 scale rows padded to a multiple of 4
-        scale_b = F.pad(self.weight_scale_inv, (0, padded - k_blocks)).t()  # [padded, out/128], column-major
-        scale_a = s.t().contiguous().t()  # [M, K/128], column-major
-        return F.scaled_mm(xq, self.weight.t(), scale_a, F.ScalingType.BlockWise1x128, scale_b,
-                           F.ScalingType.BlockWise128x128, output_dtype=x2d.dtype)
+        # [padded, out/128], column-major; a plain attribute, rebuilt at every placement
+        self.scale_b = F.pad(self.weight_scale_inv, (0, padded - k_blocks)).t()
+
+    def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
+        xq, scale_a = quantize_activations(x2d)
+        y = F.scaled_mm(xq, self.weight.t(), scale_a, F.ScalingType.BlockWise1x128, self.scale_b,
+                        F.ScalingType.BlockWise128x128, output_dtype=x2d.dtype)  # [M_pad, out]
+        return y[:x2d.shape[0]]

@@ -14,14 +14,22 @@ An input width that is not a multiple of group_size is zero-padded when asked (`
 hold zeros and are dropped by the reference path (the kernel pads x instead).
 
 Kernel: `aten._weight_int4pack_mm_for_cpu` (CPU) and `aten._weight_int4pack_mm` (CUDA, sm80+, bf16 only) read the
-weights from their own tiled layouts (`_convert_weight_to_int4pack[_for_cpu]`; the CPU one depends on the CPU's
-vector ISA). The first kernel forward repacks `qweight` in place into that layout and stacks scale/zero into the
-[in_padded/group_size, out, 2] tensor the kernels take, so memory stays 4.25 bits/weight; `state_dict()` and moving
-the module (`.to`) unpack it back to the portable layout first (exactly: the kernel applied to an identity matrix
-with scale 1, zero 8 returns q itself).
+weights from their own tiled layouts (`_convert_weight_to_int4pack[_for_cpu]`). When the layer is placed on such
+a device, `qweight` is repacked in place into that layout and scale/zero are stacked into the [in_padded/G, out, 2]
+tensor the kernels take, in the compute dtype, so memory stays 4.25 bits/weight; `state_dict()` and moving the
+module (`.to`) see the portable layout again.
+- CPU layout (aten/src/ATen/native/cpu/int4mm_kernel.cpp): blocks of B output rows (64 with AVX512, 32 with AVX2),
+  each stored as [in, B/2] bytes, row j in the low nibble of byte j and row j + B/2 in the high one; a last,
+  partial block pairs rows 2j (low) and 2j + 1 (high). `unpack_cpu_layout` inverts that with a few tensor ops; the
+  repack checks the round trip exactly and otherwise leaves the layer without its dense path.
+- CUDA layout: unpacked by running the kernel on rows of the identity with scale 1, zero 8 (exact: q <= 15).
+Many rows on a CPU (above DENSE_ABOVE_ROWS): unpack + dequantise once (`dequantize`, straight from the CPU layout),
+one dense matmul.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +62,34 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(1)
 
 
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(q - 8) · scale + zero as q · scale + (zero - 8 · scale), in place on q (float32; scale and zero broadcast
+    over the group): the same float32 operations in every layout, so every layout dequantises to the same bits."""
+    return q.mul_(scale).add_(zero - 8 * scale)
+
+
+CPU_BLOCKS = (64, 32)  # output rows per block of the CPU kernel layout: AVX512, AVX2 builds
+
+
+def unpack_cpu_layout(packed: torch.Tensor, out_features: int, in_features: int, block: int) -> torch.Tensor:
+    """`_convert_weight_to_int4pack_for_cpu`'s bytes -> qᵀ uint8 [in, out] (see the module docstring), the
+    orientation the layout unpacks to without a transpose: rows of `block` values are moved whole.
+
+    Full blocks: [out // block, in, block/2] bytes, row j low nibble, row j + block/2 high; the tail block
+    (out % block rows): [in, tail/2] bytes, row 2j low, 2j + 1 high.
+    """
+    flat, full = packed.reshape(-1), out_features // block * block
+    head = flat[:full * in_features // 2].view(-1, in_features, block // 2)  # [NB, in, block/2]
+    q_t = torch.empty(in_features, out_features, dtype=torch.uint8, device=packed.device)
+    blocks = q_t[:, :full].view(in_features, -1, block).transpose(0, 1)  # [NB, in, block]
+    blocks[..., :block // 2] = head & 0xF
+    blocks[..., block // 2:] = head >> 4
+    if full < out_features:
+        tail = flat[full * in_features // 2:].view(in_features, -1)
+        q_t[:, full:] = torch.stack((tail & 0xF, tail >> 4), dim=-1).flatten(1)
+    return q_t
+
+
 class Int4Linear(QuantizedLinear):
     scheme = "int4"
 
@@ -72,6 +108,12 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.bfloat16, device=device))
         self.register_buffer("scale_and_zero", None, persistent=False)  # [groups, out, 2] while packed
         self.layout = "plain"  # or the device type ("cpu", "cuda") whose kernel layout qweight holds
+        self.cpu_block = None  # rows per block of the CPU layout, once its inverse is checked (CPU_BLOCKS)
+
+    # CPU, bf16, one thread (2-core Xeon, torch 2.13): the kernel costs ~5 us per row on a 768x256 matrix and
+    # ~0.45 us per row on the bundled model's 64x256 experts; unpacking + dequantising once + a dense matmul costs
+    # ~430 us and ~80 us: level at ~90 and ~170 rows. Whole-model 256-token prefill was fastest switching at 128.
+    DENSE_ABOVE_ROWS = {"cpu": 128}
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, group_size: int = 128, **_) -> "Int4Linear":
@@ -80,40 +122,52 @@ class Int4Linear(QuantizedLinear):
         w = F.pad(w.float(), (0, layer.padded_in - layer.in_features))
         q, layer.scales, layer.zeros = quantize_int4(w, group_size)
         layer.qweight = pack_nibbles(q)
+        layer._place()
         return layer
 
     # ----------------------------------------------------------------- reference
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.layout != "plain":  # a layer whose dense weight is wanted (absorbed kv_b_proj) stays portable
+        if self.layout == "cuda" and not torch.compiler.is_compiling():
+            # eager: a layer whose dense weight is wanted (absorbed kv_b_proj) goes back to the portable layout
+            # for good; inside a compiled graph the identity unpack below runs instead (no state changes there)
             self._unpack_kernel()
             if self.impl == "auto":
                 self.impl = "reference"
-        q = unpack_nibbles(self.qweight).view(self.out_features, -1, self.group_size).float()
-        w = torch.addcmul(self.zeros.float()[..., None], q.sub_(8), self.scales.float()[..., None])
+        if self.cpu_block is not None:  # dequantised in the transposed orientation the layout unpacks to
+            sz = self.scale_and_zero.float()  # [groups, out, 2]
+            q_t = unpack_cpu_layout(self.qweight, self.out_features, self.padded_in, self.cpu_block).float()
+            w_t = dequantize_groups(q_t.view(-1, self.group_size, self.out_features), sz[:, None, :, 0],
+                                    sz[:, None, :, 1])
+            return w_t.view(self.padded_in, -1)[:self.in_features].to(dtype).t()
+        q, scales, zeros = self._plain_tensors()
+        w = dequantize_groups(q.reshape(self.out_features, -1, self.group_size).float(), scales.float()[..., None],
+                              zeros.float()[..., None])
         return w.view(self.out_features, -1)[:, :self.in_features].to(dtype)
 
     # ----------------------------------------------------------------- kernel
-    def kernel_available(self, x: torch.Tensor) -> bool:
-        if x.device.type == "cpu":
+    def kernel_supported(self, device: torch.device, dtype: torch.dtype) -> bool:
+        if device.type == "cpu":
             return (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and self.out_features % 16 == 0
-                    and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
-        if x.device.type == "cuda":
-            return (x.dtype == torch.bfloat16 and self.out_features % 8 == 0
-                    and torch.cuda.get_device_capability(x.device)[0] >= 8)
+                    and dtype in (torch.bfloat16, torch.float16, torch.float32))
+        if device.type == "cuda":
+            return (dtype == torch.bfloat16 and self.out_features % 8 == 0
+                    and torch.cuda.get_device_capability(device)[0] >= 8)
         return False
 
+    def _prepare_kernel(self) -> None:
+        self._pack_kernel(self.qweight.device.type)
+        if self.layout == "cpu" and self.cpu_block is None:  # no cheap inverse of this CPU's layout: kernel only
+            self.dense_above_rows = sys.maxsize
+
     def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
-        if self.layout != x2d.device.type:
-            self._pack_kernel(x2d.device.type)
         if self.padded_in != self.in_features:
             x2d = F.pad(x2d, (0, self.padded_in - self.in_features))
-        sz = self.scale_and_zero if self.scale_and_zero.dtype == x2d.dtype else self.scale_and_zero.to(x2d.dtype)
-        return self._mm(x2d.contiguous(), sz)
+        return self._mm(x2d.contiguous(), self.scale_and_zero)
 
     def _mm(self, x2d: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
         if self.layout == "cpu":
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.qweight, self.group_size, sz)
-        return torch.ops.aten._weight_int4pack_mm(x2d, self.qweight, self.group_size, sz)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu.default(x2d, self.qweight, self.group_size, sz)
+        return torch.ops.aten._weight_int4pack_mm.default(x2d, self.qweight, self.group_size, sz)
 
     def _inner_k_tiles(self) -> int:
         return next(t for t in (8, 4, 2) if self.padded_in % (16 * t) == 0)
@@ -123,42 +177,50 @@ class Int4Linear(QuantizedLinear):
         if self.layout != "plain":
             self._unpack_kernel()
         if device_type == "cpu":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                unpack_nibbles(self.qweight).to(torch.int32), 1)
+            q = unpack_nibbles(self.qweight)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            self.cpu_block = next((b for b in CPU_BLOCKS if torch.equal(
+                unpack_cpu_layout(packed, self.out_features, self.padded_in, b).t(), q)), None)
         else:  # the CUDA converter takes uint8 [out, in/2] with column 2j in the HIGH nibble (torchao's convention)
             swapped = (self.qweight << 4) | (self.qweight >> 4)
             packed = torch.ops.aten._convert_weight_to_int4pack(swapped, self._inner_k_tiles())
-        self.scale_and_zero = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous()
+        sz = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous()
+        self.scale_and_zero = sz.to(self.dtype)  # [groups, out, 2] in the activations' dtype: bf16 values, exact
         self.qweight, self.scales, self.zeros, self.layout = packed, None, None, device_type
 
     @torch.no_grad()
     def _plain_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(qweight, scales, zeros) in the portable layout, unpacked from the kernel layout if need be: rows of the
-        identity through the kernel with scale 1 and zero 8 give q itself (exact in bf16: q <= 15)."""
+        """(q uint8 [out, in_padded] values 0..15, scales, zeros bf16 [out, groups]) from whichever layout."""
         if self.layout == "plain":
-            return self.qweight, self.scales, self.zeros
+            return unpack_nibbles(self.qweight), self.scales, self.zeros
         sz = self.scale_and_zero
+        scales, zeros = sz[..., 0].t().to(torch.bfloat16), sz[..., 1].t().to(torch.bfloat16)
+        if self.cpu_block is not None:
+            return unpack_cpu_layout(self.qweight, self.out_features, self.padded_in, self.cpu_block).t(), scales, zeros
+        # rows of the identity through the kernel with scale 1 and zero 8 give q itself (exact: q <= 15)
         unit = torch.stack((torch.ones_like(sz[..., 0]), torch.full_like(sz[..., 0], 8)), dim=-1)
-        unit = unit.to(torch.bfloat16)
         cols = []
         for k0 in range(0, self.padded_in, _UNPACK_CHUNK):
             n = min(_UNPACK_CHUNK, self.padded_in - k0)
-            eye = torch.zeros(n, self.padded_in, dtype=torch.bfloat16, device=sz.device)
+            eye = torch.zeros(n, self.padded_in, dtype=sz.dtype, device=sz.device)
             eye[torch.arange(n), k0 + torch.arange(n)] = 1
             cols.append(self._mm(eye, unit))  # [n, out] = q[:, k0:k0+n]ᵀ
-        q = torch.cat(cols).t().round().to(torch.uint8)
-        return pack_nibbles(q), sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous()
+        return torch.cat(cols).t().round().to(torch.uint8), scales, zeros
+
+    def _portable(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qweight, scales, zeros) as stored on disk."""
+        q, scales, zeros = self._plain_tensors()
+        return pack_nibbles(q), scales, zeros
 
     def _unpack_kernel(self) -> None:
-        self.qweight, self.scales, self.zeros = self._plain_tensors()
-        self.scale_and_zero, self.layout = None, "plain"
+        self.qweight, self.scales, self.zeros = self._portable()
+        self.scale_and_zero, self.layout, self.cpu_block = None, "plain", None
 
     # ----------------------------------------------------------------- state and moves see the portable layout
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.layout != "plain":
-            plain = self._plain_tensors()
-            for name, tensor in zip(("qweight", "scales", "zeros"), plain):
+            for name, tensor in zip(("qweight", "scales", "zeros"), self._portable()):
                 destination[prefix + name] = tensor
 
     def nbytes(self) -> int:

@@ -6,9 +6,14 @@
 Range [-127, 127] (not -128) keeps the grid symmetric, as `aten._weight_int8pack_mm` expects
 (../shared/reference/eval-lora-quant.md §4.2). State: `weight` int8 [out, in], `weight_scale` [out] in the model's
 float dtype (bf16 or fp32). Bytes: 1 per weight + 2-4 per row, so ≈ 0.5 of bf16.
-Kernel: on CPU `aten._weight_int8pack_mm(x, q, scale)` (int8 weights read directly, scale applied per output);
-on CUDA the scale is applied after an int8→activation-dtype cast matmul, `(x @ qᵀ) · scale`, the form
-torch.compile fuses into one kernel (gpt-fast's int8 path).
+Kernel, by device and rows M:
+    CPU                         `aten._weight_int8pack_mm(x, q, scale)`: int8 weights read directly, scale per output
+    CUDA eager, M <= 16         the same op where this torch has it for CUDA (aten/src/ATen/native/cuda/int8mm.cu;
+                                checked once, at placement): no bf16 copy of the weight per call
+    CUDA compiled, or M > 16    `(x @ qᵀ) · scale` after an int8→bf16 cast: inside a compiled graph inductor fuses
+                                the cast into the matmul (gpt-fast's int8 path); eager it is a cast + a dense GEMM
+Many rows (`forward_dense`): the same `(x @ qᵀ) · scale` — the cast of q is exact (|q| <= 127 fits bf16's 8 bits),
+so the dense matmul reads one converted copy of the weight and the scale is one multiply of the output.
 """
 
 from __future__ import annotations
@@ -31,10 +36,15 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Int8Linear(QuantizedLinear):
     scheme = "int8"
+    # CPU, bf16, one thread (2-core Xeon, torch 2.13): the kernel costs ~6 us per row on a 768x256 matrix and
+    # ~0.5 us per row on the bundled model's 64x256 experts, against ~30 us + 0.3 us per row for cast + dense
+    # matmul; whole-model 256-token prefill was fastest with the switch at 64 rows (1.20x bf16; 8 rows: 1.25x).
+    DENSE_ABOVE_ROWS = {"cpu": 64, "cuda": 16}
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16,
                  bias: torch.Tensor | None = None, device: torch.device | str | None = None) -> None:
         super().__init__(in_features, out_features, dtype, bias)
+        self.int8pack = False  # set at placement: forward_kernel may call aten._weight_int8pack_mm here
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=dtype, device=device))
 
@@ -44,15 +54,33 @@ class Int8Linear(QuantizedLinear):
         layer = cls(linear.in_features, linear.out_features, w.dtype, linear.bias, w.device)
         layer.weight, scale = quantize_int8(w)
         layer.weight_scale = scale.to(w.dtype)
+        layer._place()
         return layer
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale.float()[:, None]).to(dtype)
 
-    def kernel_available(self, x: torch.Tensor) -> bool:
-        return x.device.type in ("cpu", "cuda") and x.is_floating_point()
+    def kernel_supported(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return device.type in ("cpu", "cuda") and dtype.is_floating_point
+
+    def _prepare_kernel(self) -> None:
+        self.scale = self.weight_scale.to(self.dtype)  # [out] in the compute dtype (the same tensor when it is)
+        self.int8pack = self.weight.is_cpu
+        if not self.int8pack:  # a CUDA build of torch may lack the op, or this dtype: one trial call decides
+            probe = torch.zeros(1, self.in_features, dtype=self.dtype, device=self.weight.device)
+            try:
+                self.int8pack = torch._weight_int8pack_mm(probe, self.weight, self.scale).shape[1] == self.out_features
+            except (RuntimeError, NotImplementedError, TypeError):
+                self.int8pack = False
 
     def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
-        if x2d.device.type == "cpu":
-            return torch._weight_int8pack_mm(x2d, self.weight, self.weight_scale.to(x2d.dtype))
-        return F.linear(x2d, self.weight.to(x2d.dtype)) * self.weight_scale.to(x2d.dtype)
+        if x2d.is_cpu or (self.int8pack and not torch.compiler.is_compiling()):
+            return torch._weight_int8pack_mm(x2d, self.weight, self.scale)
+        return self._cast_matmul(x2d)
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._cast_matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _cast_matmul(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> (x @ qᵀ) · scale [..., out]
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale
