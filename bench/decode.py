@@ -9,7 +9,7 @@ kv_lora 512, no q-LoRA, vocab 102400 (6.9B parameters, 1.2B active). Built seede
 dsv3.save_pretrained and loaded by transformers from the same files, so both run the same weights. Logits and
 greedy tokens are compared in bf16 and, with both models cast to fp32, again in fp32 (printed, not asserted: see
 bench/RESULTS.md for what the H200 gave).
-Figures (style-and-performance.md §C): decode ms/token at batch 1, = (t(N) - t(1)) / (N - 1) of `generate`;
+Figures (docs/performance.md §C): decode ms/token at batch 1, = (t(N) - t(1)) / (N - 1) of `generate`;
 tokens/s at batch 8 and 64 (B·(N-1) / (t(N) - t(1))); prefill TFLOP/s at 2048 tokens (2·active·T matmul FLOPs
 plus causal attention), eager and through torch.compile(model); decode again with generate(compile=True).
 Floors: decode = (weights touched + KV read) / bandwidth, with the expected number of distinct experts per layer

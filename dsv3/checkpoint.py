@@ -1,6 +1,6 @@
 """Load and save checkpoints in the Hugging Face hub layout (config.json + safetensors), safetensors only.
 
-Layout facts: ../shared/reference/architecture.md §5 (MTP as `model.layers.{num_hidden_layers + k}`), §6 (FP8 weights
+Layout facts: docs/architecture.md §5 (MTP as `model.layers.{num_hidden_layers + k}`), §6 (FP8 weights
 with a float32 `weight_scale_inv` per 128×128 block), §7 (tensor names). Loading builds the model on the meta device
 and assigns each tensor as it is read, so the weights are never held twice.
 """

@@ -3,7 +3,7 @@
 Field names are the Hugging Face names (`hidden_size`, `kv_lora_rank`, ...), so a hub `config.json` maps onto
 `ModelConfig` one to one. Both the hub's original RoPE form (`rope_theta` + `rope_scaling`) and the transformers 5
 form (`rope_parameters`) are accepted; internally we keep `rope_theta` and a normalised `rope_scaling` dict.
-Facts: ../shared/reference/architecture.md §1 (fields, V3 values) and §4 (YaRN).
+Facts: docs/architecture.md §1 (fields, V3 values) and §4 (YaRN).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
-    # FP8 block format etc., passed through unchanged (../shared/reference/architecture.md §6)
+    # FP8 block format etc., passed through unchanged (docs/architecture.md §6)
     quantization_config: dict[str, Any] | None = None
     # DeepSeek Sparse Attention (V3.2-Exp, §8; dsv3/dsa.py): lightning-indexer heads, head dim, tokens kept per
     # query. index_topk None = dense MLA (no indexer weights); config.json model_type is then deepseek_v32.

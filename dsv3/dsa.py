@@ -1,7 +1,7 @@
 """DeepSeek Sparse Attention (DSA, DeepSeek-V3.2-Exp): a lightning indexer picks, per query, the top-k earlier
 tokens, and MLA attends over those latent entries only.
 
-Facts: ../shared/reference/architecture.md §8; V3.2 report (DeepSeek_V3_2.pdf) eq. 1 and §2.1; transformers'
+Facts: docs/architecture.md §8; V3.2 report (DeepSeek_V3_2.pdf) eq. 1 and §2.1; transformers'
 `DeepseekV32Indexer` for the weight names (`self_attn.indexer.wq_b`, `wk`, `k_norm`, `weights_proj`).
 
 Shapes: B batch, T queries, S keys (visible cache slots), H MLA heads, H_I indexer heads, d_I index_head_dim,

@@ -3,7 +3,7 @@
 h = W0 x + s · B A x, with W0 frozen, A: [r, in], B: [out, r], s = alpha / r (alpha / sqrt(r) with rsLoRA)
 (Hu et al. 2021; rsLoRA: Kalajdzievski 2023). A starts as PEFT's default, kaiming-uniform with a = sqrt(5) (the
 nn.Linear default), B starts at zero so the adapted model starts equal to the base. Facts:
-../shared/reference/eval-lora-quant.md §3.
+docs/eval-lora-quant.md §3.
 
     model = apply_lora(model, r=16, alpha=32, target_modules=["q_b_proj", "kv_b_proj", "o_proj"])
     ...train the lora_A / lora_B parameters (the rest is frozen)...

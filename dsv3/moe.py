@@ -1,7 +1,7 @@
 """DeepSeekMoE: router (paper-V3 §2.1.2 eqs. 12-16), shared + routed SwiGLU experts.
 
 Shapes: N tokens (B·T flattened), D hidden, E routed experts, K experts per token, G groups.
-Facts: ../shared/reference/architecture.md §3. Routing per `topk_method`:
+Facts: docs/architecture.md §3. Routing per `topk_method`:
 - noaux_tc (V3): s = sigmoid(x·Wᵀ); the correction bias b is added for *selection only*; a group scores the sum
   of its top-2 biased affinities; the best `topk_group` groups are kept (others masked with -inf, as the official
   code since commit 1398800); top-K experts; weights are the *unbiased* s of the chosen experts, normalised when
@@ -118,7 +118,7 @@ class MoE(nn.Module):
     """y = Σ_shared FFN(x) + Σ_k g_k FFN_{i_k}(x) (eq. 12). Experts are stored one module each, as the hub does.
 
     `impl` picks the routed-expert path ("auto", "loop", "gather", "grouped"; see `routed`), all equal to
-    `routed_reference`. style-and-performance.md §B6 describes the three strategies.
+    `routed_reference`. docs/performance.md §B6 describes the strategies.
 
     In training mode the forward leaves two things for the trainer (paper-V3 §2.1.2):
     `last_load` [E] — tokens routed to each expert in this batch (for the bias update), and

@@ -1,6 +1,6 @@
 """Rotary position embedding with YaRN context extension, on the decoupled rope slice of MLA.
 
-Facts: ../shared/reference/architecture.md §4. The frequencies follow transformers' `_compute_yarn_parameters`
+Facts: docs/architecture.md §4. The frequencies follow transformers' `_compute_yarn_parameters`
 (identical to DeepSeek's `precompute_freqs_cis`): dims rotating faster than `beta_fast` times over the original
 context keep their frequency, those slower than `beta_slow` are divided by `factor`, a linear ramp in between.
 cos/sin are scaled by `attention_factor` (1.0 for V3 and V2-Lite, whose mscale == mscale_all_dim); the mscale²

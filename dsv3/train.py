@@ -1,7 +1,7 @@
 """Pre-training loop with DeepSeek-V3's MoE recipe: next-token loss + λ·MTP loss + α·sequence-wise balance loss,
 and auxiliary-loss-free balancing of the router bias after every step.
 
-Facts: ../shared/reference/architecture.md §3 (bias update, balance loss eqs. 17-20) and §5 (MTP loss eq. 25);
+Facts: docs/architecture.md §3 (bias update, balance loss eqs. 17-20) and §5 (MTP loss eq. 25);
 paper-V3 §4.2 for the optimiser (AdamW β=(0.9, 0.95), weight decay 0.1, gradient clip 1.0, warm-up then cosine).
 
     history = train(model, TrainConfig(steps=100, out_dir="runs/x"), tokens)   # tokens: 1-D token stream

@@ -11,7 +11,7 @@ V3_HUB_ROPE = {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1, "m
 
 
 def v3_hub_json() -> dict:
-    """The fields of deepseek-ai/DeepSeek-V3's config.json (../shared/reference/architecture.md §1)."""
+    """The fields of deepseek-ai/DeepSeek-V3's config.json (docs/architecture.md §1)."""
     return {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
         "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,

@@ -16,7 +16,7 @@ from quant_utils import e4m3_bound, linear, rel
 
 CUDA = torch.cuda.is_available()
 SM90 = CUDA and torch.cuda.get_device_capability() == (9, 0)
-pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
 SHAPES = [(1408, 2048), (2048, 1408)]  # V2-Lite's expert gate/up and down: K/128 = 16 and 11 (scale_b padded to 12)
 
 

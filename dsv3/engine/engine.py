@@ -236,7 +236,7 @@ class Engine:
         # without prompt logprobs only each row's last prompt position needs logits: keep the last T - min + 1
         # positions, which hold every row's (the model's last layer then runs only those rows)
         keep = 0 if any(s.request.prompt_logprobs is not None for s in group) else T - min(lengths) + 1
-        logits = self.model(ids, rows, torch.tensor(starts, device=self.device), impl="naive",
+        logits = self.model(ids, rows, torch.tensor(starts, device=self.device), attn_impl="naive",
                             attend_length=max(starts) + T, logits_to_keep=keep)  # [k, keep or T, V]
         prompt_lps = []
         for b, seq in enumerate(group):
@@ -258,7 +258,7 @@ class Engine:
         row = self.cache.rows(seq.row)
         ids = torch.tensor([seq.tokens[start:end]], device=self.device)
         keep = 0 if seq.request.prompt_logprobs is not None else 1  # else only the last position's logits are read
-        logits = self.model(ids, row, start, impl="naive", logits_to_keep=keep)[0]  # [T or 1, V]
+        logits = self.model(ids, row, start, attn_impl="naive", logits_to_keep=keep)[0]  # [T or 1, V]
         seq.n_computed = end
         self.prefix.store(seq.tokens[:end], row, seq.held, seq.request.cache_salt)
         if seq.request.prompt_logprobs is not None:

@@ -10,7 +10,7 @@ per subject and keeps while the following chunks share it.
 Tokenisation follows lm-eval's `TemplateLM._encode_pair` (lm_eval/api/model.py): trailing context whitespace moves
 into the continuation, then `ctx_enc = encode(ctx)`, `whole = encode(ctx + cont)`, `cont_enc = whole[len(ctx_enc):]`,
 and the model reads `(ctx_enc + cont_enc)[:-1]`, left-truncated to `max_length` tokens like HFLM. So " A" is scored
-as the token(s) the tokenizer produces for it after "Answer:", never a standalone "A" (reference sheet §1.5).
+as the token(s) the tokenizer produces for it after "Answer:", never a standalone "A" (docs/eval-lora-quant.md §1.5).
 The server backend applies the same rule with the server's tokenizer: it sends `ctx` and `ctx + cont` and takes
 the continuation as the tokens past the context's length.
 """

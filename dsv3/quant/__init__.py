@@ -5,7 +5,7 @@
     save_quantized(model, "out/")                # dsv3.load_pretrained("out/") gives it back, quantized
     dsv3.load_pretrained(fp8_dir, keep_fp8=True)  # DeepSeek's FP8 release stays FP8 in memory
 
-Formats and sources: ../shared/reference/eval-lora-quant.md §4, architecture.md §6; one module per scheme.
+Formats and sources: docs/eval-lora-quant.md §4, docs/architecture.md §6; one module per scheme.
 """
 
 from .apply import (DEFAULT_SKIP, SCHEMES, quantization_config, quantize, quantized_layers, save_quantized,

@@ -3,7 +3,7 @@
 `quantize(model, scheme)` swaps every `nn.Linear` outside `skip` for the scheme's quantized linear: attention
 projections, dense MLPs, shared experts, each routed expert (dsv3 stores experts one module each, as the hub does)
 and the MTP layers' blocks. The router (`mlp.gate`, fp32) and the embedding are not `nn.Linear`s and never change;
-`lm_head` is skipped by default (the same three DeepSeek keeps in BF16 in its FP8 release, architecture.md §6).
+`lm_head` is skipped by default (the same three DeepSeek keeps in BF16 in its FP8 release, docs/architecture.md §6).
 
 Checkpoints keep the hub layout (config.json + model.safetensors) with a `quantization_config` in config.json:
 - fp8: DeepSeek's own `{"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",

@@ -1,6 +1,6 @@
 """FP8 (e4m3) weights with DeepSeek-V3's 128×128 block scales — the format its checkpoints ship in.
 
-State (names as in the hub checkpoints, ../shared/reference/architecture.md §6): `weight` float8_e4m3fn [out, in]
+State (names as in the hub checkpoints, docs/architecture.md §6): `weight` float8_e4m3fn [out, in]
 and `weight_scale_inv` float32 [ceil(out/128), ceil(in/128)], with W[i, j] = fp8[i, j] · scale_inv[i//128, j//128]
 (a multiply, despite the name). Quantizing: per 128×128 block (zero-padded at the edges) scale = amax / 448, the
 e4m3 maximum. Bytes: 1 per weight + 4 per 16384 weights, ≈ 0.5 of bf16.

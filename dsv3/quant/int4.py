@@ -1,7 +1,6 @@
 """INT4 weight-only, group-wise asymmetric (the tinygemm format of torchao's `Int4WeightOnlyConfig`).
 
-For each output row n and each group g of `group_size` consecutive input columns (../shared/reference/
-eval-lora-quant.md §4.2):
+For each output row n and each group g of `group_size` consecutive input columns (docs/eval-lora-quant.md §4.2):
 
     scale = (max - min) / 15,   zero = min + 8 · scale        (bf16; zero lives in the float domain)
     q = clamp(round((W - zero) / scale) + 8, 0, 15)           (unsigned 4-bit)

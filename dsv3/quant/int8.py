@@ -4,7 +4,7 @@
     W ≈ q · scale[:, None]
 
 Range [-127, 127] (not -128) keeps the grid symmetric, as `aten._weight_int8pack_mm` expects
-(../shared/reference/eval-lora-quant.md §4.2). State: `weight` int8 [out, in], `weight_scale` [out] in the model's
+(docs/eval-lora-quant.md §4.2). State: `weight` int8 [out, in], `weight_scale` [out] in the model's
 float dtype (bf16 or fp32). Bytes: 1 per weight + 2-4 per row, so ≈ 0.5 of bf16.
 Kernel, by device and rows M:
     CPU                         `aten._weight_int8pack_mm(x, q, scale)`: int8 weights read directly, scale per output

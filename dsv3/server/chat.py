@@ -1,6 +1,6 @@
 """`POST /v1/chat/completions`: messages -> the chat template -> the engine -> a ChatCompletion or an SSE stream.
 
-Stream shape (../shared/reference/compat-server.md §1.5): every chunk has the same id; the first delta carries
+Stream shape (docs/openai-api.md §1.5): every chunk has the same id; the first delta carries
 `role: assistant`; content deltas follow; a `delta: {}` chunk carries finish_reason; with
 `stream_options.include_usage` every chunk has `usage: null` and one last chunk has `choices: []` and the usage;
 `data: [DONE]` ends it. `: keep-alive` comments are sent while nothing is produced, and a failure mid-stream is a

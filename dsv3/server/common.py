@@ -6,7 +6,7 @@ merged into one stream of (choice index, delta); whatever ends that stream (the 
 the unfinished choices, so they leave the engine's batch at its next step. Usage counts each prompt once, sums
 completion tokens over choices, and reports the prefix cache's hits as OpenAI's
 `prompt_tokens_details.cached_tokens` and DeepSeek's prompt_cache_hit/miss_tokens
-(../shared/reference/compat-server.md §1.4, §4).
+(docs/openai-api.md §1.4, §4).
 """
 
 from __future__ import annotations

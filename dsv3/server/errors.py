@@ -3,7 +3,7 @@
 The openai SDK maps the status to its exception class (400 BadRequestError, 401 AuthenticationError, 403
 PermissionDeniedError, 404 NotFoundError, 429 RateLimitError, >= 500 InternalServerError) and reads message/type/
 param/code from the body; it retries 429 and 5xx, waiting Retry-After seconds when that is at most 60
-(../shared/reference/compat-server.md §3).
+(docs/openai-api.md §3).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Unknown fields are accepted and ignored, as vLLM does; fields the model cannot honour (image parts, tools,
 JSON modes, suffix) are rejected with a 400 that says so rather than silently dropped. Field list:
-../shared/reference/compat-server.md §1.2, §1.3, §2; vLLM's extras `top_k`, `repetition_penalty`, `stop_token_ids`,
+docs/openai-api.md §1.2, §1.3, §2; vLLM's extras `top_k`, `repetition_penalty`, `stop_token_ids`,
 `ignore_eos`, `min_p` come through `extra_body`.
 
 Every number is checked here, so a request the engine cannot sample from is a 400 naming its field: floats must be
