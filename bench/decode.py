@@ -181,8 +181,6 @@ def main() -> None:
     p.add_argument("--profile", type=Path, metavar="DIR", help="write torch.profiler kernel tables (and Chrome "
                    "traces) of one compiled decode step at batch 1 and at the largest --batches size, and of the "
                    "prefill, into DIR")
-    p.add_argument("--no-triton", action="store_true", help="compiled rows without dsv3/fast/moe_triton.py's "
-                   "down-projection kernel (taken anyway if the rows with it fail)")
     p.add_argument("--quick", action="store_true", help="for a short GPU lease: no transformers rows, "
                    "batches 1 and 64 eager, batch 1 compiled, no grouped-MoE row, no compiled prefill, profile of the "
                    "batch-1 step only")
@@ -315,18 +313,8 @@ def main() -> None:
         if not args.no_compile:  # last, so that a failure to compile cannot cost the eager figures above
             if not args.quick:
                 guarded("prefill (compile)", lambda: prefill_row(compiled_prefill, "(compile)"))
-            def compiled():
-                compiled_rows(args, ours, prompt, n, run, hf_times, report,
-                              lambda B: floors(config, ours, B, ctx, args.bandwidth, elem))
-            if args.no_triton or not guarded("compile=True", compiled):
-                # without dsv3/fast/moe_triton.py's kernel: inductor's own down projection (the previous path)
-                print("compile=True without the Triton down projection", flush=True)
-                dsv3.generation.moe_triton.install = lambda model: 0
-                for layer in ours.model.layers:
-                    if isinstance(layer.mlp, dsv3.moe.MoE):
-                        layer.mlp.gathered_down = None
-                torch._dynamo.reset()
-                guarded("compile=True (no Triton)", compiled)
+            guarded("compile=True", lambda: compiled_rows(args, ours, prompt, n, run, hf_times, report, lambda B:
+                                                          floors(config, ours, B, ctx, args.bandwidth, elem)))
         if args.profile:
             guarded("profile", lambda: profile(args, ours, prompt, long, device,
                                                None if args.no_compile or args.quick else compiled_prefill))

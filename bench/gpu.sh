@@ -6,8 +6,7 @@
 #   3. bench/decode.py: dsv3 vs transformers vs the bandwidth / compute floor for decode ms/token at batch 1,
 #      tokens/s at batch 8 and 64 and prefill TFLOP/s at 2048 tokens, eager and compiled, on the V2-Lite-shaped
 #      random bf16 model, with a warm-up (compile) time per row,
-#   4. bench/gpu_ceilings.py: the card's copy bandwidth and bf16 matmul rate, SDPA and MoE kernel choices (the
-#      MoE layer compiled with inductor's and with dsv3/fast's Triton down projection).
+#   4. bench/gpu_ceilings.py: the card's copy bandwidth and bf16 matmul rate, SDPA and MoE kernel choices.
 # Each stage's output is saved to DIR/<stage>.txt and the decode step's kernel timeline to DIR/prof/ (with
 # --profile); the stages share one inductor cache, so kernels compiled by one are reused by the next.
 #

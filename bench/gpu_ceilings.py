@@ -1,21 +1,19 @@
 """The GPU's own ceilings and the kernel choices behind dsv3's GPU paths, in one short run (bench/gpu.sh runs it
 before bench/decode.py; about 20 s on an H200).
 
-    python bench/gpu_ceilings.py [--quick]      # --quick: the ceilings and the compiled MoE layer at N = 1
+    python bench/gpu_ceilings.py [--quick]      # --quick: the two ceilings only
 
 - copy bandwidth (2 GiB device-to-device, bytes read + written) and bf16 matmul rate (8192^3): the figures
   bench/decode.py's floors take (--bandwidth, --peak);
 - SDPA at MLA's prefill shape (16 heads, 2048 tokens, q/k head dim 192, v 128, causal) with each backend, and
   with v padded to 192 (what the CPU path does for its flash kernel);
 - one V2-Lite-shaped MoE layer, eager, routed through gathered weights and through grouped matmuls at N tokens
-  (MoE.gather_max_pairs is set from this), then compiled for a decode step (N = 1 and 8) with the down
-  projection as inductor generates it and as dsv3/fast/moe_triton.py's Triton kernel.
+  (MoE.gather_max_pairs is set from this).
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from contextlib import nullcontext
 
 import torch
@@ -24,7 +22,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import dsv3
 from decode import V2_LITE
-from dsv3.fast.moe_triton import gathered_down_op
 
 
 def median_ms(fn, reps: int = 20) -> float:
@@ -43,7 +40,7 @@ def median_ms(fn, reps: int = 20) -> float:
 
 
 def main() -> None:
-    quick = "--quick" in sys.argv[1:]  # the ceilings and the compiled MoE layer at N = 1 only
+    quick = "--quick" in sys.argv[1:]  # the two ceilings only
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu_ceilings.py needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}", flush=True)
@@ -58,7 +55,7 @@ def main() -> None:
     del x, y
     if not quick:
         attention_backends()
-    moe_paths(quick)
+        moe_paths()
 
 
 def attention_backends() -> None:
@@ -81,12 +78,12 @@ def attention_backends() -> None:
             print(f"SDPA {name}: {str(error).splitlines()[0]}", flush=True)
 
 
-def moe_paths(quick: bool) -> None:
+def moe_paths() -> None:
     torch.manual_seed(0)
     with torch.device("cuda"):
         moe = dsv3.moe.MoE(dsv3.ModelConfig(**V2_LITE)).to(torch.bfloat16).eval()
     with torch.inference_mode():
-        for n in () if quick else (1, 2, 4, 8, 16, 64, 2048):
+        for n in (1, 2, 4, 8, 16, 64, 2048):
             tokens = torch.randn(n, moe.gate.weight.shape[1], dtype=torch.bfloat16, device="cuda")
             weights, indices, _ = moe.gate(tokens)
             times = {}
@@ -95,27 +92,6 @@ def moe_paths(quick: bool) -> None:
                 times[impl] = median_ms(lambda: moe.routed(tokens, weights, indices)) * 1e3
             print(f"MoE layer, eager, N={n} ({n * moe.top_k} pairs): gathered weights {times['gather']:.0f} us, "
                   f"grouped matmuls {times['grouped']:.0f} us", flush=True)
-        # the compiled decode path (gathered weights, coordinate-descent tuned as in generate(compile=True)) with
-        # the down projection as inductor writes it and as dsv3/fast/moe_triton.py's kernel
-        stacks = moe._stacked_weights()
-        per_expert = (stacks[0][0].numel() + stacks[1][0].numel()) * stacks[1].element_size()  # gate/up + down
-        for n in (1,) if quick else (1, 8):
-            tokens = torch.randn(n, moe.gate.weight.shape[1], dtype=torch.bfloat16, device="cuda")
-            weights, indices, _ = moe.gate(tokens)
-            distinct = len(set(indices.flatten().tolist()))
-            for name, kernel in (("inductor down", None), ("Triton down", gathered_down_op())):
-                moe.gathered_down = kernel
-                torch._dynamo.reset()
-                step = torch.compile(moe.routed_gather, options={"coordinate_descent_tuning": True})
-                start = time.perf_counter()
-                step(tokens, weights, indices, *stacks)
-                warm = time.perf_counter() - start
-                us = median_ms(lambda: step(tokens, weights, indices, *stacks), 50) * 1e3
-                print(f"MoE layer, compiled gather, N={n}, {name}: {us:.1f} us = "
-                      f"{distinct * per_expert / us / 1e6:.2f} TB/s ({distinct} distinct experts; compile {warm:.0f} s)",
-                      flush=True)
-        moe.gathered_down = None
-
 
 if __name__ == "__main__":
     main()

@@ -133,12 +133,15 @@ for label in mv:
           f"{'yes' if sb >= 1 else 'NO':>3} {mv[label][0]:>8.1f} {mv['bf16'][0] / mv[label][0]:>7.2f}x "
           f"{mv[label][1]:>9.1f} {mv['bf16'][1] / mv[label][1]:>7.2f}x", flush=True)
 
-if "int8" in mv:  # which int8 form to use eagerly on this card: the op the layer chose vs the cast-matmul
+if "int8" in mv:  # the int8 forms on this card: the layer's (cast-matmul on CUDA) and aten's int8 matvec op
     layer = models["int8"].model.layers[1].mlp.experts[0].gate_proj
     x1 = torch.randn(1, config.hidden_size, dtype=torch.bfloat16, device=device)
-    cast = run(lambda: [layer._cast_matmul(x1) for _ in range(100)]) / 100 * 1e6
-    print(f"int8 gate_proj matvec: the layer {mv['int8'][0]:.1f} µs "
-          f"({'aten._weight_int8pack_mm' if layer.int8pack else 'cast-matmul'}), cast-matmul {cast:.1f} µs, "
+    try:
+        op = run(lambda: [torch._weight_int8pack_mm(x1, layer.weight, layer.scale) for _ in range(100)]) / 100 * 1e6
+        op = f"{op:.1f} µs"
+    except (RuntimeError, NotImplementedError) as error:
+        op = f"unavailable ({str(error).splitlines()[0]})"
+    print(f"int8 gate_proj matvec: the layer {mv['int8'][0]:.1f} µs, aten._weight_int8pack_mm {op}, "
           f"bf16 {mv['bf16'][0]:.1f} µs", flush=True)
 
 print(f"\ncompiled decode, batch 1 (a compile starts if it should end within {budget:.0f} s of the start):",

@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import torch
 
-from .fast import moe_triton
 from .moe import stack_experts
 from .sampling import SamplingParams, count_tokens, make_generator, sample
 
@@ -180,7 +179,6 @@ def _decode(model: torch.nn.Module, input_ids: torch.Tensor, params: list[Sampli
     cache = model.new_cache(B, -(-length // 256) * 256 if compile else length)
     if compile and device.type == "cuda":
         mark_static_cache(cache)
-        moe_triton.install(model)  # the routed down projection as one Triton kernel (dsv3/fast/moe_triton.py)
     logits = prefill_step(compile, device.type)(model, input_ids, cache)  # positions 0..T-1
     for step in range(max_new_tokens):
         active = ~finished

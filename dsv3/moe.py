@@ -137,9 +137,6 @@ class MoE(nn.Module):
         self.last_balance_loss: torch.Tensor | None = None
         self.impl: MoEImpl = "auto"
         self.gather_max_pairs = 16  # N·K up to this uses routed_gather under "auto" on a GPU (decoding, few rows)
-        # routed_gather's down projection: None for its PyTorch form, or a function of (h [N, K, I], indices,
-        # weights, down) -> [N, D] equal to it, installed from outside (dsv3.fast.moe_triton.install, on CUDA)
-        self.gathered_down = None
         self._stacks: tuple[torch.Tensor, torch.Tensor] | None = None
         self._stacked_linears: tuple[nn.Linear, ...] = ()
         self.register_load_state_dict_post_hook(self._drop_stacks)
@@ -254,16 +251,11 @@ class MoE(nn.Module):
             # gate and up as two reductions over the same [N, K, I] rows (inductor runs them in one loop), so that
             # the hidden (rounded where bmm's input is) has their shape and is stored as they finish (`stored`)
             gate, up = (w[:, :, :I] * xs).sum(-1), (w[:, :, I:] * xs).sum(-1)  # [N, K, I] each
-            h = stored((F.silu(gate) * up).to(x.dtype))
-            if self.gathered_down is not None:
-                return self.gathered_down(h, indices, weights, down)
-            h = h.float()
+            h = stored((F.silu(gate) * up).to(x.dtype)).float()
             y = (down[flat].view(N, K, *down.shape[1:]).float() * h[:, :, None, :]).sum(-1).to(x.dtype)  # [N, K, D]
             return (y * weights[:, :, None].to(x.dtype)).sum(dim=1)
         xs = x[:, None].expand(N, K, x.shape[1]).reshape(N * K, -1, 1)  # [N·K, D, 1]
         gate, up = torch.bmm(gate_up[flat], xs).squeeze(-1).chunk(2, dim=-1)  # [N·K, I] each
-        if self.gathered_down is not None:  # reads the K experts' down rows in place, no copy
-            return self.gathered_down((F.silu(gate) * up).view(N, K, -1), indices, weights, down)
         y = torch.bmm(down[flat], (F.silu(gate) * up)[:, :, None]).squeeze(-1)  # [N·K, D]
         return (y.view(N, K, -1) * weights[:, :, None].to(x.dtype)).sum(dim=1)
 

@@ -323,3 +323,12 @@ def test_serve_quantize_flag(tmp_path):
         reply = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 3})
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] == 3
+
+
+def test_int4_portable_layout_is_row_major_after_the_cpu_kernel_layout():
+    """A CPU-placed int4 layer unpacks from the kernel layout (a transpose) into contiguous nibbles: `.cuda()` packs
+    them with aten._convert_weight_to_int4pack, which refuses strided input (seen on an H200)."""
+    lin = torch.nn.Linear(256, 64, bias=False)
+    q = Int4Linear.from_linear(lin, group_size=32)
+    q._unpack_kernel()
+    assert q.layout == "plain" and q.qweight.is_contiguous()

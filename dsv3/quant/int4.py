@@ -53,7 +53,9 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """q: [out, in] values 0..15 (in even) -> uint8 [out, in/2], column 2j low nibble, 2j+1 high nibble."""
     q = q.to(torch.uint8)
-    return q[:, 0::2] | (q[:, 1::2] << 4)
+    # contiguous whatever q's strides (q unpacked from the CPU kernel layout is a transpose): the CUDA packer and
+    # safetensors need row-major bytes (`.cuda()` of a CPU-placed layer failed in _convert_weight_to_int4pack)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,9 @@ Range [-127, 127] (not -128) keeps the grid symmetric, as `aten._weight_int8pack
 float dtype (bf16 or fp32). Bytes: 1 per weight + 2-4 per row, so ≈ 0.5 of bf16.
 Kernel, by device and rows M:
     CPU                         `aten._weight_int8pack_mm(x, q, scale)`: int8 weights read directly, scale per output
-    CUDA eager, M <= 16         the same op where this torch has it for CUDA (aten/src/ATen/native/cuda/int8mm.cu;
-                                checked once, at placement): no bf16 copy of the weight per call
-    CUDA compiled, or M > 16    `(x @ qᵀ) · scale` after an int8→bf16 cast: inside a compiled graph inductor fuses
+    CUDA                        `(x @ qᵀ) · scale` after an int8→bf16 cast: inside a compiled graph inductor fuses
                                 the cast into the matmul (gpt-fast's int8 path); eager it is a cast + a dense GEMM
+                                (CUDA's _weight_int8pack_mm was slower on an H200: 66.8 against 41.6 us)
 Many rows (`forward_dense`): the same `(x @ qᵀ) · scale` — the cast of q is exact (|q| <= 127 fits bf16's 8 bits),
 so the dense matmul reads one converted copy of the weight and the scale is one multiply of the output.
 """
@@ -44,7 +43,6 @@ class Int8Linear(QuantizedLinear):
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16,
                  bias: torch.Tensor | None = None, device: torch.device | str | None = None) -> None:
         super().__init__(in_features, out_features, dtype, bias)
-        self.int8pack = False  # set at placement: forward_kernel may call aten._weight_int8pack_mm here
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=dtype, device=device))
 
@@ -65,16 +63,9 @@ class Int8Linear(QuantizedLinear):
 
     def _prepare_kernel(self) -> None:
         self.scale = self.weight_scale.to(self.dtype)  # [out] in the compute dtype (the same tensor when it is)
-        self.int8pack = self.weight.is_cpu
-        if not self.int8pack:  # a CUDA build of torch may lack the op, or this dtype: one trial call decides
-            probe = torch.zeros(1, self.in_features, dtype=self.dtype, device=self.weight.device)
-            try:
-                self.int8pack = torch._weight_int8pack_mm(probe, self.weight, self.scale).shape[1] == self.out_features
-            except (RuntimeError, NotImplementedError, TypeError):
-                self.int8pack = False
 
     def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
-        if x2d.is_cpu or (self.int8pack and not torch.compiler.is_compiling()):
+        if x2d.is_cpu:
             return torch._weight_int8pack_mm(x2d, self.weight, self.scale)
         return self._cast_matmul(x2d)
 
