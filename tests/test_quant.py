@@ -319,7 +319,7 @@ def test_serve_quantize_flag(tmp_path):
     app = build_app(resolve_options(Namespace(model=str(tmp_path), served_model_name="tiny", quantize="int4")))
     model = app.state.dsv3.engine.model
     assert isinstance(model.model.layers[2].mlp.experts[5].up_proj, Int4Linear)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:  # a loopback Host (--allowed-hosts default)
         reply = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 3})
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] == 3
