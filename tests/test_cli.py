@@ -204,7 +204,7 @@ def test_sigint_in_train_saves_a_checkpoint_and_resume_continues(tmp_path):
 def test_int4_checkpoint_is_small_0644_and_loads_back_with_the_same_logits(tmp_path):
     old = os.umask(0o022)
     try:
-        result = run_dsv3(["quantize", "--model", str(BUNDLED), "--scheme", "int4", "--group-size", "64",
+        result = run_dsv3(["quantize", "--model", str(BUNDLED), "--scheme", "int4", "--group-size", "128",
                            "--output", str(tmp_path / "int4")], tmp_path)
     finally:
         os.umask(old)
@@ -214,7 +214,7 @@ def test_int4_checkpoint_is_small_0644_and_loads_back_with_the_same_logits(tmp_p
     assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "int4").iterdir()} == {
         name: 0o644 for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                                  "README.md")}
-    in_memory = dsv3.quantize(dsv3.load_pretrained(BUNDLED), "int4", 64, pad=True)
+    in_memory = dsv3.quantize(dsv3.load_pretrained(BUNDLED), "int4", 128, pad=True)
     loaded = dsv3.load_pretrained(tmp_path / "int4")
     ids = torch.tensor([dsv3.Tokenizer.from_pretrained(BUNDLED).encode("oak (noun): a tree")])
     with torch.no_grad():

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
@@ -119,7 +120,8 @@ def test_int4_cpu_kernel_matches_reference(group_size, in_dim, dtype):
     # the state dict (and so every checkpoint) sees the portable layout, exactly, and dequantize leaves the layout
     fresh = Int4Linear.from_linear(lin, group_size=group_size)
     fresh._unpack_kernel()
-    assert all(torch.equal(getattr(fresh, k), v) for k, v in q.state_dict().items()) and q.nbytes() == fresh.nbytes()
+    portable = fresh.state_dict()
+    assert all(torch.equal(portable[k], v) for k, v in q.state_dict().items()) and q.nbytes() == fresh.nbytes()
     assert torch.equal(q.dequantize(torch.float32), fresh.dequantize(torch.float32)) and q.layout == "cpu"
 
 
@@ -332,3 +334,17 @@ def test_int4_portable_layout_is_row_major_after_the_cpu_kernel_layout():
     q = Int4Linear.from_linear(lin, group_size=32)
     q._unpack_kernel()
     assert q.layout == "plain" and q.qweight.is_contiguous()
+
+
+def test_int4_stores_no_padded_columns_and_loads_old_padded_files_too():
+    """A 96-wide layer in groups of 128 stores qweight [out, 48], not [out, 64]; both forms load to the same layer."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 32, bias=False)
+    q = Int4Linear.from_linear(lin, group_size=128)
+    state = q.state_dict()
+    assert state["qweight"].shape == (32, 48)
+    x = torch.randn(3, 96)
+    for stored in (state, {**state, "qweight": F.pad(state["qweight"], (0, 16), value=0x88)}):
+        fresh = Int4Linear(96, 32, group_size=128, dtype=torch.float32)
+        fresh.load_state_dict(stored)
+        torch.testing.assert_close(fresh(x), q(x), rtol=0, atol=0)

@@ -223,6 +223,9 @@ class Int4Linear(QuantizedLinear):
         if self.layout != "plain":
             for name, tensor in zip(("qweight", "scales", "zeros"), self._portable()):
                 destination[prefix + name] = tensor
+        # the zero-padded columns are not stored: qweight [out, ceil(in/2)] (a 96-wide layer in groups of 128 would
+        # otherwise store a third more); loading pads them back
+        destination[prefix + "qweight"] = destination[prefix + "qweight"][:, :-(-self.in_features // 2)]
 
     def nbytes(self) -> int:
         groups = self.padded_in // self.group_size
@@ -232,6 +235,10 @@ class Int4Linear(QuantizedLinear):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         if self.layout != "plain":
             self._unpack_kernel()
+        q = state_dict.get(prefix + "qweight")
+        if q is not None and q.dim() == 2 and q.shape[1] == -(-self.in_features // 2) < self.padded_in // 2:
+            # stored without the padded columns: any value serves there (they meet zero-padded inputs), 0x88 is q = 8
+            state_dict[prefix + "qweight"] = F.pad(q, (0, self.padded_in // 2 - q.shape[1]), value=0x88)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
