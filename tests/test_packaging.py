@@ -1,6 +1,8 @@
 """environment.yml and pyproject.toml describe the same install; README's commands are the ones CI runs."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 try:
@@ -34,3 +36,17 @@ def test_readme_lists_every_notebook():
     readme = (ROOT / "README.md").read_text()
     for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
         assert notebook.name in readme, notebook.name
+
+
+def test_cli_builds_its_parser_without_tomllib_and_without_the_server_stack():
+    """pyproject admits Python 3.10, which has no tomllib (tomli stands in), and `dsv3 --help` of any command must
+    not import the server's libraries (fastapi, uvicorn, pydantic) to build the parser."""
+    code = ("import sys; sys.modules['tomllib'] = None\n"
+            "from dsv3.cli import build_parser\n"
+            "build_parser()\n"
+            "from dsv3.server.cli import tomllib\n"
+            "assert tomllib.__name__ == 'tomli', tomllib\n"
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'pydantic', 'starlette') if m in sys.modules))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"

@@ -18,11 +18,15 @@ import logging
 import os
 import socket
 import ssl
-import tomllib
 from argparse import ArgumentTypeError
 from pathlib import Path
 
 from ..cli import REVISION_HELP, device, model_path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package (a dependency there)
+    import tomli as tomllib
 
 DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000, api_key=[], allow_cidr=[],
                 revision=None,
