@@ -22,7 +22,7 @@ COMMAND_MODULES = [
     "dsv3.eval.mmlu",
     "dsv3.server",
     "dsv3.lora_train",
-    "dsv3.quant",
+    "dsv3.quant.cli",
 ]
 
 

@@ -11,11 +11,10 @@ Formats and sources: docs/eval-lora-quant.md §4, docs/architecture.md §6; one 
 from .apply import (DEFAULT_SKIP, SCHEMES, quantization_config, quantize, quantized_layers, save_quantized,
                     set_impl, skipped)
 from .base import QuantizationError, QuantizedLinear
-from .cli import add_cli
 from .fp8 import FP8Linear, quantize_fp8
 from .int4 import Int4Linear, quantize_int4
 from .int8 import Int8Linear, quantize_int8
 
 __all__ = ["DEFAULT_SKIP", "FP8Linear", "Int4Linear", "Int8Linear", "QuantizationError", "QuantizedLinear", "SCHEMES",
-           "add_cli", "quantization_config", "quantize", "quantize_fp8", "quantize_int4", "quantize_int8",
+           "quantization_config", "quantize", "quantize_fp8", "quantize_int4", "quantize_int8",
            "quantized_layers", "save_quantized", "set_impl", "skipped"]

@@ -22,6 +22,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..hub import FP32_KEYS, CheckpointError, few, read_tensors, save_pretrained, shard_files, to_model_key
+from ..model import Transformer
+from ..rope import RotaryEmbedding
 from .base import QuantizationError, QuantizedLinear
 from .fp8 import FP8Linear
 from .int4 import GROUP_SIZES, Int4Linear
@@ -112,8 +115,6 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
     Without the MTP layers' copies of the embedding and output head (hub_state_dict's mtp_copies): loaders use the
     main model's, and the copies would add 2 × vocab × hidden high-precision weights per MTP layer to the file.
     """
-    from ..checkpoint import save_pretrained
-
     if not quantized_layers(model) or not getattr(model.config, "quantization_config", None):
         raise QuantizationError("save_quantized: the model has no quantized layers; run dsv3.quant.quantize first "
                                 "(or save it with dsv3.save_pretrained)")
@@ -175,13 +176,9 @@ def load_quantized(path: Path, config, dtype: torch.dtype | None, device) -> nn.
     Quantized tensors keep their stored dtypes; the other floating tensors become `dtype` (default: as stored),
     router tensors float32, as the plain loader does. Layers compute in `dtype` (default: the embedding's dtype).
     """
-    from ..checkpoint import _FP32_KEYS, CheckpointError, _few, _read_tensors, _shard_files, _to_model_key
-    from ..model import Transformer
-    from ..rope import RotaryEmbedding
-
     state: dict[str, torch.Tensor] = {}
-    for key, tensor, _ in _read_tensors(_shard_files(path)):
-        name = _to_model_key(key, config.num_hidden_layers)
+    for key, tensor, _ in read_tensors(shard_files(path)):
+        name = to_model_key(key, config.num_hidden_layers)
         if name is not None:
             state[name] = tensor
     embed = state.get("model.embed_tokens.weight")
@@ -196,8 +193,8 @@ def load_quantized(path: Path, config, dtype: torch.dtype | None, device) -> nn.
     expected = model.state_dict()
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:
-        parts = ([f"missing keys: {_few(missing)}"] if missing else []) + (
-            [f"unexpected keys: {_few(unexpected)}"] if unexpected else [])
+        parts = ([f"missing keys: {few(missing)}"] if missing else []) + (
+            [f"unexpected keys: {few(unexpected)}"] if unexpected else [])
         raise CheckpointError(f"{path}: quantized checkpoint does not match config.json ({'; '.join(parts)})")
     quantized = set(quantized_layers(model))
     for name, tensor in state.items():
@@ -207,7 +204,7 @@ def load_quantized(path: Path, config, dtype: torch.dtype | None, device) -> nn.
         module, _, leaf = name.rpartition(".")
         if module in quantized and leaf != "bias":
             target = tensor.dtype
-        elif _FP32_KEYS.match(name):
+        elif FP32_KEYS.match(name):
             target = torch.float32
         else:
             target = dtype or tensor.dtype

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import FP8_BLOCK, dequantize_fp8
+from ..hub import FP8_BLOCK, dequantize_fp8
 from .base import QuantizedLinear
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448

@@ -1,0 +1,165 @@
+"""Hub I/O: checkpoints in the Hugging Face layout (config.json + safetensors, sharded or not) read and written
+tensor by tensor, and the key mapping between the hub's names and dsv3's (docs/architecture.md §5, §7). Used by
+dsv3/checkpoint.py (plain and FP8 checkpoints), dsv3/quant (quantized ones) and the CLI (hub ids).
+
+MTP layers: the hub stores MTP module k as `model.layers.{num_hidden_layers + k}` with its own copies of the
+embedding and output head; dsv3 keeps them as `mtp.k` sharing the main model's. FP8 weights (§6): float8_e4m3fn with
+a float32 `weight_scale_inv` per 128×128 block.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .atomic import write_file
+
+FP8_BLOCK = 128  # DeepSeek-V3's weight_block_size [128, 128]
+# Copies of shared tensors that the hub stores inside each MTP layer; dsv3 shares the main model's.
+MTP_SHARED_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+# Kept in float32 whatever the model dtype: router logits are computed in fp32 (as transformers keeps them).
+FP32_KEYS = re.compile(r".*mlp\.gate\.(weight|e_score_correction_bias)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: the message names the keys, shapes or file at fault."""
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                   block: int = FP8_BLOCK) -> torch.Tensor:
+    """W[i, j] = fp8[i, j] · scale_inv[i // 128, j // 128] (a multiply, despite the name; DeepSeek's README_WEIGHTS).
+
+    weight: [out, in] float8_e4m3fn; scale_inv: [ceil(out/128), ceil(in/128)] float32.
+    """
+    out_dim, in_dim = weight.shape
+    expected = (-(-out_dim // block), -(-in_dim // block))
+    if tuple(scale_inv.shape) != expected:
+        raise CheckpointError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} "
+                              f"for a [{out_dim}, {in_dim}] weight in {block}x{block} blocks")
+    scale = scale_inv.float().repeat_interleave(block, 0)[:out_dim].repeat_interleave(block, 1)[:, :in_dim]
+    return (weight.float() * scale).to(dtype)
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: the index's shards, or model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from None
+        return [path / name for name in sorted(set(weight_map.values()))]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+    hint = f" (found {pickles}: pickled weights are never loaded; convert them to safetensors)" if pickles else ""
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """(hub key, tensor, file) for every tensor of `files`, one at a time."""
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key), file
+        except FileNotFoundError:
+            raise CheckpointError(f"{file}: listed in the index but missing") from None
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({e})") from None
+
+
+def to_model_key(key: str, n_layers: int) -> str | None:
+    """Hub name -> dsv3 name: `model.layers.{n_layers + k}.X` -> `mtp.k.X`; None for the MTP's shared copies."""
+    m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
+    if m and int(m.group(1)) >= n_layers:
+        rest = m.group(2)
+        return None if rest in MTP_SHARED_COPIES else f"mtp.{int(m.group(1)) - n_layers}.{rest}"
+    return key
+
+
+def few(keys) -> str:
+    """The first five of `keys`, sorted, for an error message."""
+    keys = sorted(keys)
+    return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+# What a hub snapshot needs for dsv3: weights, configs and tokenizer files (no pickles, no remote code).
+HUB_FILES = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def resolve_model(name: str | Path, revision: str | None = None) -> Path:
+    """A checkpoint directory for `name`: a local directory as is, else a Hugging Face hub id
+    ("deepseek-ai/DeepSeek-V3") fetched with huggingface_hub's `snapshot_download` into its cache (HF_HOME,
+    HF_HUB_CACHE; HF_HUB_OFFLINE=1 uses the cache only), HUB_FILES only. revision: branch, tag or commit (hub only).
+    """
+    path = Path(name)
+    if path.is_dir():
+        if revision is not None:
+            raise CheckpointError(f"{path}: a local directory has no revision; --revision applies to hub ids")
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(str(name))
+    except HFValidationError:
+        raise CheckpointError(f"{name}: no such directory (nor a hub id like deepseek-ai/DeepSeek-V3)") from None
+    try:
+        return Path(snapshot_download(str(name), revision=revision, allow_patterns=list(HUB_FILES)))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(f"{name}: no such directory, and hub id {name}"
+                              + (f" at revision {revision}" if revision else "")
+                              + " is not in the Hugging Face cache while offline (HF_HUB_OFFLINE=1 or no network); "
+                                "download it once online or give a local directory") from None
+    except HfHubHTTPError as error:  # not found, gated, bad revision: the hub's own message, first line
+        raise CheckpointError(f"{name}: no such directory, and the hub refused it: "
+                              f"{str(error).splitlines()[0]}") from None
+
+
+def hub_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None, *,
+                   mtp_copies: bool = True) -> dict[str, torch.Tensor]:
+    """The model's tensors under hub names, MTP layers as `model.layers.{L + k}`.
+
+    mtp_copies: also store the embedding and output head inside each MTP layer, as DeepSeek-V3's checkpoints do
+    (loaders, dsv3's included, use the main model's; dropping the copies saves 2 × vocab × hidden per MTP layer).
+    """
+    n_layers = model.config.num_hidden_layers
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("mtp."):
+            k, rest = name[4:].split(".", 1)
+            name = f"model.layers.{n_layers + int(k)}.{rest}"
+        out[name] = tensor
+    for k in range(len(model.mtp) if mtp_copies else 0):
+        out[f"model.layers.{n_layers + k}.embed_tokens.weight"] = model.model.embed_tokens.weight
+        out[f"model.layers.{n_layers + k}.shared_head.head.weight"] = model.lm_head.weight
+    if dtype is not None:
+        out = {k: v if FP32_KEYS.match(k) else v.to(dtype) for k, v in out.items()}
+    # safetensors refuses shared storage: give each entry its own contiguous memory
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def save_pretrained(model: torch.nn.Module, path: str | Path, *, dtype: torch.dtype | None = None,
+                    mtp_copies: bool = True) -> None:
+    """Write `config.json` + `model.safetensors` so that dsv3 and transformers' AutoModelForCausalLM load it.
+
+    mtp_copies: see `hub_state_dict`.
+    Each file is written to a temporary name and renamed (dsv3.atomic), so a crash never leaves a half-written file.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = hub_state_dict(model, dtype, mtp_copies=mtp_copies)
+    hf = model.config.to_hf()
+    hf["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
+    write_file(path / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2) + "\n"))
+    write_file(path / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))

@@ -1,0 +1,80 @@
+"""The import graph of dsv3/, read from the source (ast, module- and function-level imports alike): no cycles, the
+model core and its I/O import only downwards in docs/layout.md's order, and no module imports another's private
+names."""
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "dsv3"
+# config -> layers/rope/cache -> attention (incl. DSA)/moe -> model -> hub I/O -> checkpoint/quant/lora; the
+# modules above these (tokenizer, generation, train, engine, eval, server, cli) may import any of them
+LEVELS = {"dsv3.config": 0, "dsv3.atomic": 0, "dsv3.layers": 1, "dsv3.rope": 1, "dsv3.cache": 1,
+          "dsv3.attention": 2, "dsv3.dsa": 2, "dsv3.moe": 2, "dsv3.model": 3, "dsv3.hub": 4,
+          "dsv3.checkpoint": 5, "dsv3.lora": 5, "dsv3.quant": 5, "dsv3.quant.apply": 5, "dsv3.quant.base": 5,
+          "dsv3.quant.fp8": 5, "dsv3.quant.int4": 5, "dsv3.quant.int8": 5}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in ROOT.rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = path
+    return mods
+
+
+def _imports(mods: dict[str, Path]) -> dict[str, set[tuple[str, str]]]:
+    """module -> {(imported dsv3 module, imported name or "")}."""
+    out = defaultdict(set)
+    for name, path in mods.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else node.module
+                if base and base.startswith("dsv3"):
+                    for alias in node.names:
+                        target = f"{base}.{alias.name}"
+                        out[name].add((target, "") if target in mods else (base, alias.name))
+            elif isinstance(node, ast.Import):
+                out[name].update((a.name, "") for a in node.names if a.name.startswith("dsv3"))
+    return out
+
+
+MODS = _modules()
+IMPORTS = _imports(MODS)
+GRAPH = {m: {t for t, _ in IMPORTS[m] if t != m and t in MODS} for m in MODS}
+
+
+def test_the_graph_is_read():
+    assert GRAPH["dsv3.model"] >= {"dsv3.attention", "dsv3.moe", "dsv3.dsa"}
+    assert "dsv3.hub" in GRAPH["dsv3.checkpoint"] and "dsv3.hub" in GRAPH["dsv3.quant.apply"]
+
+
+def test_no_import_cycles():
+    state, cycles = {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for t in sorted(GRAPH[m]):
+            if state.get(t) == "open":
+                cycles.append(" -> ".join(path[path.index(t):] + [t]))
+            elif t not in state:
+                visit(t, path + [t])
+        state[m] = "done"
+    for m in sorted(MODS):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles
+
+
+def test_model_core_and_io_import_only_downwards():
+    wrong = [f"{m} (level {LEVELS[m]}) imports {t} (level {LEVELS.get(t, 'above checkpoint/quant/lora')})"
+             for m in LEVELS for t in GRAPH[m] if LEVELS.get(t, 99) > LEVELS[m]]
+    assert not wrong, wrong
+
+
+def test_no_private_names_across_modules():
+    wrong = [f"{m} imports {name} from {t}" for m in MODS for t, name in IMPORTS[m]
+             if name.startswith("_") and t != m]
+    assert not wrong, wrong
