@@ -18,7 +18,7 @@ from typing import TextIO
 
 import torch
 
-from .cli import REVISION_HELP, device, model_path
+from .arguments import REVISION_HELP, device, model_path
 from .generation import stream_text
 from .sampling import SamplingParams
 

@@ -12,8 +12,6 @@ import argparse
 import importlib
 import logging
 import sys
-import warnings
-from pathlib import Path
 
 # Modules that contribute subcommands, each with `add_cli(subparsers)`; imported only when the CLI starts.
 COMMAND_MODULES = [
@@ -40,42 +38,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.print_usage(sys.stdout)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def device(value: str) -> str:
-    """`--device` of every subcommand: "auto" (the default) is cuda when a GPU is there, else cpu; a device that
-    this machine does not have is an error (argparse reports it as one line naming --device)."""
-    import torch
-
-    with warnings.catch_warnings():  # CUDA builds warn about a missing driver while probing; the answer is enough
-        warnings.simplefilter("ignore")
-        cuda = torch.cuda.is_available()
-        count = torch.cuda.device_count() if cuda else 0
-    if value == "auto":
-        return "cuda" if cuda else "cpu"
-    try:
-        chosen = torch.device(value)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1, auto)") from None
-    if chosen.type == "cuda" and (not cuda or (chosen.index or 0) >= count):
-        raise argparse.ArgumentTypeError(f"{value}: no such CUDA device here ({count} found); use --device cpu")
-    if chosen.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{value}: MPS is not available here; use --device cpu")
-    return str(chosen)
-
-
-REVISION_HELP = "hub branch, tag or commit of --model (default: main)"
-
-
-def model_path(name: str, revision: str | None = None) -> Path:
-    """`--model DIR|HUB_ID [--revision R]` -> a local checkpoint directory (dsv3.checkpoint.resolve_model); one that
-    cannot be had ends the command with one line naming --model."""
-    from .checkpoint import CheckpointError, resolve_model
-
-    try:
-        return resolve_model(name, revision)
-    except CheckpointError as error:
-        raise SystemExit(f"--model {error}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

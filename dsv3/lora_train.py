@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .atomic import directory, write_file
 from .checkpoint import load_pretrained
-from .cli import REVISION_HELP, model_path
+from .arguments import REVISION_HELP, model_path
 from .lora import LORA_TARGETS, apply_lora, lora_modules, quantized_reference_forward, save_adapter
 from .model import Transformer
 from .tokenizer import Tokenizer

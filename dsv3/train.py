@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import dsa
 from .checkpoint import load_pretrained
-from .cli import REVISION_HELP, model_path
+from .arguments import REVISION_HELP, model_path
 from .data import EpochSampler, PackedSequences
 from .model import Transformer
 from .moe import MoE

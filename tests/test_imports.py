@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[1] / "dsv3"
 LEVELS = {"dsv3.config": 0, "dsv3.atomic": 0, "dsv3.layers": 1, "dsv3.rope": 1, "dsv3.cache": 1,
           "dsv3.attention": 2, "dsv3.dsa": 2, "dsv3.moe": 2, "dsv3.model": 3, "dsv3.hub": 4,
           "dsv3.checkpoint": 5, "dsv3.lora": 5, "dsv3.quant": 5, "dsv3.quant.apply": 5, "dsv3.quant.base": 5,
-          "dsv3.quant.fp8": 5, "dsv3.quant.int4": 5, "dsv3.quant.int8": 5}
+          "dsv3.quant.fp8": 5, "dsv3.quant.int4": 5, "dsv3.quant.int8": 5, "dsv3.arguments": 5}
+# the command modules share their options through dsv3/arguments.py: none imports the top-level dispatcher
+COMMANDS = ["dsv3.chat", "dsv3.train", "dsv3.lora_train", "dsv3.eval.mmlu", "dsv3.quant.cli", "dsv3.server.cli"]
 
 
 def _modules() -> dict[str, Path]:
@@ -77,4 +79,9 @@ def test_model_core_and_io_import_only_downwards():
 def test_no_private_names_across_modules():
     wrong = [f"{m} imports {name} from {t}" for m in MODS for t, name in IMPORTS[m]
              if name.startswith("_") and t != m]
+    assert not wrong, wrong
+
+
+def test_no_command_module_imports_the_dispatcher():
+    wrong = [m for m in COMMANDS if "dsv3.cli" in GRAPH[m]]
     assert not wrong, wrong

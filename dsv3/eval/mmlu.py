@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..cli import REVISION_HELP, device, model_path
+from ..arguments import REVISION_HELP, device, model_path
 from . import eval_subparsers
 from .mmlu_data import CATEGORIES, LETTERS, SUBJECT_CATEGORY, MMLUData, format_question, load_mmlu, subject_prefix
 

@@ -14,7 +14,7 @@ _WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.js
 
 def _run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_pretrained
-    from ..cli import model_path
+    from ..arguments import model_path
     from .apply import quantize, quantized_layers, save_quantized
     from .base import QuantizationError
 
@@ -41,7 +41,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    from ..cli import REVISION_HELP
+    from ..arguments import REVISION_HELP
     from .apply import DEFAULT_SKIP, SCHEMES
     from .int4 import GROUP_SIZES
 

@@ -21,7 +21,7 @@ import ssl
 from argparse import ArgumentTypeError
 from pathlib import Path
 
-from ..cli import REVISION_HELP, device, model_path
+from ..arguments import REVISION_HELP, device, model_path
 
 try:
     import tomllib
