@@ -165,6 +165,7 @@ def _decode(model: torch.nn.Module, input_ids: torch.Tensor, params: list[Sampli
     generators = [make_generator(p.seed, device) for p in params]
     stops = torch.tensor(params[0].stop_token_ids, dtype=torch.long, device=device)
     penalised = params[0].has_penalties
+    sampled = any(p.temperature > 0 for p in params)  # only drawn rows can fail (`sample` marks them -1)
     prompt_mask = count_tokens(input_ids, vocab, device) > 0 if penalised else None
     output_counts = torch.zeros(B, vocab, dtype=torch.long, device=device) if penalised else None
     rows = torch.arange(B, device=device)
@@ -183,6 +184,9 @@ def _decode(model: torch.nn.Module, input_ids: torch.Tensor, params: list[Sampli
     for step in range(max_new_tokens):
         active = ~finished
         tokens = sample(logits, params, generators, output_counts=output_counts, prompt_mask=prompt_mask)
+        if sampled and bool((tokens < 0).any()):  # one host sync per sampled step; greedy steps need none
+            raise ValueError(f"sampling failed at step {step}: the logits hold NaN or infinities, so there is no "
+                             "distribution to draw from (check the model's weights and the penalties)")
         tokens = torch.where(active, tokens, pad)
         if penalised:
             output_counts[rows, tokens] += active.long()  # no boolean indexing: it would sync

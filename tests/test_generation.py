@@ -221,3 +221,13 @@ def test_stream_text_yields_the_decoded_generation_cut_at_stop_strings():
     stop = full[len(full) // 2:len(full) // 2 + 2]
     cut = "".join(stream_text(model, tok, prompt, 12, stop=[stop]))
     assert cut == full[:full.index(stop)]
+
+
+def test_sampling_from_nan_logits_is_a_clear_error():
+    """`sample` marks a row it cannot draw for with -1; generate says so instead of feeding -1 to the embedding."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.tiny()).eval()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="sampling failed at step 0: the logits hold NaN"):
+        generate(model, torch.tensor([[1, 2, 3]]), 4, temperature=0.8, seed=0)
