@@ -499,16 +499,24 @@ def test_config_file_then_command_line(tmp_path, monkeypatch):
 def test_compile_flag_and_config_key_reach_the_engine(model_dir, tmp_path, monkeypatch):
     from dsv3.cli import build_parser
     from dsv3.engine import Engine
-    from dsv3.server.cli import resolve_options
+    from dsv3.server.cli import compiled_by_default, resolve_options
 
     def parsed(*argv):
         return resolve_options(build_parser().parse_args(["serve", *argv]))["compile"]
 
     (tmp_path / "compile.json").write_text('{"compile": true}')
-    assert parsed() is False and parsed("--compile") is True and parsed("--config", str(tmp_path / "compile.json"))
+    assert parsed() is None and parsed("--compile") is True and parsed("--eager") is False
+    assert parsed("--config", str(tmp_path / "compile.json")) is True
+    assert parsed("--config", str(tmp_path / "compile.json"), "--eager") is False
+    with pytest.raises(SystemExit):  # argparse: not allowed with argument --compile
+        build_parser().parse_args(["serve", "--compile", "--eager"])
+    # the default: compiled on a GPU (CUDA graphs, as vLLM), eager on a CPU; an explicit choice wins on both
+    assert [compiled_by_default(None, "cuda"), compiled_by_default(None, "cpu")] == [True, False]
+    assert [compiled_by_default(False, "cuda"), compiled_by_default(True, "cpu")] == [False, True]
     warmed = []  # the compiled step itself is tested in test_engine.py; here: the option compiles at startup
     monkeypatch.setattr(Engine, "warmup", lambda self: warmed.append(self.config.compile))
     build_app(options(model_dir, compile=True))
+    build_app(options(model_dir))  # the default on this CPU: eager, no warm-up
     assert warmed == [True]
     with pytest.raises(SystemExit, match="EngineConfig.compile must be true or false, got 'yes'"):
         build_app(options(model_dir, compile="yes"))

@@ -2,7 +2,7 @@
 
     dsv3 serve [--model DIR] [--host H] [--port P] [--api-key KEY ...] [--config FILE] [--allow-cidr CIDR ...]
                [--rate-limit N] [--ssl-certfile F --ssl-keyfile F] [--plugin module:Class ...] [engine sizes]
-               [--compile]
+               [--compile | --eager]
     dsv3 token create --expires-in 3600 [--api-key KEY | $DSV3_API_KEY]
 
 Options come from (last wins) built-in defaults, the --config file (JSON, or TOML when it ends in .toml; keys are
@@ -32,7 +32,7 @@ DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000,
                 revision=None,
                 rate_limit=100.0, rate_burst=None, ssl_certfile=None, ssl_keyfile=None, plugin=[], max_batch=8,
                 max_seq_len=2048, max_waiting=256, max_prefill_tokens=2048, block_size=16, prefix_cache_mb=64.0,
-                device="auto", dtype=None, threads=None, quantize=None, adapter=None, compile=False,
+                device="auto", dtype=None, threads=None, quantize=None, adapter=None, compile=None,
                 compile_max_batch=8, log_level="info")
 # request limits and trust boundaries (docs/security.md); allowed_hosts None: loopback names when bound to loopback
 DEFAULTS.update(max_body_bytes=4 << 20, max_prompts=256, max_request_tokens=1 << 17, max_logprob_values=1 << 16,
@@ -89,6 +89,12 @@ def _model_dir(options: dict) -> Path:
                          "or pass --model DIR") from None
 
 
+def compiled_by_default(compile: bool | None, device_type: str) -> bool | None:
+    """--compile / --eager as given, else compiled (CUDA graphs) on a GPU, as vLLM serves, and eager on a CPU, where
+    the compiled step helps only at low concurrency (docs/performance.md) and costs minutes of start-up."""
+    return device_type == "cuda" if compile is None else compile
+
+
 def build_app(options: dict):
     """Load the model and tokenizer and return the ASGI app."""
     import torch
@@ -124,6 +130,7 @@ def build_app(options: dict):
         except AdapterError as error:
             raise SystemExit(f"--adapter: {error}") from None
     tokenizer = Tokenizer.from_pretrained(path)
+    options["compile"] = compiled_by_default(options["compile"], torch.device(where).type)
     try:
         engine_config = EngineConfig(
             max_batch=options["max_batch"], max_seq_len=options["max_seq_len"], max_waiting=options["max_waiting"],
@@ -259,9 +266,13 @@ def add_cli(subparsers) -> None:
                         "written by `dsv3 quantize` load quantized without it")
     p.add_argument("--adapter", help="LoRA adapter directory (PEFT format, e.g. from `dsv3 finetune`) applied after "
                    "loading (and after --quantize)")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the batched decode step (CUDA graphs on a GPU), compiled at startup (a few "
-                        "graphs, about a minute each on a CPU): faster at low concurrency")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--compile", action="store_true", default=None,
+                      help="torch.compile the batched decode step, compiled at startup (CUDA graphs captured for "
+                           "each batch size up to --compile-max-batch, as vLLM does); the default on a GPU. On a "
+                           "CPU: a few graphs of about a minute each, faster at low concurrency")
+    form.add_argument("--eager", dest="compile", action="store_false", default=None,
+                      help="run the decode step eagerly (the reference), also on a GPU: starts in seconds")
     p.add_argument("--compile-max-batch", type=int, help="with --compile, batches of more rows run the eager step "
                    "(default 8: the compiled step attends over all --max-seq-len slots, which costs more than it "
                    "saves at 32 rows on CPU)")
