@@ -4,12 +4,18 @@ time-to-first-token in a multi-turn chat with a long shared system prompt.
     python bench/serve.py                      # the bundled model (a tiny random one if it is not built yet)
     python bench/serve.py --model DIR --max-tokens 64
     python bench/serve.py --compile            # the servers' decode step through torch.compile
+    python bench/serve.py --shape v2-lite --clients 1 8 32 128   # GPU: a random V2-Lite-shaped bf16 model
+    python bench/serve.py --shape v2-lite --eager                # ... with the eager decode step
 
 The server runs as a subprocess (`python -m dsv3.cli serve`, as users start it); the clients are streaming httpx
 requests in this process, with the SSE parsed by hand so that the clients take little of the CPU the server needs
 (the openai SDK builds a pydantic object per chunk; the tests cover the SDK).
-Throughput = completion tokens of all requests / wall time of the phase; the batching gain is tokens/s at N clients
-over tokens/s at 1. TTFT is measured to the first chunk with content.
+Throughput = completion tokens of all requests / wall time of the phase (requests/s likewise); the batching gain is
+tokens/s at N clients over tokens/s at 1. TTFT is measured to the first chunk with content, the inter-token latency
+(ITL) between consecutive content chunks of one stream (each chunk is one token here: ignore_eos, no stop strings).
+`--shape v2-lite` serves bench/decode.py's DeepSeek-V2-Lite-shaped random model (6.9B parameters, bf16) with the
+bundled tokenizer's vocabulary instead of V2-Lite's 102400 (random weights pick any id, and an id the tokenizer
+lacks decodes to no text, which would hide the token from TTFT and ITL): a smaller LM head, ~3% of the weights.
 The prefix-cache comparison starts two servers, one with `--prefix-cache-mb 0`, and sends both the same
 conversations (each turn resends the whole history, as chat clients do).
 """
@@ -46,16 +52,30 @@ def _cpu() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def model_dir(arg: str | None, scratch: Path) -> tuple[Path, str]:
+def model_dir(arg: str | None, scratch: Path, shape: str | None = None) -> tuple[Path, str]:
     if arg:
         return Path(arg), arg
+    bundled = Path(dsv3.__file__).parent / "bundled"
+    if shape == "v2-lite":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from decode import V2_LITE
+
+        vocab = dsv3.Tokenizer.from_pretrained(bundled).vocab_size
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = dsv3.Transformer(dsv3.ModelConfig(**dict(V2_LITE, vocab_size=vocab))).to(torch.bfloat16)
+        dsv3.save_pretrained(model, scratch)
+        del model
+        torch.cuda.empty_cache()  # the server, a subprocess, loads it again
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(bundled / name, scratch / name)
+        return scratch, f"random V2-Lite-shaped bf16 model, vocabulary {vocab}"
     try:
         return dsv3.bundled_model_path(), "bundled model"
     except FileNotFoundError:
         torch.manual_seed(0)
         model = dsv3.Transformer(dsv3.ModelConfig.tiny(vocab_size=8192))
         dsv3.save_pretrained(model, scratch)
-        bundled = Path(dsv3.__file__).parent / "bundled"
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(bundled / name, scratch / name)
         return scratch, "tiny random model (bundled model not built yet)"
@@ -71,7 +91,9 @@ def server(path: Path, *flags: str):
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + (600 if "--compile" in flags else 120)  # compiling at startup takes minutes
+        # compiling at startup (--compile, and by default on a GPU) takes minutes; loading 14 GB takes a while too
+        deadline = time.monotonic() + (120 if "--eager" in flags or not torch.cuda.is_available() and
+                                       "--compile" not in flags else 900)
         while True:
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
@@ -93,7 +115,7 @@ async def one_stream(client: httpx.AsyncClient, messages, max_tokens: int) -> di
     body = {"model": NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
     start = time.perf_counter()
-    ttft, usage, text = None, None, []
+    ttft, usage, text, arrivals = None, None, [], []
     async with client.stream("POST", "/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -101,13 +123,14 @@ async def one_stream(client: httpx.AsyncClient, messages, max_tokens: int) -> di
                 continue
             chunk = json.loads(line[6:])
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                ttft = ttft if ttft is not None else time.perf_counter() - start
+                arrivals.append(time.perf_counter())
+                ttft = ttft if ttft is not None else arrivals[0] - start
                 text.append(chunk["choices"][0]["delta"]["content"])
             if chunk.get("usage"):
                 usage = chunk["usage"]
     return {"ttft": ttft, "latency": time.perf_counter() - start, "tokens": usage["completion_tokens"],
             "cached": usage["prompt_tokens_details"]["cached_tokens"], "prompt": usage["prompt_tokens"],
-            "text": "".join(text)}
+            "text": "".join(text), "itl": [b - a for a, b in zip(arrivals, arrivals[1:])]}
 
 
 def _client(base_url: str) -> httpx.AsyncClient:
@@ -130,7 +153,8 @@ async def throughput(base_url: str, clients: int, per_client: int, max_tokens: i
     wall = time.perf_counter() - start
     await client.aclose()
     return {"clients": clients, "requests": len(results), "tok_s": sum(r["tokens"] for r in results) / wall,
-            "ttft": [r["ttft"] for r in results], "latency": [r["latency"] for r in results]}
+            "req_s": len(results) / wall, "ttft": [r["ttft"] for r in results],
+            "latency": [r["latency"] for r in results], "itl": [gap for r in results for gap in r["itl"]]}
 
 
 def system_prompt(path: Path, tokens: int) -> str:
@@ -168,6 +192,7 @@ def main() -> None:
     parser.add_argument("--model", help="model directory (default: bundled model, else a tiny random one)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request in the throughput phase")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--shape", choices=["v2-lite"], help="serve a random model of this shape (GPU) instead")
     parser.add_argument("--requests", type=int, default=64, help="requests per throughput phase (>= clients)")
     parser.add_argument("--system-tokens", type=int, default=1500,
                         help="length of the shared system prompt (at most half the model's context)")
@@ -175,8 +200,10 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=3, help="multi-turn chats per prefix-cache server "
                         "(0 skips the prefix-cache phase)")
     parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--compile", action="store_true", help="start the servers with --compile (the compiled "
-                        "decode step; compiling at startup is not counted)")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--compile", action="store_true", help="start the servers with --compile (the compiled "
+                      "decode step; compiling at startup is not counted). The servers' default: on a GPU only")
+    form.add_argument("--eager", action="store_true", help="start the servers with --eager (also on a GPU)")
     args = parser.parse_args()
     for name in ("max_tokens", "requests", "system_tokens", "threads", "turns"):
         if getattr(args, name) < 1:
@@ -185,22 +212,23 @@ def main() -> None:
         parser.error("--conversations must be >= 0 and every --clients value >= 1")
 
     with tempfile.TemporaryDirectory() as scratch:
-        path, what = model_dir(args.model, Path(scratch))
+        path, what = model_dir(args.model, Path(scratch), args.shape)
         context = json.loads((path / "config.json").read_text())["max_position_embeddings"]
         sizes = ["--max-batch", str(max(args.clients)), "--max-seq-len", str(context), "--threads", str(args.threads)]
-        sizes += ["--compile"] if args.compile else []
-        print(f"model: {what} ({path}); {_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}")
+        sizes += ["--compile"] if args.compile else ["--eager"] if args.eager else []
+        card = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{_cpu()}, {os.cpu_count()} cores"
+        print(f"model: {what} ({path}); {card}, torch {torch.__version__}; server flags: {' '.join(sizes)}")
         with server(path, *sizes) as url:
             rows = [asyncio.run(throughput(url, c, max(1, args.requests // c) if c > 1 else max(4, args.requests // 8),
                                            args.max_tokens)) for c in args.clients]
         base = rows[0]["tok_s"]
         print(f"\nThroughput ({args.max_tokens} tokens per request, streaming, temperature 0)")
-        print(f"{'clients':>7} {'requests':>8} {'tok/s':>8} {'vs 1':>6} {'TTFT p50':>9} {'TTFT p99':>9} "
-              f"{'lat p50':>8} {'lat p99':>8}")
+        print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>8} {'vs 1':>6} {'TTFT p50':>9} {'TTFT p99':>9} "
+              f"{'ITL p50':>8} {'ITL p99':>8} {'lat p50':>8} {'lat p99':>8}")
         for r in rows:
-            print(f"{r['clients']:>7} {r['requests']:>8} {r['tok_s']:>8.1f} {r['tok_s'] / base:>5.2f}x "
-                  f"{pct(r['ttft'], .5):>8.3f}s {pct(r['ttft'], .99):>8.3f}s {pct(r['latency'], .5):>7.3f}s "
-                  f"{pct(r['latency'], .99):>7.3f}s")
+            print(f"{r['clients']:>7} {r['requests']:>8} {r['req_s']:>7.2f} {r['tok_s']:>8.1f} {r['tok_s'] / base:>5.2f}x "
+                  f"{pct(r['ttft'], .5):>8.3f}s {pct(r['ttft'], .99):>8.3f}s {1e3 * pct(r['itl'], .5):>6.1f}ms "
+                  f"{1e3 * pct(r['itl'], .99):>6.1f}ms {pct(r['latency'], .5):>7.3f}s {pct(r['latency'], .99):>7.3f}s")
 
         if not args.conversations:
             return
