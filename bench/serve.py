@@ -193,6 +193,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request in the throughput phase")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--shape", choices=["v2-lite"], help="serve a random model of this shape (GPU) instead")
+    parser.add_argument("--model-out", help="with --shape: write the random model here (kept, for --model in a "
+                        "later run) rather than in a temporary directory")
+    parser.add_argument("--compile-max-batch", type=int, help="the servers' --compile-max-batch (fewer graphs to "
+                        "compile and capture at startup)")
     parser.add_argument("--requests", type=int, default=64, help="requests per throughput phase (>= clients)")
     parser.add_argument("--system-tokens", type=int, default=1500,
                         help="length of the shared system prompt (at most half the model's context)")
@@ -212,10 +216,13 @@ def main() -> None:
         parser.error("--conversations must be >= 0 and every --clients value >= 1")
 
     with tempfile.TemporaryDirectory() as scratch:
-        path, what = model_dir(args.model, Path(scratch), args.shape)
+        if args.model_out:
+            Path(args.model_out).mkdir(parents=True, exist_ok=True)
+        path, what = model_dir(args.model, Path(args.model_out or scratch), args.shape)
         context = json.loads((path / "config.json").read_text())["max_position_embeddings"]
         sizes = ["--max-batch", str(max(args.clients)), "--max-seq-len", str(context), "--threads", str(args.threads)]
         sizes += ["--compile"] if args.compile else ["--eager"] if args.eager else []
+        sizes += ["--compile-max-batch", str(args.compile_max_batch)] if args.compile_max_batch else []
         card = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{_cpu()}, {os.cpu_count()} cores"
         print(f"model: {what} ({path}); {card}, torch {torch.__version__}; server flags: {' '.join(sizes)}")
         with server(path, *sizes) as url:

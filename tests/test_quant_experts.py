@@ -72,3 +72,19 @@ def test_mixed_or_unquantized_experts_are_not_stacked():
     assert QuantizedExperts.build(moe.experts) is not None
     moe.experts[2].down_proj = torch.nn.Linear(48, 96, bias=False)  # e.g. one expert left unquantized
     assert QuantizedExperts.build(moe.experts) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scheme,kwargs", SCHEMES)
+def test_stacked_paths_on_cuda_from_the_kernel_layouts(scheme, kwargs):
+    """On a GPU the experts start in their kernel layouts (int4: tinygemm tiles), which stacking undoes."""
+    moe = quantized_moe(scheme, kwargs, torch.bfloat16).cuda()
+    x = torch.randn(7, 96, dtype=torch.bfloat16, device="cuda")
+    weights, indices, _ = moe.gate(x)
+    with torch.no_grad():
+        expected = moe.routed_reference(x, weights, indices)
+        stacks = QuantizedExperts.build(moe.experts)
+        torch.testing.assert_close(stacks.routed_gather(x, weights, indices), expected, rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(moe.routed_grouped(x, weights, indices, *stacks.dense(torch.bfloat16)), expected,
+                                   rtol=2e-2, atol=2e-3)
