@@ -2,12 +2,13 @@
 
     dsv3 serve [--model DIR] [--host H] [--port P] [--api-key KEY ...] [--config FILE] [--allow-cidr CIDR ...]
                [--rate-limit N] [--ssl-certfile F --ssl-keyfile F] [--plugin module:Class ...] [engine sizes]
-               [--compile]
+               [--compile] [--log-format text|json] [--drain-timeout S] [--workers 1]
     dsv3 token create --expires-in 3600 [--api-key KEY | $DSV3_API_KEY]
 
 Options come from (last wins) built-in defaults, the --config file (JSON, or TOML when it ends in .toml; keys are
 option names, with - or _), then the command line. API keys may also come from $DSV3_API_KEY (comma-separated).
-TLS: uvicorn's SSL context with TLS 1.3 as the minimum version.
+TLS: uvicorn's SSL context with TLS 1.3 as the minimum version. SIGTERM drains (lifecycle.py); one process serves one
+engine, so --workers above 1 is refused: scale out with replicas behind a load balancer (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000,
 # request limits and trust boundaries (docs/security.md); allowed_hosts None: loopback names when bound to loopback
 DEFAULTS.update(max_body_bytes=4 << 20, max_prompts=256, max_request_tokens=1 << 17, max_logprob_values=1 << 16,
                 forwarded_allow_ips=[], allowed_hosts=None, shared_prefix_cache=False)
+# running under an orchestrator (docs/deploy.md)
+DEFAULTS.update(workers=1, log_format="text", drain_timeout=25.0)
+WORKERS_REFUSED = ("one dsv3 serve process runs one engine, which batches every request on the device itself; "
+                   "several processes would each load the model and split the device between them. Scale out "
+                   "with replicas behind a load balancer (a Kubernetes Service: docs/deploy.md)")
 
 
 def _read_config(path: str) -> dict:
@@ -157,20 +163,29 @@ def build_app(options: dict):
 
 
 def serve(args) -> int:
-    import uvicorn
+    from .lifecycle import DrainingServer
+    from .logs import configure_logging
 
     options = resolve_options(args)
-    logging.basicConfig(level=options["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    workers, grace = options["workers"], options["drain_timeout"]
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise SystemExit(f"--workers {workers}: expected 1")
+    if workers > 1:
+        raise SystemExit(f"--workers {workers}: {WORKERS_REFUSED}")
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace > 0:
+        raise SystemExit(f"--drain-timeout {grace}: expected a positive number of seconds")
+    log_options = configure_logging(options["log_level"], options["log_format"])
     if bool(options["ssl_certfile"]) != bool(options["ssl_keyfile"]):
         raise SystemExit("--ssl-certfile and --ssl-keyfile go together")
     sock = listen(options["host"], options["port"])  # before the model loads: a busy port fails at once
     app = build_app(options)
     config = uvicorn_config(app, host=options["host"], port=options["port"], log_level=options["log_level"],
-                            ssl_certfile=options["ssl_certfile"], ssl_keyfile=options["ssl_keyfile"])
+                            ssl_certfile=options["ssl_certfile"], ssl_keyfile=options["ssl_keyfile"], **log_options)
     scheme = "https" if options["ssl_certfile"] else "http"  # uvicorn logs no address for a socket it is given
-    logging.getLogger("dsv3.server").info("serving on %s://%s:%d/v1 (Ctrl-C stops)", scheme, *sock.getsockname()[:2])
+    logging.getLogger("dsv3.server").info("serving on %s://%s:%d/v1 (Ctrl-C stops; SIGTERM drains)", scheme,
+                                          *sock.getsockname()[:2])
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        DrainingServer(config, app.state.dsv3.lifecycle, grace).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises Ctrl-C: the usual way to stop
         pass
     return 0
@@ -266,6 +281,13 @@ def add_cli(subparsers) -> None:
                    "(default 8: the compiled step attends over all --max-seq-len slots, which costs more than it "
                    "saves at 32 rows on CPU)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    # running under an orchestrator: docs/deploy.md
+    p.add_argument("--log-format", choices=["text", "json"], help="text lines (default) or one JSON object per line, "
+                   "each with the request id (x-request-id) of the request it belongs to")
+    p.add_argument("--drain-timeout", type=float, help="on SIGTERM: seconds the requests in flight get to finish "
+                   "while new ones get 503 and /ready answers 503 (default 25; keep below the orchestrator's grace)")
+    p.add_argument("--workers", type=int, help="server processes: only 1; scale out with replicas behind a load "
+                   "balancer (docs/deploy.md)")
     # request limits and trust boundaries: docs/security.md
     p.add_argument("--max-body-bytes", type=int, help="request body cap, 413 beyond it (default 4 MiB)")
     p.add_argument("--max-prompts", type=int, help="prompts in one completions request (default 256)")
