@@ -6,7 +6,8 @@
     dsv3 token create --expires-in 3600 [--api-key KEY | $DSV3_API_KEY]
 
 Options come from (last wins) built-in defaults, the --config file (JSON, or TOML when it ends in .toml; keys are
-option names, with - or _), then the command line. API keys may also come from $DSV3_API_KEY (comma-separated).
+option names, with - or _), then the command line. API keys may also come from $DSV3_API_KEY (comma-separated) and
+from the file $DSV3_API_KEY_FILE names (one key a line: a mounted Docker or Kubernetes secret, never in the image).
 TLS: uvicorn's SSL context with TLS 1.3 as the minimum version. SIGTERM drains (lifecycle.py); one process serves one
 engine, so --workers above 1 is refused: scale out with replicas behind a load balancer (docs/deploy.md).
 """
@@ -74,9 +75,22 @@ def resolve_options(args) -> dict:
         value = getattr(args, name, None)
         if value is not None and value != []:
             options[name] = value
-    env_keys = [k for k in os.environ.get("DSV3_API_KEY", "").split(",") if k]
-    options["api_key"] = list(options["api_key"]) + env_keys
+    options["api_key"] = list(options["api_key"]) + env_api_keys()
     return options
+
+
+def env_api_keys() -> list[str]:
+    """Keys from $DSV3_API_KEY (comma-separated) and the file $DSV3_API_KEY_FILE (one a line; blank lines and lines
+    starting with # skipped)."""
+    keys = [k for k in os.environ.get("DSV3_API_KEY", "").split(",") if k]
+    path = os.environ.get("DSV3_API_KEY_FILE")
+    if path:
+        try:
+            lines = (line.strip() for line in Path(path).read_text().splitlines())
+            keys += [line for line in lines if line and not line.startswith("#")]
+        except OSError as error:
+            raise SystemExit(f"DSV3_API_KEY_FILE={path}: cannot read it ({error.strerror})") from None
+    return keys
 
 
 def _model_dir(options: dict) -> Path:
@@ -233,7 +247,7 @@ def token_create(args) -> int:
     keys = [args.api_key] if args.api_key else []
     if not keys and args.config:
         keys = list(_read_config(args.config).get("api_key", []))
-    keys += [k for k in os.environ.get("DSV3_API_KEY", "").split(",") if k]
+    keys += env_api_keys()
     if not keys:
         raise SystemExit("token create: give --api-key KEY (or set DSV3_API_KEY, or api_key in --config)")
     if args.expires_in <= 0:
@@ -250,7 +264,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port, 1-65535 (default 8000)")
-    p.add_argument("--api-key", action="append", help="accepted API key (repeatable; also $DSV3_API_KEY)")
+    p.add_argument("--api-key", action="append", help="accepted API key (repeatable; also "
+                   "$DSV3_API_KEY, comma-separated, and the file $DSV3_API_KEY_FILE, one a line; # comments)")
     p.add_argument("--config", help="JSON or TOML file of options (command-line flags win)")
     p.add_argument("--allow-cidr", action="append", help="client network allowed, e.g. 10.0.0.0/8 (repeatable)")
     p.add_argument("--rate-limit", type=float, help="requests per second per key (default 100; 0 = off)")
