@@ -128,6 +128,17 @@ def test_histograms_export_buckets_sum_and_count(exported):
         assert "le" in exported[name + "_bucket"]
 
 
+def test_metrics_page_lists_every_series_and_every_dashboard_query(exported):
+    page = (DEPLOY.parent / "docs" / "metrics.md").read_text()
+    for name in (n for n in exported if not n.endswith("_created")):
+        assert f"`{re.sub(r'_(bucket|sum|count)$', '', name)}`" in page, name
+    for rule in adapter_rules():
+        assert f"`{rule['seriesQuery']}`" in page and f"`{rule['metricsQuery']}`" in page
+    dashboard = json.loads((DEPLOY / "grafana" / "dsv3.json").read_text())
+    for target in (t for panel in dashboard["panels"] for t in panel["targets"]):
+        assert f"`{target['expr']}`" in page, target["expr"]
+
+
 def test_hpa_pods_metric_is_what_the_adapter_rule_serves():
     hpa = manifest("HorizontalPodAutoscaler", "dsv3")
     assert hpa["apiVersion"] == "autoscaling/v2"

@@ -1,5 +1,6 @@
 """The server under an orchestrator (issue 23, item 2): /ready after the warm-up, SIGTERM drains in-flight streams
-and exits 0, JSON log lines carry the request id, --workers above 1 is refused with the reason."""
+and exits 0, JSON log lines carry the request id, --workers above 1 is refused with the reason, API keys from a
+secret file."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import subprocess
 import sys
 import threading
 import time
+from argparse import Namespace
 
 import httpx
 import pytest
 
 from dsv3.server import build_app
+from dsv3.server.cli import resolve_options
 from server_utils import MODEL_NAME, ServerThread, free_port, model_dir, server_options  # noqa: F401 (a fixture)
 from test_cli import dsv3_env
 
@@ -108,3 +111,15 @@ def test_bad_orchestration_flags_are_one_line(argv, start, end):
                             text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(start) and result.stderr.endswith(end + "\n")
+
+
+def test_api_keys_come_from_the_file_dsv3_api_key_file(tmp_path, monkeypatch):
+    keys = tmp_path / "keys"
+    keys.write_text("# one key a line\nsk-one\n\n  sk-two  \n")
+    monkeypatch.setenv("DSV3_API_KEY", "sk-env")
+    monkeypatch.setenv("DSV3_API_KEY_FILE", str(keys))
+    options = resolve_options(Namespace(api_key=["sk-flag"]))
+    assert options["api_key"] == ["sk-flag", "sk-env", "sk-one", "sk-two"]
+    monkeypatch.setenv("DSV3_API_KEY_FILE", str(tmp_path / "absent"))
+    with pytest.raises(SystemExit, match=r"^DSV3_API_KEY_FILE=\S+absent: cannot read it \(No such file or directory\)$"):
+        resolve_options(Namespace())

@@ -5,8 +5,9 @@ A pod's life as the kubelet sees it: the process starts, `/health` (liveness) an
 step allocates and, on a GPU, loads kernels). On termination the kubelet sends SIGTERM, waits
 `terminationGracePeriodSeconds`, then SIGKILL. On SIGTERM `DrainingServer` keeps listening but refuses new API
 requests (503 + Retry-After) and answers `/ready` 503 so the endpoint leaves the Service, lets the requests in flight
-(streams included) finish for up to `grace` seconds, then shuts uvicorn down and exits 0. A second SIGTERM, or
-SIGINT (Ctrl-C), stops the way uvicorn does: at once, cutting what is left after a second. docs/deploy.md.
+(streams included) finish for up to `grace` seconds, then shuts uvicorn down and exits 0. A second SIGTERM or a
+SIGINT during the drain ends it (uvicorn's shutdown, cutting what still runs a second later); SIGINT alone is
+uvicorn's Ctrl-C. docs/deploy.md §5.
 """
 
 from __future__ import annotations
