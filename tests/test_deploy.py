@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -27,6 +26,7 @@ from dsv3.cli import build_parser
 from dsv3.server import build_app
 from dsv3.server.cli import resolve_options
 from server_utils import KEY, MODEL_NAME, ServerThread, free_port, model_dir, server_options  # noqa: F401 (a fixture)
+from test_deploy_server import wait_ready
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cuda"]
@@ -260,15 +260,7 @@ def test_installed_as_the_dockerfile_does_it_serves_with_the_dockerfiles_command
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_ready(proc, f"http://127.0.0.1:{port}")
         healthcheck = re.search(r"^\s+CMD (\[.*\])$", dockerfile.read_text(), re.M).group(1)
         check = [arg.replace(":8000/", f":{port}/") for arg in json.loads(healthcheck)]
         assert subprocess.run(check, env=env, timeout=30).returncode == 0
