@@ -36,6 +36,18 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
+def start_server(model_dir, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`dsv3 serve` on the tiny model and a free port, in a child process, once /ready answers: (process, url)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", "--model", str(model_dir), "--port", str(port),
+                             "--served-model-name", MODEL_NAME, "--max-seq-len", "256", "--max-batch", "4",
+                             "--threads", "1", *flags], env=dsv3_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(proc, url)
+    return proc, url
+
+
 def test_ready_only_after_the_warm_up_while_health_answers_at_once(model_dir, monkeypatch):
     app = build_app(server_options(model_dir, api_key=[]))
     engine, release = app.state.dsv3.engine, threading.Event()
@@ -60,14 +72,9 @@ def test_ready_only_after_the_warm_up_while_health_answers_at_once(model_dir, mo
 def test_sigterm_drains_four_streams_refuses_new_requests_and_exits_0(model_dir, tmp_path):
     """Acceptance: 4 streams in flight, SIGTERM -> /ready 503 at once, a new request 503 + Retry-After, all 4
     streams complete, exit 0 within the grace period; the JSON log lines carry the request ids."""
-    port, grace = free_port(), 20
-    proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", "--model", str(model_dir), "--port", str(port),
-                             "--served-model-name", MODEL_NAME, "--max-seq-len", "256", "--max-batch", "4",
-                             "--threads", "1", "--log-format", "json", "--drain-timeout", str(grace)],
-                            env=dsv3_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    grace = 20
+    proc, url = start_server(model_dir, "--log-format", "json", "--drain-timeout", str(grace))
     try:
-        wait_ready(proc, url)
         streaming, last_lines = threading.Barrier(5, timeout=30), [None] * 4
 
         def stream(i):
@@ -103,6 +110,24 @@ def test_sigterm_drains_four_streams_refuses_new_requests_and_exits_0(model_dir,
     access = {r["request_id"]: r["message"] for r in records if r["logger"] == "uvicorn.access"}
     assert all('"POST /v1/completions HTTP/1.1" 200' in access[f"stream-{i}"] for i in range(4))
     assert any(r["message"].startswith("SIGTERM: draining 4 request(s)") for r in records)
+
+
+def test_a_stream_that_outlasts_the_drain_ends_with_an_error_event_and_the_server_exits_0(model_dir):
+    proc, url = start_server(model_dir, "--drain-timeout", "0.2")
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=STREAM, timeout=60) as r:
+            lines = (line for line in r.iter_lines() if line)
+            next(lines)
+            proc.send_signal(signal.SIGTERM)
+            last = list(lines)[-1]
+        assert json.loads(last[6:])["error"]["message"] == ("the request was aborted because the server is "
+                                                            "shutting down")
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "drain: grace period over, 1 request(s) aborted" in stderr, stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 @pytest.mark.parametrize("argv, start, end", [

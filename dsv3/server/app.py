@@ -113,7 +113,7 @@ class AppState:
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
         self.plugins = [load_plugin(p) for p in settings.plugins]
         self.metrics = Metrics(engine, settings.model_name)
-        self.lifecycle = Lifecycle()
+        self.lifecycle = Lifecycle(engine)
         self.created = int(time.time())
         # the most UTF-8 bytes one token stands for (special tokens included): bounds the text that can fit
         self.longest_token = max(len(tokenizer.decode([i]).encode("utf-8")) for i in range(tokenizer.vocab_size))
@@ -216,7 +216,7 @@ def create_app(engine, tokenizer, settings: ServerSettings | None = None) -> Fas
     @contextlib.asynccontextmanager
     async def lifespan(app):
         engine.start()
-        warm_up = asyncio.create_task(state.lifecycle.warm_up(engine))  # /health answers meanwhile, /ready 503
+        warm_up = asyncio.create_task(state.lifecycle.warm_up())  # /health answers meanwhile, /ready 503
         try:
             yield
         finally:

@@ -5,9 +5,9 @@ A pod's life as the kubelet sees it: the process starts, `/health` (liveness) an
 step allocates and, on a GPU, loads kernels). On termination the kubelet sends SIGTERM, waits
 `terminationGracePeriodSeconds`, then SIGKILL. On SIGTERM `DrainingServer` keeps listening but refuses new API
 requests (503 + Retry-After) and answers `/ready` 503 so the endpoint leaves the Service, lets the requests in flight
-(streams included) finish for up to `grace` seconds, then shuts uvicorn down and exits 0. A second SIGTERM or a
-SIGINT during the drain ends it (uvicorn's shutdown, cutting what still runs a second later); SIGINT alone is
-uvicorn's Ctrl-C. docs/deploy.md §5.
+(streams included) finish for up to `grace` seconds, aborts those still running then (a stream ends with an error
+event), shuts uvicorn down and exits 0. A second SIGTERM or a SIGINT during the drain ends it (uvicorn's shutdown,
+cutting what still runs a second later); SIGINT alone is uvicorn's Ctrl-C. docs/deploy.md §5.
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ log = logging.getLogger("dsv3.server")
 
 @dataclass
 class Lifecycle:
-    """ready: the warm-up generation has finished; draining: SIGTERM arrived; inflight: API (/v1) requests being
-    answered, streams until their last chunk. Read and written on the event loop only."""
+    """The serving state of `engine`. ready: the warm-up generation has finished; draining: SIGTERM arrived;
+    inflight: API (/v1) requests being answered, streams until their last chunk. Read and written on the event loop
+    only."""
 
+    engine: object
     ready: bool = False
     draining: bool = False
     inflight: int = 0
@@ -38,10 +40,10 @@ class Lifecycle:
     def status(self) -> str:
         return "draining" if self.draining else "ready" if self.ready else "warming up"
 
-    async def warm_up(self, engine) -> None:
+    async def warm_up(self) -> None:
         """One token generated from a one-token prompt through the running engine, then ready. A failure is
         logged and leaves the server unready: the orchestrator keeps traffic away and shows why in the log."""
-        handle = engine.submit(Request(prompt_ids=[0], params=SamplingParams(max_new_tokens=1)))
+        handle = self.engine.submit(Request(prompt_ids=[0], params=SamplingParams(max_new_tokens=1)))
         reason = error = None
         async for delta in handle:
             reason, error = delta.finish_reason or reason, delta.error or error
@@ -74,7 +76,8 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self.deadline is not None and not self.should_exit:
             if self.lifecycle.inflight == 0 or time.monotonic() >= self.deadline:
-                if self.lifecycle.inflight:
-                    log.warning("drain: grace period over, %d request(s) cut", self.lifecycle.inflight)
+                if self.lifecycle.inflight:  # end them as aborted: streams close with an error event
+                    log.warning("drain: grace period over, %d request(s) aborted", self.lifecycle.inflight)
+                    self.lifecycle.engine.shutdown()
                 self.should_exit = True
         return await super().on_tick(counter)
