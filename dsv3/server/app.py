@@ -1,10 +1,12 @@
 """The FastAPI application: routes, authentication, request ids, error shapes and metrics around the engine.
 
 `create_app(engine, tokenizer, settings)` returns an ASGI app whose lifespan starts and stops the engine thread.
-Public routes (no key, as vLLM's PUBLIC_ENDPOINTS): /health, /metrics, and the API's description (/docs, Swagger
+Public routes (no key, as vLLM's PUBLIC_ENDPOINTS): /health (liveness), /ready (readiness: 200 once warmed up,
+503 while warming up or draining; lifecycle.py), /metrics, and the API's description (/docs, Swagger
 UI, and /openapi.json: the routes and their fields, no data). Everything under /v1 needs a key when keys are
 configured, and passes the per-caller rate limit. An outermost ASGI middleware gives every response an
-`x-request-id`, checks the Host header and the IP allowlist, caps the request body, counts requests by endpoint and
+`x-request-id` (also set for the log lines of the request: logs.py), refuses API requests while the server
+drains, checks the Host header and the IP allowlist, caps the request body, counts requests by endpoint and
 status (labels from a closed set), and turns an unhandled exception into a generic 500 whose request id is logged
 with the traceback. Outside it, uvicorn's ProxyHeadersMiddleware takes the client address from X-Forwarded-For only
 when the peer is one of `forwarded_allow_ips`. docs/security.md describes what each setting protects.
@@ -12,6 +14,7 @@ when the peer is one of `forwarded_allow_ips`. docs/security.md describes what e
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import ipaddress
@@ -30,6 +33,8 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from .chat import chat_completions
 from .completions import completions
 from .errors import APIError, error_response, validation_message
+from .lifecycle import Lifecycle
+from .logs import REQUEST_ID
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from .security import Allowlist, ExpiredTokenError, HostCheck, KeyRing, RateLimiter, retry_after_header
@@ -108,6 +113,7 @@ class AppState:
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
         self.plugins = [load_plugin(p) for p in settings.plugins]
         self.metrics = Metrics(engine, settings.model_name)
+        self.lifecycle = Lifecycle(engine)
         self.created = int(time.time())
         # the most UTF-8 bytes one token stands for (special tokens included): bounds the text that can fit
         self.longest_token = max(len(tokenizer.decode([i]).encode("utf-8")) for i in range(tokenizer.vocab_size))
@@ -127,7 +133,10 @@ class RequestContext:
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        REQUEST_ID.set(rid)  # this request's task context: its log lines carry the id
         status, started, begin = 500, False, time.monotonic()
+        api = scope["path"].startswith("/v1/")  # what a drain waits for, and refuses once it has begun
+        lifecycle = self.state.lifecycle
 
         async def send_with_id(message):
             nonlocal status, started
@@ -138,9 +147,16 @@ class RequestContext:
 
         try:
             refusal = self._refusal(scope, headers)
+            if refusal is None and api and lifecycle.draining:
+                refusal = APIError(503, "the server is shutting down; retry (another replica will answer)",
+                                   code="shutting_down", headers=retry_after_header(1))
             if refusal is not None:
                 return await error_response(refusal)(scope, receive, send_with_id)
-            await self.app(scope, self._capped(receive), send_with_id)
+            lifecycle.inflight += api
+            try:
+                await self.app(scope, self._capped(receive), send_with_id)
+            finally:
+                lifecycle.inflight -= api
         except Exception:
             log.exception("request %s failed", rid)
             if not started:
@@ -200,9 +216,11 @@ def create_app(engine, tokenizer, settings: ServerSettings | None = None) -> Fas
     @contextlib.asynccontextmanager
     async def lifespan(app):
         engine.start()
+        warm_up = asyncio.create_task(state.lifecycle.warm_up())  # /health answers meanwhile, /ready 503
         try:
             yield
         finally:
+            warm_up.cancel()
             engine.shutdown()
 
     app = FastAPI(title="dsv3 OpenAI-compatible server", lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -244,6 +262,13 @@ def create_app(engine, tokenizer, settings: ServerSettings | None = None) -> Fas
     @app.get("/health")
     async def health():
         return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting}
+
+    @app.get("/ready", responses={503: ERROR_RESPONSES[503]})
+    async def ready():
+        lifecycle = state.lifecycle
+        if lifecycle.draining or not lifecycle.ready:
+            raise APIError(503, f"not ready: {lifecycle.status}", code="not_ready", headers=retry_after_header(1))
+        return {"status": lifecycle.status}
 
     @app.get("/metrics")
     async def metrics():

@@ -2,12 +2,14 @@
 
     dsv3 serve [--model DIR] [--host H] [--port P] [--api-key KEY ...] [--config FILE] [--allow-cidr CIDR ...]
                [--rate-limit N] [--ssl-certfile F --ssl-keyfile F] [--plugin module:Class ...] [engine sizes]
-               [--compile | --eager]
+               [--compile | --eager] [--log-format text|json] [--drain-timeout S] [--workers 1]
     dsv3 token create --expires-in 3600 [--api-key KEY | $DSV3_API_KEY]
 
 Options come from (last wins) built-in defaults, the --config file (JSON, or TOML when it ends in .toml; keys are
-option names, with - or _), then the command line. API keys may also come from $DSV3_API_KEY (comma-separated).
-TLS: uvicorn's SSL context with TLS 1.3 as the minimum version.
+option names, with - or _), then the command line. API keys may also come from $DSV3_API_KEY (comma-separated) and
+from the file $DSV3_API_KEY_FILE names (one key a line: a mounted Docker or Kubernetes secret, never in the image).
+TLS: uvicorn's SSL context with TLS 1.3 as the minimum version. SIGTERM drains (lifecycle.py); one process serves one
+engine, so --workers above 1 is refused: scale out with replicas behind a load balancer (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000,
 # request limits and trust boundaries (docs/security.md); allowed_hosts None: loopback names when bound to loopback
 DEFAULTS.update(max_body_bytes=4 << 20, max_prompts=256, max_request_tokens=1 << 17, max_logprob_values=1 << 16,
                 forwarded_allow_ips=[], allowed_hosts=None, shared_prefix_cache=False)
+# running under an orchestrator (docs/deploy.md)
+DEFAULTS.update(workers=1, log_format="text", drain_timeout=25.0)
+WORKERS_REFUSED = ("one dsv3 serve process runs one engine, which batches every request on the device itself; "
+                   "several processes would each load the model and split the device between them. Scale out "
+                   "with replicas behind a load balancer (a Kubernetes Service: docs/deploy.md)")
 
 
 def _read_config(path: str) -> dict:
@@ -68,9 +75,22 @@ def resolve_options(args) -> dict:
         value = getattr(args, name, None)
         if value is not None and value != []:
             options[name] = value
-    env_keys = [k for k in os.environ.get("DSV3_API_KEY", "").split(",") if k]
-    options["api_key"] = list(options["api_key"]) + env_keys
+    options["api_key"] = list(options["api_key"]) + env_api_keys()
     return options
+
+
+def env_api_keys() -> list[str]:
+    """Keys from $DSV3_API_KEY (comma-separated) and the file $DSV3_API_KEY_FILE (one a line; blank lines and lines
+    starting with # skipped)."""
+    keys = [k for k in os.environ.get("DSV3_API_KEY", "").split(",") if k]
+    path = os.environ.get("DSV3_API_KEY_FILE")
+    if path:
+        try:
+            lines = (line.strip() for line in Path(path).read_text().splitlines())
+            keys += [line for line in lines if line and not line.startswith("#")]
+        except OSError as error:
+            raise SystemExit(f"DSV3_API_KEY_FILE={path}: cannot read it ({error.strerror})") from None
+    return keys
 
 
 def _model_dir(options: dict) -> Path:
@@ -164,20 +184,29 @@ def build_app(options: dict):
 
 
 def serve(args) -> int:
-    import uvicorn
+    from .lifecycle import DrainingServer
+    from .logs import configure_logging
 
     options = resolve_options(args)
-    logging.basicConfig(level=options["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    workers, grace = options["workers"], options["drain_timeout"]
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise SystemExit(f"--workers {workers}: expected 1")
+    if workers > 1:
+        raise SystemExit(f"--workers {workers}: {WORKERS_REFUSED}")
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace > 0:
+        raise SystemExit(f"--drain-timeout {grace}: expected a positive number of seconds")
+    log_options = configure_logging(options["log_level"], options["log_format"])
     if bool(options["ssl_certfile"]) != bool(options["ssl_keyfile"]):
         raise SystemExit("--ssl-certfile and --ssl-keyfile go together")
     sock = listen(options["host"], options["port"])  # before the model loads: a busy port fails at once
     app = build_app(options)
     config = uvicorn_config(app, host=options["host"], port=options["port"], log_level=options["log_level"],
-                            ssl_certfile=options["ssl_certfile"], ssl_keyfile=options["ssl_keyfile"])
+                            ssl_certfile=options["ssl_certfile"], ssl_keyfile=options["ssl_keyfile"], **log_options)
     scheme = "https" if options["ssl_certfile"] else "http"  # uvicorn logs no address for a socket it is given
-    logging.getLogger("dsv3.server").info("serving on %s://%s:%d/v1 (Ctrl-C stops)", scheme, *sock.getsockname()[:2])
+    logging.getLogger("dsv3.server").info("serving on %s://%s:%d/v1 (Ctrl-C stops; SIGTERM drains)", scheme,
+                                          *sock.getsockname()[:2])
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        DrainingServer(config, app.state.dsv3.lifecycle, grace).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises Ctrl-C: the usual way to stop
         pass
     return 0
@@ -225,7 +254,7 @@ def token_create(args) -> int:
     keys = [args.api_key] if args.api_key else []
     if not keys and args.config:
         keys = list(_read_config(args.config).get("api_key", []))
-    keys += [k for k in os.environ.get("DSV3_API_KEY", "").split(",") if k]
+    keys += env_api_keys()
     if not keys:
         raise SystemExit("token create: give --api-key KEY (or set DSV3_API_KEY, or api_key in --config)")
     if args.expires_in <= 0:
@@ -242,7 +271,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port, 1-65535 (default 8000)")
-    p.add_argument("--api-key", action="append", help="accepted API key (repeatable; also $DSV3_API_KEY)")
+    p.add_argument("--api-key", action="append", help="accepted API key (repeatable; also "
+                   "$DSV3_API_KEY, comma-separated, and the file $DSV3_API_KEY_FILE, one a line; # comments)")
     p.add_argument("--config", help="JSON or TOML file of options (command-line flags win)")
     p.add_argument("--allow-cidr", action="append", help="client network allowed, e.g. 10.0.0.0/8 (repeatable)")
     p.add_argument("--rate-limit", type=float, help="requests per second per key (default 100; 0 = off)")
@@ -277,6 +307,13 @@ def add_cli(subparsers) -> None:
                    "(default 8: the compiled step attends over all --max-seq-len slots, which costs more than it "
                    "saves at 32 rows on CPU)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    # running under an orchestrator: docs/deploy.md
+    p.add_argument("--log-format", choices=["text", "json"], help="text lines (default) or one JSON object per line, "
+                   "each with the request id (x-request-id) of the request it belongs to")
+    p.add_argument("--drain-timeout", type=float, help="on SIGTERM: seconds the requests in flight get to finish "
+                   "while new ones get 503 and /ready answers 503 (default 25; keep below the orchestrator's grace)")
+    p.add_argument("--workers", type=int, help="server processes: only 1; scale out with replicas behind a load "
+                   "balancer (docs/deploy.md)")
     # request limits and trust boundaries: docs/security.md
     p.add_argument("--max-body-bytes", type=int, help="request body cap, 413 beyond it (default 4 MiB)")
     p.add_argument("--max-prompts", type=int, help="prompts in one completions request (default 256)")
