@@ -359,7 +359,7 @@ def add_indexers(model: nn.Module, index_n_heads: int, index_head_dim: int, inde
     model.config = config
     p = next(model.parameters())
     for m in model.modules():
-        if type(m) is MLA:
+        if isinstance(m, MLA) and not isinstance(m, SparseMLA):  # dsv3.fast.prepare may have subclassed it
             ind = Indexer(config).to(device=p.device, dtype=p.dtype)
             for lin in (ind.wq_b, ind.wk, ind.weights_proj):
                 nn.init.normal_(lin.weight, std=config.initializer_range)

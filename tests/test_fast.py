@@ -85,6 +85,8 @@ def test_prepare_changes_nothing_eager():
         assert isinstance(model.model.layers[-1].mlp, dsv3.fast.moe.CompiledMoE)
         assert [type(m) for m in dsv3.fast.prepare(model).modules()] == classes
         assert torch.equal(model(ids), before)
+    dsv3.dsa.add_indexers(model, 2, 16, 4)  # a prepared model still becomes a DSA one, in every layer
+    assert all(type(layer.self_attn) is dsv3.dsa.SparseMLA for layer in [*model.model.layers, *model.mtp])
 
 
 @pytest.mark.parametrize("n", [1, 40])
