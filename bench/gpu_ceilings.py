@@ -87,9 +87,9 @@ def moe_paths() -> None:
             tokens = torch.randn(n, moe.gate.weight.shape[1], dtype=torch.bfloat16, device="cuda")
             weights, indices, _ = moe.gate(tokens)
             times = {}
-            for impl in ("gather", "grouped"):
-                moe.path = impl
-                times[impl] = median_ms(lambda: moe.routed(tokens, weights, indices)) * 1e3
+            for path in ("gather", "grouped"):
+                moe.path = path
+                times[path] = median_ms(lambda: moe.routed(tokens, weights, indices)) * 1e3
             print(f"MoE layer, eager, N={n} ({n * moe.top_k} pairs): gathered weights {times['gather']:.0f} us, "
                   f"grouped matmuls {times['grouped']:.0f} us", flush=True)
 
