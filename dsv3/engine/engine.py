@@ -83,8 +83,8 @@ class Engine:
         self._step = fast.compiled_decode_step(self.device.type) if c.compile else None
         if c.compile:
             fast.prepare(self.model)
-        if c.compile and self.device.type == "cuda":
-            fast.mark_static_cache(self.cache)
+            if self.device.type == "cuda":
+                fast.mark_static_cache(self.cache)
         self.prefix = PrefixCache(self.cache, c.block_size, c.prefix_cache_bytes)
         # per-row token history for the penalties (dsv3/sampling.py layout): generated counts, prompt membership
         self.counts = torch.zeros(c.max_batch, self.vocab_size, dtype=torch.long, device=self.device)
