@@ -122,7 +122,8 @@ def profile(args, ours, prompt, long, device, compiled_prefill=None) -> None:
     prefill,prefill_compile}.txt (bench/timeline.py's per-call kernel summary on a GPU, then torch.profiler's table by
     device time) and .json (Chrome traces, for Perfetto)."""
     from torch.profiler import ProfilerActivity
-    from dsv3.generation import decode_step, mark_static_cache
+    from dsv3.fast import mark_static_cache, prepare
+    from dsv3.generation import decode_step
     args.profile.mkdir(parents=True, exist_ok=True)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -149,6 +150,7 @@ def profile(args, ours, prompt, long, device, compiled_prefill=None) -> None:
         print(kernels, end="", flush=True)
 
     step = decode_step(compiled, device.type)
+    prepare(ours)
     length = -(-(args.prompt_len + args.new_tokens - 1) // 256) * 256  # generate's cache length (compiled)
     for B in [1] if args.quick else sorted({1, max(int(b) for b in args.batches.split(","))}):
         x = distinct_rows(prompt, B)  # as in the timed rows
@@ -278,14 +280,14 @@ def main() -> None:
         moes = [layer.mlp for layer in ours.model.layers if isinstance(layer.mlp, dsv3.moe.MoE)]
         try:
             for moe in moes:
-                moe.impl = "grouped"
+                moe.path = "grouped"
             t_grouped, warm = decode_seconds(run, ours_gen(), prompt, n, args.repeat)
             t_hf = hf_times.get(1)
             report("decode batch 1 (grouped)", t_grouped * 1e3, t_hf and t_hf * 1e3,
                    floors(config, ours, 1, ctx, args.bandwidth, elem) * 1e3, "ms/token", False, warm)
         finally:
             for moe in moes:
-                moe.impl = "auto"
+                moe.path = "auto"
 
     T = args.prefill_len
     long = torch.randint(0, config.vocab_size, (1, T), device=device, generator=gen)
@@ -302,7 +304,7 @@ def main() -> None:
         report(f"prefill {T} tokens {label}".strip(), flops / t_ours / 1e12, t_hf and flops / t_hf / 1e12,
                args.peak / 1e12, "TFLOP/s", True, warm)
 
-    compiled_prefill = torch.compile(ours)  # compiles at its first call
+    compiled_prefill = torch.compile(dsv3.fast.prepare(ours))  # compiles at its first call
     with torch.inference_mode():
         guarded("decode batch 1", lambda: decode_row(1))
         if not args.quick:

@@ -8,7 +8,7 @@ before bench/decode.py; about 20 s on an H200).
 - SDPA at MLA's prefill shape (16 heads, 2048 tokens, q/k head dim 192, v 128, causal) with each backend, and
   with v padded to 192 (what the CPU path does for its flash kernel);
 - one V2-Lite-shaped MoE layer, eager, routed through gathered weights and through grouped matmuls at N tokens
-  (MoE.gather_max_pairs is set from this).
+  (MoE.few_pairs and the MoE path tables are set from this).
 """
 
 from __future__ import annotations
@@ -87,9 +87,9 @@ def moe_paths() -> None:
             tokens = torch.randn(n, moe.gate.weight.shape[1], dtype=torch.bfloat16, device="cuda")
             weights, indices, _ = moe.gate(tokens)
             times = {}
-            for impl in ("gather", "grouped"):
-                moe.impl = impl
-                times[impl] = median_ms(lambda: moe.routed(tokens, weights, indices)) * 1e3
+            for path in ("gather", "grouped"):
+                moe.path = path
+                times[path] = median_ms(lambda: moe.routed(tokens, weights, indices)) * 1e3
             print(f"MoE layer, eager, N={n} ({n * moe.top_k} pairs): gathered weights {times['gather']:.0f} us, "
                   f"grouped matmuls {times['grouped']:.0f} us", flush=True)
 

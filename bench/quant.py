@@ -101,7 +101,7 @@ def torchao_variants(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         quantize_(ao := copy.deepcopy(model), config, filter_fn=wanted)
         for module in ao.modules():
             if isinstance(module, dsv3.moe.MoE):
-                module.impl = "loop"  # its weights are tensor subclasses that cannot be stacked
+                module.path = "loop"  # its weights are tensor subclasses that cannot be stacked
         out[label] = ao
     return out
 

@@ -90,12 +90,16 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)) if q_latent is None else q_latent)
         return q.view(*x.shape[:2], self.n_heads, self.d_nope + self.d_rope)
 
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on the rope slice x: [B, T, (H,) d_r] by cos/sin: [B, T, d_r/2] (dsv3/rope.py)."""
+        return apply_rope(x, cos, sin, self.interleave)
+
     def latent(self, x: torch.Tensor, ctx: Attend, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, T, D] -> the normed latent c_kv [B, S, d_c] and the roped shared key k_pe [B, S, d_r] attention
         runs over, in x's dtype: the T new tokens (no cache), or the first S cache slots after writing them."""
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.d_rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [B, T, d_c]
-        k_pe = apply_rope(k_pe, ctx.cos, ctx.sin, self.interleave)  # [B, T, d_r]
+        k_pe = self.rotate(k_pe, ctx.cos, ctx.sin)  # [B, T, d_r]
         if ctx.cache is not None:
             c_kv, k_pe = ctx.cache.update(layer, ctx.positions, c_kv, k_pe, ctx.length)
         return c_kv.to(x.dtype), k_pe.to(x.dtype)
@@ -107,7 +111,7 @@ class MLA(nn.Module):
         if ctx.keep:  # the query side: the last `keep` positions
             x_q, cos, sin, mask = x[:, -ctx.keep:], cos[:, -ctx.keep:], sin[:, -ctx.keep:], mask[:, -ctx.keep:]
         q_nope, q_pe = self.query(x_q).split([self.d_nope, self.d_rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin, self.interleave)
+        q_pe = self.rotate(q_pe, cos, sin)
         c_kv, k_pe = self.latent(x, ctx, layer)
         return self.o_proj(self.attend(q_nope, q_pe, c_kv, k_pe, mask, ctx).flatten(2))
 

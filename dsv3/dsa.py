@@ -218,7 +218,7 @@ class SparseMLA(MLA):
         attend and the last `keep` rows are kept."""
         q_latent = self.q_a_layernorm(self.q_a_proj(x))  # [B, T, q_lora_rank], read by the indexer too
         q_nope, q_pe = self.query(x, q_latent).split([self.d_nope, self.d_rope], dim=-1)
-        q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, self.interleave)
+        q_pe = self.rotate(q_pe, ctx.cos, ctx.sin)
         c_kv, k_pe = self.latent(x, ctx, layer)
         out = self.sparse(x, q_latent, q_nope, q_pe, c_kv, k_pe, ctx, layer)
         if out is None:  # "dense" mode: plain MLA over every visible key
@@ -359,7 +359,7 @@ def add_indexers(model: nn.Module, index_n_heads: int, index_head_dim: int, inde
     model.config = config
     p = next(model.parameters())
     for m in model.modules():
-        if type(m) is MLA:
+        if isinstance(m, MLA) and not isinstance(m, SparseMLA):  # dsv3.fast.prepare may have subclassed it
             ind = Indexer(config).to(device=p.device, dtype=p.dtype)
             for lin in (ind.wq_b, ind.wk, ind.weights_proj):
                 nn.init.normal_(lin.weight, std=config.initializer_range)

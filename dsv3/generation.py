@@ -12,8 +12,6 @@ first stop string, holding back any tail that could still grow into one, so noth
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import replace
@@ -21,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from .moe import stack_experts
+from . import fast
 from .sampling import SamplingParams, count_tokens, make_generator, sample
 
 
@@ -85,71 +83,22 @@ def _step(model: torch.nn.Module, tokens: torch.Tensor, cache, pos: int) -> torc
     return model(tokens[:, None], cache, pos)[:, -1]
 
 
-def _static_step(model: torch.nn.Module, tokens: torch.Tensor, cache, pos: torch.Tensor) -> torch.Tensor:
-    """`_step` with the same shapes at every step, for torch.compile and CUDA graphs (gpt-fast's recipe): the
-    position is a tensor pos: [B], not an int (no recompilation per step), and attention spans the whole static
-    cache, masked beyond pos."""
-    return model(tokens[:, None], cache, pos, attend_length=cache.max_seq_len)[:, -1]
-
-
 def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, cache) -> torch.Tensor:
     """The prompt's forward: input_ids [B, T] fill cache positions 0..T-1 -> the last position's logits [B, V]."""
     return model(input_ids, cache, 0, logits_to_keep=1)[:, -1]
 
 
-_compiled_steps: dict[str, object] = {}
-
-
-@functools.cache
-def _compiled_prefill():
-    return torch.compile(_prefill, dynamic=True)
-
-
 def prefill_step(compile: bool = False, device_type: str = "cpu"):
-    """`_prefill`, or on CPU with compile=True the same through torch.compile with dynamic shapes: one graph for
-    every prompt length (compiled at the first, ~40 s on the bundled model), in which inductor fuses the norms,
-    RoPE and activations around the library matmuls (-22% for a 256-token prompt of the bundled model,
-    bench/RESULTS.md). Sizes 1 are specialised, as always in torch.compile: a batch of one, or a one-token prompt,
-    gets a graph of its own. On a GPU the prefill stays eager: its compiled form is measured only with static
-    shapes (bench/decode.py's `torch.compile(model)` row)."""
-    if not compile or device_type != "cpu":
-        return _prefill
-    compiled = _compiled_prefill()
-
-    def run(model: torch.nn.Module, input_ids: torch.Tensor, cache) -> torch.Tensor:
-        stack_experts(model)  # eagerly, before the graph that reads the stacks
-        # no duck sizing: it would give the prompt length the symbol of any equal size (a 256-token prompt and a
-        # 256-wide stack of expert weights), whose specialisation then pins the prompt length too
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return compiled(model, input_ids, cache)
-    return run
+    """`_prefill`, or on CPU with compile=True the same through torch.compile with dynamic shapes
+    (`dsv3.fast.compiled_prefill`). On a GPU the prefill stays eager: its compiled form is measured only with
+    static shapes (bench/decode.py's `torch.compile(model)` row)."""
+    return fast.compiled_prefill(_prefill) if compile and device_type == "cpu" else _prefill
 
 
 def decode_step(compile: bool = False, device_type: str = "cpu"):
-    """`_step`, or the torch.compile'd `_static_step`. On a GPU: CUDA graphs (mode "reduce-overhead") and
-    coordinate-descent tuning of the Triton kernels, which also turns one-row matmuls into fused multiply-and-sum
-    kernels (as gpt-fast sets it): one-row matrix-vector products near the memory bandwidth, fused with the norms
-    before them. On CPU: inductor's C++ wrapper (the ~100 kernel and matmul calls of a step are made from C++, not
-    Python: ~15% faster per token on the bundled model, ~1 minute more to compile). Eager `_step` is the
-    reference; tests check that both give the same tokens. Compiled once per device type and process; a new batch
-    size or cache length recompiles once, then both dims are dynamic."""
-    if not compile:
-        return _step
-    if device_type not in _compiled_steps:
-        if device_type == "cuda":  # {"triton.cudagraphs": True} is what mode="reduce-overhead" sets
-            _compiled_steps[device_type] = torch.compile(
-                _static_step, options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
-        else:
-            _compiled_steps[device_type] = torch.compile(_static_step, options={"cpp_wrapper": True})
-    return _compiled_steps[device_type]
-
-
-def mark_static_cache(cache) -> None:
-    """For compiled steps on CUDA: CUDA graphs may keep a graph input's address, and the cache is updated in place
-    at the same address every step, so its buffers are marked static."""
-    for buffer in (cache.kv, cache.pe, cache.ik):
-        if buffer is not None:
-            torch._dynamo.mark_static_address(buffer)
+    """`_step`, or `dsv3.fast.static_step` through torch.compile (`dsv3.fast.compiled_decode_step`). Eager `_step`
+    is the reference; tests check that both give the same tokens."""
+    return fast.compiled_decode_step(device_type) if compile else _step
 
 
 @torch.inference_mode()
@@ -173,13 +122,13 @@ def _decode(model: torch.nn.Module, input_ids: torch.Tensor, params: list[Sampli
     pad = torch.zeros(B, dtype=torch.long, device=device)  # per row: the stop token it hit, or pad_token_id
 
     step_fn = decode_step(compile, device.type)
-    skip_guards = "skip_guard_eval_unsafe" in inspect.signature(torch.compiler.set_stance).parameters \
-        if hasattr(torch.compiler, "set_stance") else False  # torch >= 2.7
+    if compile:
+        fast.prepare(model)
     # a compiled step sees the cache length as a shape: round it up so that nearby lengths share one graph
     length = T + max_new_tokens - 1
     cache = model.new_cache(B, -(-length // 256) * 256 if compile else length)
     if compile and device.type == "cuda":
-        mark_static_cache(cache)
+        fast.mark_static_cache(cache)
     logits = prefill_step(compile, device.type)(model, input_ids, cache)  # positions 0..T-1
     for step in range(max_new_tokens):
         active = ~finished
@@ -200,10 +149,8 @@ def _decode(model: torch.nn.Module, input_ids: torch.Tensor, params: list[Sampli
         if not compile:
             logits = step_fn(model, tokens, cache, pos)
             continue
-        # After the first compiled step, every step passes the same model, cache and shapes, so dynamo's guards
-        # (~0.3 ms a step on the bundled model, ~9%) can only pass: evaluate just those that pick between graphs.
-        # Set around the call only, never across the `yield`, so that the caller's own compiled code is unaffected.
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if step and skip_guards else nullcontext():
+        # after the first compiled step, every step passes the same model, cache and shapes: skip dynamo's guards
+        with fast.unguarded() if step else nullcontext():
             logits = step_fn(model, tokens, cache, torch.full((B,), pos, device=device))
 
 

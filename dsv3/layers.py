@@ -38,23 +38,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., dim]
-        return self.down_proj(stored(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        return self.down_proj(self.hidden(x))
 
-
-def stored(x: torch.Tensor) -> torch.Tensor:
-    """x itself; inside a torch.compile graph, also a hint that inductor should write x to memory once.
-
-    On a GPU, a compiled decode step's one-row matmuls become inductor reductions (coordinate-descent tuning turns
-    them into multiply-and-sum), and inductor inlines a small pointwise input into the reduction that reads it: the
-    down projection then recomputes the SwiGLU hidden silu(gate)·up for each of its weight elements. For the routed
-    experts of a V2-Lite-shaped layer at batch 1 that is 17M sigmoids for 12k outputs, and that kernel ran at
-    1.6 TB/s on an H200 where the gate/up one before it reached 3.7 (bench/RESULTS.md). Fixing x's layout makes
-    inductor store it instead. Eager, and where inductor stores x anyway (a library matmul's input; its CPU rules
-    store a reused exp), it changes nothing. Only for tensors without gradients (inference): the op has no
-    autograd formula, and a compiled training step keeps its intermediates for the backward anyway."""
-    if torch.compiler.is_compiling() and not x.requires_grad:
-        return torch.ops.prims.inductor_force_stride_order(x, x.stride())
-    return x
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The SwiGLU hidden silu(gate(x)) · up(x): [..., inter_dim]."""
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
 
 
 def linear_weight(linear: nn.Module) -> torch.Tensor:

@@ -71,9 +71,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     interleave=True: pairs are (x[2i], x[2i+1]) as DeepSeek's checkpoints store them (official `apply_rotary_emb`);
     False: pairs are (x[i], x[i + d/2]) (Llama's rotate_half). Both rotate pair i by angle position·inv_freq[i].
     Eager interleaved rotation is one complex multiply, as the official code does it (4x faster than the ~10 small
-    ops of `apply_rope_reference` at T=256, and fewer ops per decode step); compiled graphs fuse the plain form.
+    ops of `apply_rope_reference` at T=256, and fewer ops per decode step). Compiled graphs fuse the real form
+    into the ops around it instead (dsv3/fast/modules.py).
     """
-    if not interleave or torch.compiler.is_compiling():
+    if not interleave:
         return apply_rope_reference(x, cos, sin, interleave)
     rot = torch.complex(cos, sin)  # e^{i·angle}: [B, T, d/2]
     if x.dim() == 4:

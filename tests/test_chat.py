@@ -125,7 +125,7 @@ def test_cli_chat_with_a_saved_model(model, tmp_path):
 def test_cli_chat_compile_flag_reaches_the_decode_step(model, tmp_path, monkeypatch):
     """--compile makes generation ask for the compiled decode step and prefill; they are stubbed with their eager
     forms here (compiling takes minutes; tests/test_fast.py checks the compiled ones)."""
-    from dsv3 import generation
+    from dsv3 import fast, generation
     from dsv3.checkpoint import save_pretrained
 
     save_pretrained(model, tmp_path)
@@ -133,7 +133,7 @@ def test_cli_chat_compile_flag_reaches_the_decode_step(model, tmp_path, monkeypa
         shutil.copy(BUNDLED / name, tmp_path / name)
     asked = []
     monkeypatch.setattr(generation, "decode_step", lambda compile, device_type: asked.append(compile) or (
-        generation._static_step if compile else generation._step))
+        fast.static_step if compile else generation._step))
     monkeypatch.setattr(generation, "prefill_step",
                         lambda compile, device_type: asked.append(("prefill", compile)) or generation._prefill)
     parser = argparse.ArgumentParser()

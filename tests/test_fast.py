@@ -10,6 +10,7 @@ import torch
 
 import dsv3
 from dsv3 import ModelConfig, Transformer
+from dsv3.fast.moe import argmax_top_indices, every_expert, fused_gather
 from dsv3.moe import MoE
 
 
@@ -29,11 +30,11 @@ def _route(moe: MoE, n: int, dtype=torch.float32):
     return x, weights, indices
 
 
-@pytest.mark.parametrize("impl", ["auto", "loop", "gather", "grouped"])
+@pytest.mark.parametrize("path", ["auto", "loop", "gather", "grouped"])
 @pytest.mark.parametrize("n", [1, 3, 40])
-def test_routed_paths_equal_the_reference_fp32(impl, n):
+def test_routed_paths_equal_the_reference_fp32(path, n):
     moe = _moe()
-    moe.impl = impl
+    moe.path = path
     x, weights, indices = _route(moe, n)
     with torch.inference_mode():
         ref = moe.routed_reference(x, weights, indices)
@@ -41,15 +42,51 @@ def test_routed_paths_equal_the_reference_fp32(impl, n):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["gather", "grouped"])
-def test_routed_paths_agree_in_bf16(impl):
+@pytest.mark.parametrize("path", ["gather", "grouped"])
+def test_routed_paths_agree_in_bf16(path):
     moe = _moe(torch.bfloat16)
     x, weights, indices = _route(moe, 17, torch.bfloat16)
     with torch.inference_mode():
         ref = moe.routed_reference(x, weights, indices).float()
-        moe.impl = impl
+        moe.path = path
         out = moe.routed(x, weights, indices).float()
     assert (out - ref).norm() / ref.norm() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 3, 40])
+def test_compiled_graph_formulations_equal_their_eager_references(dtype, n):
+    """dsv3/fast/moe.py's formulations, called in eager: argmax rounds pick torch.topk's set, the fused gather and
+    every-expert sums equal the gathered bmm path and the per-token reference."""
+    moe = _moe(dtype)
+    x, weights, indices = _route(moe, n, dtype)
+    scores = torch.randn(n, 3, 64, generator=torch.Generator().manual_seed(n))  # distinct: one top-k set
+    assert torch.equal(argmax_top_indices(scores, 6).sort(-1).values, scores.topk(6).indices.sort(-1).values)
+    with torch.inference_mode():
+        stacks = moe.stacks.get(moe.experts)
+        ref, gathered = moe.routed_reference(x, weights, indices), moe.routed_gather(x, weights, indices, *stacks)
+        fused, dense = fused_gather(x, weights, indices, *stacks), every_expert(moe.experts, x, weights, indices)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for out in (fused, dense):
+        assert out.dtype == dtype and out.shape == x.shape
+        torch.testing.assert_close(out, gathered, **tol)
+        torch.testing.assert_close(out, ref, **tol)
+
+
+def test_prepare_changes_nothing_eager():
+    """`dsv3.fast.prepare` gives the modules their compiled forms; eager logits stay bit-identical, and preparing
+    twice changes no class again."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.tiny()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        before = model(ids)
+        classes = [type(m) for m in dsv3.fast.prepare(model).modules()]
+        assert isinstance(model.model.layers[-1].mlp, dsv3.fast.moe.CompiledMoE)
+        assert [type(m) for m in dsv3.fast.prepare(model).modules()] == classes
+        assert torch.equal(model(ids), before)
+    dsv3.dsa.add_indexers(model, 2, 16, 4)  # a prepared model still becomes a DSA one, in every layer
+    assert all(type(layer.self_attn) is dsv3.dsa.SparseMLA for layer in [*model.model.layers, *model.mtp])
 
 
 @pytest.mark.parametrize("n", [1, 40])
@@ -58,7 +95,7 @@ def test_grouped_gather_back_equals_the_scatter_add(n):
     moe = _moe()
     x, weights, indices = _route(moe, n)
     with torch.inference_mode():
-        stacks = moe._stacked_weights()
+        stacks = moe.stacks.get(moe.experts)
         gathered = moe.routed_grouped(x, weights, indices, *stacks, gather_back=True)
         scattered = moe.routed_grouped(x, weights, indices, *stacks, gather_back=False)
         ref = moe.routed_reference(x, weights, indices)
@@ -68,15 +105,15 @@ def test_grouped_gather_back_equals_the_scatter_add(n):
 
 def test_compiled_cpu_paths_equal_the_reference(monkeypatch):
     """Under torch.compile on CPU, decode steps take the gather path, a multiply-and-sum that inductor fuses with
-    the gather, at every batch size (40 tokens exceed gather_max_pairs): no graph break, and no graph split by
+    the gather, at every batch size (40 tokens exceed few_pairs): no graph break, and no graph split by
     batch size (a static graph for 1 token, one dynamic graph for 3 and 40). Prompt tokens take the grouped
     matmuls through the opaque dsv3::cpu_grouped_mm (fp32 ones cannot be traced, torch 2.13), also unbroken."""
-    moe = _moe()
+    moe = dsv3.fast.prepare(_moe())
     called = []
-    for name in ("routed_gather", "routed_grouped"):
-        original = getattr(moe, name)
-        monkeypatch.setattr(moe, name, lambda *a, _n=name, _f=original, **k: called.append(_n) or _f(*a, **k))
-    for decode_step, path in ((True, "routed_gather"), (False, "routed_grouped")):
+    monkeypatch.setattr(dsv3.fast.moe, "fused_gather", lambda *a, _f=fused_gather: called.append("gather") or _f(*a))
+    original = moe.routed_grouped
+    monkeypatch.setattr(moe, "routed_grouped", lambda *a, **k: called.append("grouped") or original(*a, **k))
+    for decode_step, path in ((True, "gather"), (False, "grouped")):
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         routed = torch.compile(moe.routed, fullgraph=True)
@@ -127,13 +164,12 @@ def test_compiled_swiglu_hidden_is_stored_not_recomputed_per_weight(monkeypatch,
     H200), and the compiled result still equals eager (copied weights and bmm, or library matmuls)."""
     from torch._inductor.utils import run_and_get_code
     _gpu_lowering(monkeypatch)
-    moe = _moe(torch.bfloat16)
+    moe = dsv3.fast.prepare(_moe(torch.bfloat16))
     x, weights, indices = _route(moe, 1, torch.bfloat16)
     torch._dynamo.reset()
     with torch.inference_mode(), torch._inductor.config.patch(force_disable_caches=True):
         if where == "routed gather":
-            moe.routed(x, weights, indices)  # builds the stacks
-            fn, args = moe.routed_gather, (x, weights, indices, *moe._stacked_weights())
+            fn, args = fused_gather, (x, weights, indices, *moe.stacks.tensors)
         else:
             fn, args = moe.shared_experts, (x,)
         eager = fn(*args)
@@ -149,7 +185,7 @@ def test_compiled_training_step_through_the_mlp_keeps_its_gradients():
     """`stored` only hints inductor at inference: a compiled forward with gradients backpropagates as eager does."""
     from dsv3.layers import MLP
     torch.manual_seed(0)
-    mlp, x = MLP(16, 32), torch.randn(3, 16, requires_grad=True)
+    mlp, x = dsv3.fast.prepare(MLP(16, 32)), torch.randn(3, 16, requires_grad=True)
     torch._dynamo.reset()
     torch.compile(mlp)(x).square().sum().backward()
     torch._dynamo.reset()
@@ -172,7 +208,7 @@ ROUTINGS = [
 def _compiled_router(routing):
     """(eager (weights, indices), compiled (weights, indices), inductor's generated code) for one routing method."""
     from torch._inductor.utils import run_and_get_code
-    moe = _moe(**routing)
+    moe = dsv3.fast.prepare(_moe(**routing))
     with torch.no_grad():
         moe.gate.e_score_correction_bias.normal_(std=0.05) if moe.gate.e_score_correction_bias is not None else None
     x = torch.randn(7, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(1))
@@ -186,7 +222,7 @@ def _compiled_router(routing):
 
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_compiled_router_picks_the_eager_experts(routing):
-    """Inside a compiled graph the router's top-k are argmax rounds (`top_indices`): the same experts with the
+    """Inside a compiled graph the router's top-k are argmax rounds (`argmax_top_indices`): the same experts with the
     same weights as eager torch.topk, for every routing method."""
     (weights, indices), (c_weights, c_indices), _ = _compiled_router(routing)
     order, c_order = indices.argsort(-1), c_indices.argsort(-1)  # both unordered: compare as sets
@@ -232,7 +268,7 @@ def test_stacked_weights_follow_in_place_updates_load_state_dict_and_dtype_chang
         moe.routed(x, weights, indices)  # builds the stacks
     with torch.no_grad():
         moe.experts[2].up_proj.weight.mul_(3.0)  # in place: goes through the views
-    moe.impl = "gather"
+    moe.path = "gather"
     with torch.inference_mode():
         torch.testing.assert_close(moe.routed(x, weights, indices), moe.routed_reference(x, weights, indices))
     fresh = _moe()
@@ -287,12 +323,12 @@ def test_model_logits_are_the_same_with_every_moe_path(model):
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     outs = []
     with torch.inference_mode():
-        for impl in ("loop", "gather", "grouped"):
+        for path in ("loop", "gather", "grouped"):
             for m in moes:
-                m.impl = impl
+                m.path = path
             outs.append(model(ids))
     for m in moes:
-        m.impl = "auto"
+        m.path = "auto"
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-5)
 
@@ -325,7 +361,9 @@ def test_causal_prefill_equals_the_explicitly_masked_one(model):
 
 
 def test_compiled_prefill_is_one_graph_with_the_eager_logits(model):
-    """torch.compile(model) for a prefill (bench/decode.py's compiled prefill row): one graph, same logits."""
+    """torch.compile(model) for a prefill (bench/decode.py's compiled prefill row), after `dsv3.fast.prepare`: one
+    graph, same logits."""
+    dsv3.fast.prepare(model)
     ids = torch.randint(2, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
         eager = model(ids)
@@ -346,7 +384,8 @@ def test_sync_free_decoding_with_stops_equals_the_per_step_check(model):
 def test_static_decode_step_equals_the_reference_step(model):
     """The static-shape step (tensor positions, attention over the whole cache, masked) that torch.compile and
     CUDA graphs run is the same function as the plain step, per row at different positions."""
-    from dsv3.generation import _static_step, _step
+    from dsv3.fast import static_step
+    from dsv3.generation import _step
     ids = torch.randint(2, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         ref_cache, static_cache = model.new_cache(2, 16), model.new_cache(2, 16)
@@ -355,7 +394,7 @@ def test_static_decode_step_equals_the_reference_step(model):
         for pos in range(6, 10):
             tokens = ids[:, pos - 6]
             ref = _step(model, tokens, ref_cache, pos)
-            static = _static_step(model, tokens, static_cache, torch.tensor([pos, pos]))
+            static = static_step(model, tokens, static_cache, torch.tensor([pos, pos]))
             torch.testing.assert_close(static, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(static_cache.kv, ref_cache.kv)  # later layers: summation order over S differs
 
@@ -371,13 +410,13 @@ def test_compiled_decode_step_gives_the_eager_tokens(model):
     for _ in dsv3.stream_generate(model, ids, 4, compile=True):
         assert not _is_skip_guard_eval_unsafe_stance()
     with torch.inference_mode():
-        explanation = torch._dynamo.explain(dsv3.generation._static_step)(
+        explanation = torch._dynamo.explain(dsv3.fast.static_step)(
             model, compiled[:, -1], model.new_cache(2, 20), torch.tensor([9, 9]))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     # a batch whose N·K exceeds the gather path's limit: on CPU the compiled step keeps the (fused, copy-free)
     # gather path at every batch size
     wide = torch.randint(2, model.config.vocab_size, (40, 5), generator=torch.Generator().manual_seed(4))
-    assert 40 * model.config.num_experts_per_tok > model.model.layers[-1].mlp.gather_max_pairs
+    assert 40 * model.config.num_experts_per_tok > model.model.layers[-1].mlp.few_pairs
     assert torch.equal(dsv3.generate(model, wide, 4, compile=True), dsv3.generate(model, wide, 4))
 
 

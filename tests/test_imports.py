@@ -1,18 +1,24 @@
 """The import graph of dsv3/, read from the source (ast, module- and function-level imports alike): no cycles, the
 model core and its I/O import only downwards in docs/layout.md's order, and no module imports another's private
-names."""
+names. The model modules hold the architecture only: no compiler internals (they live in dsv3/fast/), and no
+function of 60 lines or more."""
 
 import ast
 from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "dsv3"
-# config -> layers/rope/cache -> attention (incl. DSA)/moe -> model -> hub I/O -> checkpoint/quant/lora; the
-# modules above these (tokenizer, generation, train, engine, eval, server, cli) may import any of them
+# config -> layers/rope/cache -> attention (incl. DSA)/moe -> model -> hub I/O -> checkpoint/quant/lora ->
+# tokenizer/sampling/generation/fast; the modules above these (train, engine, eval, server, cli) may import any
 LEVELS = {"dsv3.config": 0, "dsv3.atomic": 0, "dsv3.layers": 1, "dsv3.rope": 1, "dsv3.cache": 1,
           "dsv3.attention": 2, "dsv3.dsa": 2, "dsv3.moe": 2, "dsv3.model": 3, "dsv3.hub": 4,
           "dsv3.checkpoint": 5, "dsv3.lora": 5, "dsv3.quant": 5, "dsv3.quant.apply": 5, "dsv3.quant.base": 5,
-          "dsv3.quant.fp8": 5, "dsv3.quant.int4": 5, "dsv3.quant.int8": 5, "dsv3.arguments": 5}
+          "dsv3.quant.fp8": 5, "dsv3.quant.int4": 5, "dsv3.quant.int8": 5, "dsv3.arguments": 5,
+          "dsv3.tokenizer": 6, "dsv3.sampling": 6, "dsv3.generation": 6, "dsv3.fast": 6, "dsv3.fast.layers": 6,
+          "dsv3.fast.moe": 6, "dsv3.fast.steps": 6}
+MODEL = ["dsv3.config", "dsv3.layers", "dsv3.rope", "dsv3.cache", "dsv3.attention", "dsv3.dsa", "dsv3.moe",
+         "dsv3.model"]
+COMPILER = ("torch.compiler", "torch._dynamo", "torch._inductor", "torch.fx", "torch.ops.prims", "is_compiling")
 # the command modules share their options through dsv3/arguments.py: none imports the top-level dispatcher
 COMMANDS = ["dsv3.chat", "dsv3.train", "dsv3.lora_train", "dsv3.eval.mmlu", "dsv3.quant.cli", "dsv3.server.cli"]
 
@@ -85,3 +91,33 @@ def test_no_private_names_across_modules():
 def test_no_command_module_imports_the_dispatcher():
     wrong = [m for m in COMMANDS if "dsv3.cli" in GRAPH[m]]
     assert not wrong, wrong
+
+
+def _dotted(node: ast.AST) -> str:
+    """"torch.compiler.is_compiling" for that attribute chain (or a name); "" for anything else."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else ""
+
+
+def test_model_modules_use_no_compiler_internals():
+    wrong = []
+    for m in MODEL:
+        for node in ast.walk(ast.parse(MODS[m].read_text())):
+            if isinstance(node, ast.Attribute):
+                names = [_dotted(node)]
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [getattr(node, "module", None) or "", *(a.name for a in node.names)]
+            else:
+                continue
+            wrong += [f"{m}:{node.lineno} {n}" for n in names if any(c in n for c in COMPILER)]
+    assert not wrong, wrong
+
+
+def test_model_functions_are_shorter_than_60_lines():
+    long = [f"{m}.{node.name}: {node.end_lineno - node.lineno + 1} lines" for m in MODEL
+            for node in ast.walk(ast.parse(MODS[m].read_text()))
+            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 >= 60]
+    assert not long, long

@@ -280,7 +280,7 @@ def test_keep_fp8_keeps_deepseek_fp8_checkpoint_in_fp8(tiny, tmp_path):
     assert fp8_bytes == sum(t.numel() for k, t in tensors.items() if t.dtype == torch.float8_e4m3fn)
     for moe in dense.modules():  # the same expert dispatch as the quantized model (fast paths round differently)
         if isinstance(moe, MoE):
-            moe.impl = "loop"
+            moe.path = "loop"
     with torch.no_grad():
         assert torch.equal(kept(IDS), dense(IDS))
 

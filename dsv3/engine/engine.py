@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generation import StopStringStreamer, decode_step, mark_static_cache
+from .. import fast
+from ..generation import StopStringStreamer
 from ..sampling import make_generator, sample, token_logprobs
 from .prefix_cache import PrefixCache
 from .request import ContextLengthError, Delta, Request, RequestHandle, TokenLogprob, Usage
@@ -79,9 +80,11 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.device = model.lm_head.weight.device
         self.cache = model.new_cache(c.max_batch, self.max_seq_len)
-        self._step = decode_step(True, self.device.type) if c.compile else None
-        if c.compile and self.device.type == "cuda":
-            mark_static_cache(self.cache)
+        self._step = fast.compiled_decode_step(self.device.type) if c.compile else None
+        if c.compile:
+            fast.prepare(self.model)
+            if self.device.type == "cuda":
+                fast.mark_static_cache(self.cache)
         self.prefix = PrefixCache(self.cache, c.block_size, c.prefix_cache_bytes)
         # per-row token history for the penalties (dsv3/sampling.py layout): generated counts, prompt membership
         self.counts = torch.zeros(c.max_batch, self.vocab_size, dtype=torch.long, device=self.device)
@@ -133,12 +136,11 @@ class Engine:
         its CUDA graph here. Call before serving (`dsv3 serve --compile` does)."""
         if not self.config.compile or self.num_running:
             return
+        fast.prepare(self.model)  # builds what the graph reads as is (the MoE's weight stacks)
         for rows in range(1, self.compiled_rows + 1):
             view = self.cache.rows(slice(0, rows))
             # token 0 at position 0, as two tensors: the graph must not assume that they alias
             tokens, start = (torch.zeros(rows, dtype=torch.long, device=self.device) for _ in range(2))
-            if rows == 1:  # one eager step first: it builds what the graph reads as is (the MoE's weight stacks)
-                self.model(tokens[:, None], view, start)
             self._step(self.model, tokens, view, start)
 
     def shutdown(self) -> None:

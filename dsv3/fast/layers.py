@@ -1,0 +1,43 @@
+"""Compiled-graph forms of the small building blocks: the SwiGLU hidden stored once, RoPE in real arithmetic.
+
+Mixins that `dsv3.fast.prepare` adds to the model's MLP and MLA classes. Eager, each override is its base method.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..rope import apply_rope_reference
+
+
+def stored(x: torch.Tensor) -> torch.Tensor:
+    """x itself; inside a torch.compile graph, also a hint that inductor should write x to memory once.
+
+    On a GPU, a compiled decode step's one-row matmuls become inductor reductions (coordinate-descent tuning turns
+    them into multiply-and-sum), and inductor inlines a small pointwise input into the reduction that reads it: the
+    down projection then recomputes the SwiGLU hidden silu(gate)·up for each of its weight elements. For the routed
+    experts of a V2-Lite-shaped layer at batch 1 that is 17M sigmoids for 12k outputs, and that kernel ran at
+    1.6 TB/s on an H200 where the gate/up one before it reached 3.7 (bench/RESULTS.md). Fixing x's layout makes
+    inductor store it instead. Eager, and where inductor stores x anyway (a library matmul's input; its CPU rules
+    store a reused exp), it changes nothing. Only for tensors without gradients (inference): the op has no
+    autograd formula, and a compiled training step keeps its intermediates for the backward anyway."""
+    if torch.compiler.is_compiling() and not x.requires_grad:
+        return torch.ops.prims.inductor_force_stride_order(x, x.stride())
+    return x
+
+
+class StoredHidden:
+    """For `dsv3.layers.MLP`: the SwiGLU hidden is `stored` before the down projection reads it."""
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return stored(super().hidden(x))
+
+
+class RealRope:
+    """For `dsv3.attention.MLA` (and SparseMLA): compiled graphs rotate in real arithmetic
+    (`apply_rope_reference`), which inductor fuses with the ops around it; eager keeps the complex multiply."""
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return apply_rope_reference(x, cos, sin, self.interleave)
+        return super().rotate(x, cos, sin)
