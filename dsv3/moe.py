@@ -60,6 +60,8 @@ class ExpertStacks:
     last expert); the MoE drops them (`drop`) when its parameters are about to be replaced (`_apply`,
     load_state_dict)."""
 
+    auto_paths = AUTO_PATHS  # what `MoE.path = "auto"` runs with these stacks
+
     def __init__(self) -> None:
         self.tensors: tuple[torch.Tensor, torch.Tensor] | None = None
         self.linears: tuple[nn.Linear, ...] = ()
@@ -77,8 +79,12 @@ class ExpertStacks:
             self.tensors, self.linears = self.build(linears), linears
         return self.tensors
 
-    def drop(self, *_) -> None:
+    def drop(self) -> None:
         self.tensors = None
+
+    def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [E, 2I, D], down [E, D, I]) as tensors, for the grouped matmuls: the stacks themselves."""
+        return self.tensors
 
     @staticmethod
     def expert_linears(experts: nn.ModuleList) -> tuple[nn.Linear, ...] | None:
@@ -102,6 +108,11 @@ class ExpertStacks:
         for i, (g, u, d) in enumerate(zip(gates, ups, downs)):
             g.weight.data, u.weight.data, d.weight.data = gate_up[i, :inter], gate_up[i, inter:], down[i]
         return gate_up, down
+
+
+def _drop_stacks(moe: "MoE", _incompatible_keys) -> None:
+    """After load_state_dict: the weights may be new tensors."""
+    moe.stacks.drop()
 
 
 class Gate(nn.Module):
@@ -170,8 +181,9 @@ class MoE(nn.Module):
         self.last_balance_loss: torch.Tensor | None = None
         self.path: MoEPath = "auto"
         self.few_pairs = 16  # N·K up to this is "few" in AUTO_PATHS (decoding)
+        # the routed experts' stacked weights; dsv3.quant installs its own kind for quantized experts
         self.stacks = ExpertStacks()
-        self.register_load_state_dict_post_hook(self.stacks.drop)
+        self.register_load_state_dict_post_hook(_drop_stacks)
 
     @property
     def impl(self) -> MoEPath:
@@ -205,7 +217,7 @@ class MoE(nn.Module):
             return self.routed_loop(x, weights, indices)
         path = self.choose_path(x, indices, decode_step)
         if path == "grouped":
-            return self.routed_grouped(x, weights, indices, *stacks)
+            return self.routed_grouped(x, weights, indices, *self.stacks.dense(x.dtype))
         if path == "gather":
             return self.routed_gather(x, weights, indices, *stacks)
         if path == "pairs":
@@ -219,7 +231,7 @@ class MoE(nn.Module):
             raise ValueError(f"MoE.path='grouped': torch._grouped_mm is unavailable for {x.dtype} on {x.device}")
         if self.path != "auto":
             return self.path
-        return AUTO_PATHS[x.device.type == "cpu", grouped, indices.numel() <= self.few_pairs]
+        return self.stacks.auto_paths[x.device.type == "cpu", grouped, indices.numel() <= self.few_pairs]
 
     def routed_loop(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sort the N·K (token, expert) pairs by expert, one module call per used expert (gradients flow to the

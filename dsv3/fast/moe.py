@@ -109,7 +109,7 @@ class CompiledMoE:
             cpu, grouped = x.device.type == "cpu", grouped_mm_runs(x)
             path = COMPILED_PATHS[cpu, grouped, decode_step if cpu else grouped and indices.numel() <= self.few_pairs]
         if path == "grouped":
-            return self.routed_grouped(x, weights, indices, *stacks)
+            return self.routed_grouped(x, weights, indices, *self.stacks.dense(x.dtype))
         return fused_gather(x, weights, indices, *stacks)
 
     def grouped_mm(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

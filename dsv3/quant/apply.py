@@ -26,6 +26,7 @@ from ..hub import FP32_KEYS, CheckpointError, few, read_tensors, save_pretrained
 from ..model import Transformer
 from ..rope import RotaryEmbedding
 from .base import QuantizationError, QuantizedLinear
+from .experts import stack_experts
 from .fp8 import FP8Linear
 from .int4 import GROUP_SIZES, Int4Linear
 from .int8 import Int8Linear
@@ -88,6 +89,7 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 128, skip: Sequenc
     cls = SCHEMES[scheme]
     for name, linear in targets:
         _set_module(model, name, cls.from_linear(linear, group_size=group_size))
+    stack_experts(model)
     if hasattr(model, "config"):
         model.config.quantization_config = quantization_config(scheme, group_size, skip, pad)
     return model
@@ -211,4 +213,5 @@ def load_quantized(path: Path, config, dtype: torch.dtype | None, device) -> nn.
         state[name] = tensor.to(device=device, dtype=target)
     model.load_state_dict(state, assign=True)
     model.rotary = RotaryEmbedding(config).to(device)
+    stack_experts(model)
     return model.eval()

@@ -3,29 +3,29 @@
 A quantized model keeps its experts one `QuantizedLinear` each (the hub layout). Called one by one they cost a host
 sync per layer and a kernel launch per used expert (the MoE's per-expert loop), which made eager quantized decoding
 on an H200 2-4x slower than bf16 and batch 64 7-20x slower (docs/performance.md §B7), and a compiled graph ran every
-expert on every row. Here the experts' packed tensors are stacked per projection, [E, out, ...], in their portable
-layouts, and each expert's buffers become views of the stack (no second copy). The MoE then asks for
-- `gathered(flat, dtype)`: the dequantised weights of the N·K chosen experts, [N·K, out, in] per projection; inside a
+expert on every row. Here, on a GPU, the experts' packed tensors are stacked per projection, [E, out, ...], in their
+portable layouts, and each expert's buffers become views of the stack (no second copy). `QuantizedExpertStacks`
+takes the place of the MoE's `ExpertStacks` (`stack_experts`), with the same interface, so the MoE's own paths run:
+- gather (decoding): `GatheredRows[flat]` dequantises the N·K chosen experts' weights, [N·K, out, in]; inside a
   compiled graph inductor fuses the gather, the dequantisation and the matmul's reduction, so each chosen expert's
-  weights are read once, at their packed size (gpt-fast's int8 Mixtral path), and
-- `dense(dtype)`: every expert dequantised, [E, out, in], for the grouped matmuls of a prefill (each expert is used).
+  weights are read once, at their packed size (gpt-fast's int8 Mixtral path);
+- grouped (prefill, large batches): `dense(dtype)` dequantises every expert once, [E, out, in].
 Dequantisation is the layer's own (`Int8Linear.dequantize`, `dequantize_groups`, `dequantize_fp8`) on stacked
-tensors, so the stacked paths agree with the per-expert reference (tests/test_quant.py).
+tensors, so the stacked paths agree with the per-expert reference (tests/test_quant_experts.py).
 
 Layouts: int8 `weight` [E, out, in] int8 + `weight_scale` [E, out]; int4 `qweight` [E, out, in_padded/2] uint8 (two
 columns a byte, as on disk) + `scales`, `zeros` [E, out, groups] bf16; fp8 `weight` [E, out, in] e4m3 +
-`weight_scale_inv` [E, ceil(out/128), ceil(in/128)]. The int4 experts leave their kernel layout (tinygemm's tiles
-cannot be gathered by expert): in the per-expert loop (training, LoRA) they dequantise, in the stacked paths their
-stack is read.
+`weight_scale_inv` [E, ceil(out/128), ceil(in/128)]. Stacked int4 experts leave their kernel layout (tinygemm's tiles
+cannot be gathered by expert); in the per-expert loop (training, LoRA) they dequantise.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..hub import FP8_BLOCK
+from ..moe import MoE
 from .fp8 import FP8Linear
 from .int4 import Int4Linear, dequantize_groups, unpack_nibbles
 from .int8 import Int8Linear
@@ -56,7 +56,10 @@ class ExpertStack:
         """Dequantised weights of experts idx [n] (all E when None): [n, out, in] in dtype."""
         t = self.tensors if idx is None else {name: tensor[idx] for name, tensor in self.tensors.items()}
         if self.scheme == "int8":  # q · scale per output row, as Int8Linear.dequantize
-            return (t["weight"].float() * t["weight_scale"].float()[..., None]).to(dtype)
+            q, scale = t["weight"], t["weight_scale"]
+            if scale.dtype == dtype:  # the same bits without a float32 copy: q is exact in dtype, one rounding
+                return q.to(dtype) * scale[..., None]
+            return (q.float() * scale.float()[..., None]).to(dtype)
         if self.scheme == "int4":  # groups along the input, as Int4Linear.dequantize
             q = unpack_nibbles(t["qweight"].flatten(0, 1)).float()  # [n·out, in_padded]
             n = q.shape[0] // self.out_features
@@ -71,49 +74,99 @@ class ExpertStack:
         return tuple(self.tensors[name].data_ptr() for name in self.names)
 
 
-class QuantizedExperts:
-    """The stacks of a MoE's quantized experts (gate, up, down), the owner of their memory.
+class GatheredRows:
+    """Stacks of one or more projections [E, out_i, in] seen as one [E, Σ out_i, in] stack that dequantises the rows
+    it is indexed by: `rows[flat]` -> [P, Σ out_i, in] in the layers' dtype, as the MoE's gather paths index a
+    weight stack (dsv3/moe.py `routed_gather`, dsv3/fast/moe.py `fused_gather`)."""
 
-    `build(experts)` returns None unless every expert projection is a QuantizedLinear of one scheme and shape
-    (int4: one group size) without a bias; the MoE then keeps its per-expert loop.
+    def __init__(self, stacks: list[ExpertStack], dtype: torch.dtype, experts: int) -> None:
+        self.stacks, self.dtype = stacks, dtype
+        self.shape = torch.Size((experts, sum(s.out_features for s in stacks), stacks[0].in_features))
+
+    def __getitem__(self, idx: torch.Tensor | int) -> torch.Tensor:
+        if isinstance(idx, int):
+            return self[torch.tensor([idx], device=self.stacks[0].tensors[self.stacks[0].names[0]].device)][0]
+        parts = [s.rows(idx, self.dtype) for s in self.stacks]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+# The routed path for quantized experts under `MoE.path = "auto"`, by (device is a CPU, torch._grouped_mm runs, N·K <=
+# MoE.few_pairs), as dsv3/moe.py's AUTO_PATHS for plain ones. On a CPU the stacks are not built (`get`): each expert's
+# own kernel (int8/int4 matvec, no host sync to fear) is faster than dequantising its weights. On a GPU a few pairs
+# (decoding) gather and dequantise the chosen experts, with no host sync; many pairs (a prefill, a large batch)
+# dequantise every expert once per layer and run the grouped matmuls (docs/performance.md §B7).
+QUANTIZED_AUTO_PATHS: dict[tuple[bool, bool, bool], str] = {
+    # (cpu,  grouped, few)
+    (True, True, True): "loop", (True, True, False): "loop", (True, False, True): "loop", (True, False, False): "loop",
+    (False, True, True): "gather", (False, True, False): "grouped",
+    (False, False, True): "gather", (False, False, False): "loop",
+}
+
+
+class QuantizedExpertStacks:
+    """For a MoE whose experts are quantized (`MoE.stacks`, installed by `stack_experts`): the experts' packed
+    tensors stacked per projection (gate, up, down), the owner of their memory, with the interface of
+    dsv3.moe.ExpertStacks: `get` -> (gate_up, down) as `GatheredRows` or None, `dense`, `drop`, `tensors`.
+
+    `get` returns None (the MoE's per-expert loop) on a CPU unless `cpu`, while gradients are on, or when the experts are not all
+    QuantizedLinears of one scheme and shape (int4: one group size) without a bias. It rebuilds the stacks when an
+    expert was replaced, moved or reloaded into new tensors since they were built.
     """
 
-    def __init__(self, experts: nn.ModuleList) -> None:
-        self.layers = [tuple(expert._modules[p] for p in PROJECTIONS) for expert in experts]
-        self.gate, self.up, self.down = (ExpertStack([layers[i] for layers in self.layers]) for i in range(3))
+    auto_paths = QUANTIZED_AUTO_PATHS
 
-    @classmethod
-    def build(cls, experts: nn.ModuleList) -> "QuantizedExperts | None":
-        for i in range(3):
-            layers = [expert._modules.get(PROJECTIONS[i]) for expert in experts]
-            kinds = {(type(m), m.out_features, m.in_features, getattr(m, "group_size", None), m.bias is None)
-                     for m in layers}
-            if len(kinds) != 1 or next(iter(kinds))[0] not in (Int8Linear, Int4Linear, FP8Linear) \
-                    or not next(iter(kinds))[-1]:
-                return None
-        return cls(experts)
+    def __init__(self, cpu: bool = False) -> None:
+        self.cpu = cpu  # stack on a CPU too (explicit MoE paths, tests); "auto" still takes the loop there
+        self.tensors: tuple[GatheredRows, GatheredRows] | None = None
+        self.layers: list[tuple[nn.Module, ...]] = []
+        self.projections: tuple[ExpertStack, ...] = ()
+
+    def get(self, experts: nn.ModuleList) -> tuple[GatheredRows, GatheredRows] | None:
+        layers = stackable(experts)
+        if layers is None or torch.is_grad_enabled() or (
+                not self.cpu and next(layers[0][0].buffers()).device.type == "cpu"):
+            return None
+        if self.tensors is None or not self.current(experts):
+            self.drop()
+            self.layers = layers
+            self.projections = tuple(ExpertStack([expert[i] for expert in layers]) for i in range(3))
+            gate, up, down = self.projections
+            dtype, n = layers[0][0].dtype, len(layers)
+            self.tensors = GatheredRows([gate, up], dtype, n), GatheredRows([down], dtype, n)
+        return self.tensors
+
+    def drop(self) -> None:
+        self.tensors, self.layers, self.projections = None, [], ()
 
     def current(self, experts: nn.ModuleList) -> bool:
-        """Whether the stacks still back these experts (not replaced, moved or reloaded since `build`)."""
+        """Whether the stacks still back these experts (not replaced, moved or reloaded since they were built)."""
         return all(layer is expert._modules[p] and all(layer._buffers[n].data_ptr() == stack.tensors[n][e].data_ptr()
                                                         for n in stack.names)
                    for e, expert in enumerate(experts)
-                   for layer, p, stack in zip(self.layers[e], PROJECTIONS, (self.gate, self.up, self.down)))
-
-    def gathered(self, flat: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """flat: [P] expert ids -> dequantised (gate [P, I, D], up [P, I, D], down [P, D, I])."""
-        return self.gate.rows(flat, dtype), self.up.rows(flat, dtype), self.down.rows(flat, dtype)
+                   for layer, p, stack in zip(self.layers[e], PROJECTIONS, self.projections))
 
     def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every expert dequantised: (gate_up [E, 2I, D], down [E, D, I]), the stacks `MoE.routed_grouped` takes."""
-        return torch.cat((self.gate.rows(None, dtype), self.up.rows(None, dtype)), dim=1), self.down.rows(None, dtype)
+        """Every expert dequantised: (gate_up [E, 2I, D], down [E, D, I]), for the grouped matmuls."""
+        gate, up, down = self.projections
+        return torch.cat((gate.rows(None, dtype), up.rows(None, dtype)), dim=1), down.rows(None, dtype)
 
-    def routed_gather(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x: [N, D], weights/indices: [N, K] -> Σ_k w_k FFN_{i_k}(x): [N, D] from the N·K chosen experts' rows
-        (the decode path; static shapes, no host sync)."""
-        N, K = indices.shape
-        gate, up, down = self.gathered(indices.flatten(), x.dtype)
-        xs = x.repeat_interleave(K, dim=0)[:, :, None]  # [N·K, D, 1]: token n's row for each of its K experts
-        h = F.silu(torch.bmm(gate, xs)) * torch.bmm(up, xs)  # [N·K, I, 1]
-        y = torch.bmm(down, h).squeeze(-1)  # [N·K, D]
-        return (y.view(N, K, -1) * weights[:, :, None].to(x.dtype)).sum(dim=1)
+
+def stackable(experts: nn.ModuleList) -> list[tuple[nn.Module, ...]] | None:
+    """[(gate, up, down) per expert] if every projection is a QuantizedLinear of one scheme, shape and group size
+    across the experts, without a bias; else None."""
+    layers = [tuple(expert._modules.get(p) for p in PROJECTIONS) for expert in experts]
+    for i in range(3):
+        kinds = {(type(e[i]), e[i].out_features, e[i].in_features, getattr(e[i], "group_size", None),
+                  e[i].bias is None) if isinstance(e[i], (Int8Linear, Int4Linear, FP8Linear)) else None
+                 for e in layers}
+        if len(kinds) != 1 or None in kinds or not next(iter(kinds))[-1]:
+            return None
+    return layers
+
+
+def stack_experts(model: nn.Module) -> None:
+    """Give every MoE of `model` whose experts are quantized the quantized stacks (`quantize` and the quantized
+    checkpoint loader call this)."""
+    for module in model.modules():
+        if isinstance(module, MoE) and stackable(module.experts) is not None:
+            module.stacks = QuantizedExpertStacks()
