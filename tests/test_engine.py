@@ -62,8 +62,14 @@ def test_compiled_decode_step_gives_the_eager_engine_tokens(model, tokenizer):
     eager = run(Engine(model, tokenizer, EngineConfig(**config)), requests())
     engine = Engine(model, tokenizer, EngineConfig(**config, compile=True, compile_max_batch=2))
     torch._dynamo.utils.counters.clear()
-    batches, step = [], engine._step
-    engine._step = lambda model_, ids, rows, start: batches.append(len(ids)) or step(model_, ids, rows, start)
+    batches, views, step = [], set(), engine._step
+
+    def recording(model_, ids, rows, start):
+        batches.append(len(ids))
+        views.add((len(ids), id(rows)))
+        return step(model_, ids, rows, start)
+
+    engine._step = recording
     engine.warmup()
     assert batches == [1, 2]  # a step at every size the compiled step serves
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -73,6 +79,8 @@ def test_compiled_decode_step_gives_the_eager_engine_tokens(model, tokenizer):
     assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # warm-up compiled all it needed
     assert sorted(set(batches)) == [1, 2]  # 3-row steps ran eager
+    # each batch size gets the same cache view object at every step (a CUDA graph keeps its inputs' addresses)
+    assert views == {(r, id(engine._step_views[r])) for r in (1, 2)}
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     with pytest.raises(ValueError, match="EngineConfig.compile must be true or false"):
         EngineConfig(compile="yes")

@@ -81,10 +81,15 @@ class Engine:
         self.device = model.lm_head.weight.device
         self.cache = model.new_cache(c.max_batch, self.max_seq_len)
         self._step = fast.compiled_decode_step(self.device.type) if c.compile else None
+        # the compiled step's cache for R running rows: rows 0..R-1, one view object per R, kept, so that a CUDA
+        # graph captured for R rows finds its cache at the same address every step
+        self._step_views = {rows: self.cache.rows(slice(0, rows)) for rows in range(1, self.compiled_rows + 1)} \
+            if c.compile else {}
         if c.compile:
             fast.prepare(self.model)
             if self.device.type == "cuda":
-                fast.mark_static_cache(self.cache)
+                for view in self._step_views.values():
+                    fast.mark_static_cache(view, guard=False)
         self.prefix = PrefixCache(self.cache, c.block_size, c.prefix_cache_bytes)
         # per-row token history for the penalties (dsv3/sampling.py layout): generated counts, prompt membership
         self.counts = torch.zeros(c.max_batch, self.vocab_size, dtype=torch.long, device=self.device)
@@ -137,8 +142,7 @@ class Engine:
         if not self.config.compile or self.num_running:
             return
         fast.prepare(self.model)  # builds what the graph reads as is (the MoE's weight stacks)
-        for rows in range(1, self.compiled_rows + 1):
-            view = self.cache.rows(slice(0, rows))
+        for rows, view in self._step_views.items():
             # token 0 at position 0, as two tensors: the graph must not assume that they alias
             tokens, start = (torch.zeros(rows, dtype=torch.long, device=self.device) for _ in range(2))
             self._step(self.model, tokens, view, start)
@@ -277,7 +281,7 @@ class Engine:
         positions = [len(s.tokens) - 1 for s in seqs]
         rows, start = self.cache.rows(slice(0, len(seqs))), torch.tensor(positions, device=self.device)
         if self.config.compile and len(seqs) <= self.compiled_rows:  # static shapes: every slot, masked
-            logits = self._step(self.model, ids[:, 0], rows, start)  # [R, V]
+            logits = self._step(self.model, ids[:, 0], self._step_views[len(seqs)], start)  # [R, V]
         else:
             # attend_length from the host's lengths: the model need not read the positions back from the device
             logits = self.model(ids, rows, start, attend_length=max(positions) + 1)[:, -1]  # [R, V]

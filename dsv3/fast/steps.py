@@ -85,12 +85,14 @@ def compiled_prefill(prefill):
     return run
 
 
-def mark_static_cache(cache) -> None:
+def mark_static_cache(cache, guard: bool = True) -> None:
     """For compiled steps on CUDA: CUDA graphs may keep a graph input's address, and the cache is updated in place
-    at the same address every step, so its buffers are marked static."""
+    at the same address every step, so its buffers are marked static. Unmarked, a graph that writes into them is
+    not captured ("skipping cudagraphs due to mutated inputs"). guard=False: no guard on the tensors' identity, for
+    several caches (the engine's row views, one per batch size) that share one compiled graph."""
     for buffer in (cache.kv, cache.pe, cache.ik):
         if buffer is not None:
-            torch._dynamo.mark_static_address(buffer)
+            torch._dynamo.mark_static_address(buffer, guard=guard)
 
 
 def unguarded() -> AbstractContextManager:
