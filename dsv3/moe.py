@@ -30,8 +30,8 @@ RoutedPath = Literal["loop", "pairs", "gather", "grouped"]
 #   so without _grouped_mm the copy-free pairs for a few pairs, the loop above.
 # - GPU (H200, V2-Lite-shaped layer, bf16): gathered weights up to 16 pairs (195 against 341 us at N = 1), grouped
 #   above (650 against 371 us at N = 8); no path there reads a tensor back to the host except the loop.
-# Training (gradients must reach the expert modules) and experts that are not plain nn.Linear (quantized, LoRA) take
-# the loop whatever the table says. Compiled graphs choose from dsv3/fast/moe.py's table instead.
+# Training (gradients must reach the expert modules) and experts without stacks (LoRA; quantized ones on a CPU) take
+# the loop whatever the table says; quantized experts on a GPU have a table of their own (dsv3/quant/experts.py). Compiled graphs choose from dsv3/fast/moe.py's table instead.
 AUTO_PATHS: dict[tuple[bool, bool, bool], RoutedPath] = {
     # (cpu,  grouped, few)
     (True, True, True): "grouped", (True, True, False): "grouped",
@@ -213,7 +213,8 @@ class MoE(nn.Module):
         stacks = None if self.path == "loop" else self.stacks.get(self.experts)
         if stacks is None:
             if self.path not in ("auto", "loop"):
-                raise ValueError(f"MoE.path={self.path!r} needs plain nn.Linear experts and no gradient to them")
+                raise ValueError(f"MoE.path={self.path!r} needs stacked experts (plain nn.Linear, or quantized ones on a "
+                                 "GPU) and no gradient to them")
             return self.routed_loop(x, weights, indices)
         path = self.choose_path(x, indices, decode_step)
         if path == "grouped":

@@ -96,3 +96,11 @@ def test_stacked_paths_on_cuda_from_the_kernel_layouts(scheme, kwargs):
         expected = moe.routed_reference(x, weights, indices)
         assert moe.choose_path(x, indices, rows == 1) == ("gather" if rows == 1 else "grouped")
         torch.testing.assert_close(moe.routed(x, weights, indices), expected, **TOL[torch.bfloat16])
+
+
+@torch.no_grad()
+def test_quantized_stacks_step_aside_when_an_expert_becomes_plain():
+    moe = quantized_moe("int8", {})
+    moe.experts[0] = torch.nn.Module()  # an expert replaced by plain (unquantized) linears: no stacks, no error
+    moe.experts[0].gate_proj = moe.experts[0].up_proj = moe.experts[0].down_proj = torch.nn.Linear(96, 96)
+    assert QuantizedExpertStacks(cpu=True).get(moe.experts) is None

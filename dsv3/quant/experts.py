@@ -21,6 +21,8 @@ cannot be gathered by expert); in the per-expert loop (training, LoRA) they dequ
 
 from __future__ import annotations
 
+from itertools import chain
+
 import torch
 from torch import nn
 
@@ -122,11 +124,14 @@ class QuantizedExpertStacks:
         self.projections: tuple[ExpertStack, ...] = ()
 
     def get(self, experts: nn.ModuleList) -> tuple[GatheredRows, GatheredRows] | None:
-        layers = stackable(experts)
-        if layers is None or torch.is_grad_enabled() or (
-                not self.cpu and next(layers[0][0].buffers()).device.type == "cpu"):
+        # called by every MoE forward: the cheap checks first, the full `stackable` scan only when (re)building
+        first = experts[0]  # its tensors' device (buffers if quantized; parameters if replaced by a plain layer)
+        if torch.is_grad_enabled() or (not self.cpu and next(chain(first.buffers(), first.parameters())).is_cpu):
             return None
         if self.tensors is None or not self.current(experts):
+            layers = stackable(experts)
+            if layers is None:
+                return None
             self.drop()
             self.layers = layers
             self.projections = tuple(ExpertStack([expert[i] for expert in layers]) for i in range(3))
@@ -139,11 +144,15 @@ class QuantizedExpertStacks:
         self.tensors, self.layers, self.projections = None, [], ()
 
     def current(self, experts: nn.ModuleList) -> bool:
-        """Whether the stacks still back these experts (not replaced, moved or reloaded since they were built)."""
-        return all(layer is expert._modules[p] and all(layer._buffers[n].data_ptr() == stack.tensors[n][e].data_ptr()
-                                                        for n in stack.names)
-                   for e, expert in enumerate(experts)
-                   for layer, p, stack in zip(self.layers[e], PROJECTIONS, self.projections))
+        """Whether the stacks still back these experts: the same modules (none replaced), and the first and last
+        expert's buffers still views of the stacks (a move or a repack replaces every expert's, as in ExpertStacks;
+        the MoE also drops its stacks on `.to` and load_state_dict)."""
+        if len(experts) != len(self.layers) or any(
+                layer is not expert._modules[p]
+                for expert, layers in zip(experts, self.layers) for layer, p in zip(layers, PROJECTIONS)):
+            return False
+        return all(self.layers[e][i]._buffers[n].data_ptr() == stack.tensors[n][e].data_ptr()
+                   for e in (0, -1) for i, stack in enumerate(self.projections) for n in stack.names)
 
     def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Every expert dequantised: (gate_up [E, 2I, D], down [E, D, I]), for the grouped matmuls."""
