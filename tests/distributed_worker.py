@@ -1,0 +1,112 @@
+"""Jobs that tests/test_distributed.py runs in W spawned gloo processes (one spawn per world size: start-up, not
+the checks, is what costs). Each job compares the parallel model with the single-device one in the same process
+and returns plain numbers; rank 0's result is written to `out` as JSON."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import dsv3
+from dsv3.distributed import init, parallelize, shards
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def tiny_configs() -> dict[str, dsv3.ModelConfig]:
+    """V3-shaped tiny configs: groups + q-LoRA + MTP + YaRN; V2-Lite-shaped (no q-LoRA, softmax, greedy); DSA."""
+    yarn = dict(rope_type="yarn", factor=4.0, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0,
+                original_max_position_embeddings=64)
+    return {
+        "v3": dsv3.ModelConfig.tiny(n_routed_experts=8, n_group=4, topk_group=2, rope_scaling=yarn),
+        "v2-lite": dsv3.ModelConfig.tiny(q_lora_rank=None, scoring_func="softmax", topk_method="greedy", n_group=1,
+                                         topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0,
+                                         n_shared_experts=2),
+        "dsa": dsv3.ModelConfig.tiny(index_n_heads=4, index_head_dim=16, index_topk=6),
+    }
+
+
+def compare(model: dsv3.Transformer, ids: torch.Tensor, greedy: int) -> dict:
+    """Run `model` single-device, then its parallelized copy: logits in both MLA forms, MTP logits, prefill +
+    cached decode, greedy tokens; and the resident parameter bytes against the bound."""
+    ref = copy.deepcopy(model)
+    par = parallelize(model)
+    out = {}
+    with torch.no_grad():
+        for impl in ("naive", "absorb"):
+            out[f"logits_{impl}"] = relative(par(ids, attn_impl=impl), ref(ids, attn_impl=impl))
+        if ref.mtp:
+            (l_ref, h_ref), (l_par, h_par) = (m(ids, return_hidden=True) for m in (ref, par))
+            out["mtp"] = relative(par.mtp_logits(h_par[:, :-1], ids), ref.mtp_logits(h_ref[:, :-1], ids))
+        steps = []
+        for m in (ref, par):
+            cache = m.new_cache(ids.shape[0], ids.shape[1] + 4)
+            rows = [m(ids[:, :-3], cache)]
+            rows += [m(ids[:, t:t + 1], cache, start_pos=t) for t in range(ids.shape[1] - 3, ids.shape[1])]
+            steps.append(torch.cat(rows, dim=1))
+        out["cached"] = relative(steps[1], steps[0])
+    if greedy:
+        prompt = ids[:1, :5]
+        out["greedy_equal"] = torch.equal(dsv3.generate(par, prompt, greedy), dsv3.generate(ref, prompt, greedy))
+    out.update(parameter_bytes(ref, par))
+    return out
+
+
+def parameter_bytes(ref: torch.nn.Module, par: torch.nn.Module) -> dict:
+    """Bytes this rank holds, and the bound: (split tensors' full bytes) / W + replicated tensors' bytes."""
+    full = {k: v.numel() * v.element_size() for k, v in ref.state_dict().items()}
+    held, split, replicated = 0, set(), 0
+    for name, s in shards(par).items():
+        tensor = par.state_dict()[name]
+        held += tensor.numel() * tensor.element_size()
+        if s.replicated:
+            replicated += full[s.key]
+        else:
+            split.add(s.key)
+    for name in full:  # the other ranks' experts are split tensors too
+        if ".experts." in name and name not in split:
+            split.add(name)
+    bound = sum(full[k] for k in split) / dist.get_world_size() + replicated
+    return {"held_bytes": held, "bound_bytes": bound, "full_bytes": sum(full.values())}
+
+
+def job_models() -> dict:
+    """The bundled model (fp32) and the tiny configs, on the same seeded inputs on every rank."""
+    results = {}
+    torch.manual_seed(0)
+    bundled = dsv3.load_pretrained(dsv3.bundled_model_path(), dtype=torch.float32)
+    ids = torch.randint(0, bundled.config.vocab_size, (2, 12))
+    results["bundled"] = compare(bundled, ids, greedy=32)
+    for name, config in tiny_configs().items():
+        torch.manual_seed(1)
+        model = dsv3.Transformer(config).eval()
+        results[name] = compare(model, torch.randint(0, config.vocab_size, (2, 10)), greedy=8)
+    return results
+
+
+JOBS = {"models": job_models}
+
+
+def main(rank: int, world: int, port: int, job: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert init("gloo") == world
+    try:
+        result = JOBS[job]()
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # python tests/distributed_worker.py RANK WORLD PORT JOB OUT
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
