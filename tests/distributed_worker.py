@@ -34,28 +34,35 @@ def tiny_configs() -> dict[str, dsv3.ModelConfig]:
     }
 
 
-def compare(model: dsv3.Transformer, ids: torch.Tensor, greedy: int) -> dict:
-    """Run `model` single-device, then its parallelized copy: logits in both MLA forms, MTP logits, prefill +
-    cached decode, greedy tokens; and the resident parameter bytes against the bound."""
-    ref = copy.deepcopy(model)
-    par = parallelize(model)
+def outputs(model: dsv3.Transformer, ids: torch.Tensor, greedy: int) -> dict[str, torch.Tensor]:
+    """Logits in both MLA forms, MTP logits, prefill + cached decode steps, and `greedy` greedy tokens."""
     out = {}
     with torch.no_grad():
         for impl in ("naive", "absorb"):
-            out[f"logits_{impl}"] = relative(par(ids, attn_impl=impl), ref(ids, attn_impl=impl))
-        if ref.mtp:
-            (l_ref, h_ref), (l_par, h_par) = (m(ids, return_hidden=True) for m in (ref, par))
-            out["mtp"] = relative(par.mtp_logits(h_par[:, :-1], ids), ref.mtp_logits(h_ref[:, :-1], ids))
-        steps = []
-        for m in (ref, par):
-            cache = m.new_cache(ids.shape[0], ids.shape[1] + 4)
-            rows = [m(ids[:, :-3], cache)]
-            rows += [m(ids[:, t:t + 1], cache, start_pos=t) for t in range(ids.shape[1] - 3, ids.shape[1])]
-            steps.append(torch.cat(rows, dim=1))
-        out["cached"] = relative(steps[1], steps[0])
-    if greedy:
-        prompt = ids[:1, :5]
-        out["greedy_equal"] = torch.equal(dsv3.generate(par, prompt, greedy), dsv3.generate(ref, prompt, greedy))
+            out[f"logits_{impl}"] = model(ids, attn_impl=impl)
+        if model.mtp:
+            _, hidden = model(ids, return_hidden=True)
+            out["mtp"] = model.mtp_logits(hidden[:, :-1], ids)
+        cache = model.new_cache(ids.shape[0], ids.shape[1] + 4)
+        rows = [model(ids[:, :-3], cache)]
+        rows += [model(ids[:, t:t + 1], cache, start_pos=t) for t in range(ids.shape[1] - 3, ids.shape[1])]
+        out["cached"] = torch.cat(rows, dim=1)
+    out["greedy"] = dsv3.generate(model, ids[:1, :5], greedy)
+    return out
+
+
+def compare(model: dsv3.Transformer, ids: torch.Tensor, greedy: int) -> dict:
+    """The parallelized model's outputs against the single-device ones (computed on rank 0 only: the other ranks
+    would repeat the same work on the same cores), and the resident parameter bytes against the bound."""
+    ref = copy.deepcopy(model) if dist.get_rank() == 0 else None
+    par = parallelize(model)
+    got = outputs(par, ids, greedy)
+    if ref is None:
+        return {}
+    want = outputs(ref, ids, greedy)
+    out = {k: relative(got[k], want[k]) for k in want if k != "greedy"}
+    out["greedy_equal"] = torch.equal(got["greedy"], want["greedy"])
+    out["greedy_tokens"] = got["greedy"].shape[1] - 5
     out.update(parameter_bytes(ref, par))
     return out
 
@@ -78,35 +85,35 @@ def parameter_bytes(ref: torch.nn.Module, par: torch.nn.Module) -> dict:
     return {"held_bytes": held, "bound_bytes": bound, "full_bytes": sum(full.values())}
 
 
-def job_models() -> dict:
-    """The bundled model (fp32) and the tiny configs, on the same seeded inputs on every rank."""
-    results = {}
+def prepared_models() -> dict[str, tuple[dsv3.Transformer, torch.Tensor, int]]:
+    """name -> (model, input ids, greedy tokens): the bundled model (fp32) and the tiny configs, seeded. Built once
+    in the parent process; forked ranks inherit them."""
     torch.manual_seed(0)
     bundled = dsv3.load_pretrained(dsv3.bundled_model_path(), dtype=torch.float32)
-    ids = torch.randint(0, bundled.config.vocab_size, (2, 12))
-    results["bundled"] = compare(bundled, ids, greedy=32)
+    models = {"bundled": (bundled, torch.randint(0, bundled.config.vocab_size, (2, 12)), 32)}
     for name, config in tiny_configs().items():
         torch.manual_seed(1)
-        model = dsv3.Transformer(config).eval()
-        results[name] = compare(model, torch.randint(0, config.vocab_size, (2, 10)), greedy=8)
-    return results
+        models[name] = (dsv3.Transformer(config).eval(), torch.randint(0, config.vocab_size, (2, 10)), 8)
+    return models
+
+
+def job_models(models: dict) -> dict:
+    """Every prepared model compared with its parallel form."""
+    return {name: compare(model, ids, greedy) for name, (model, ids, greedy) in models.items()}
 
 
 JOBS = {"models": job_models}
 
 
-def main(rank: int, world: int, port: int, job: str, out: str) -> None:
+def run(rank: int, world: int, port: int, job: str, payload, out: str) -> None:
+    """One rank: join the gloo group on 127.0.0.1:port, run JOBS[job](payload); rank 0 writes the result to out."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    assert init("gloo") == world
+    assert init("gloo", timeout_s=60) == world
     try:
-        result = JOBS[job]()
+        result = JOBS[job](payload)
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(result, f)
     finally:
         dist.destroy_process_group()
-
-
-if __name__ == "__main__":  # python tests/distributed_worker.py RANK WORLD PORT JOB OUT
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])

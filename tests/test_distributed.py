@@ -1,0 +1,86 @@
+"""Tensor and expert parallelism (dsv3/distributed/, docs/distributed.md) against the single-device model, in W
+gloo processes forked from this one (tests/distributed_worker.py holds the jobs; the models are built here once
+and inherited, so a world size costs its checks, not W imports and loads)."""
+
+import json
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import dsv3
+from dsv3.distributed import init, parallelize, rank, world_size
+
+import distributed_worker as worker
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(world: int, job: str, payload, tmp_path) -> dict:
+    """Run worker job `job` in `world` forked ranks; rank 0's JSON result."""
+    out = tmp_path / f"{job}-{world}.json"
+    mp.start_processes(worker.run, args=(world, free_port(), job, payload, str(out)), nprocs=world,
+                       start_method="fork")
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def models():
+    return worker.prepared_models()
+
+
+def test_world_size_one_is_the_plain_path(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    model = dsv3.Transformer(dsv3.ModelConfig.tiny())
+    assert (init(), rank(), world_size()) == (1, 0, 1)
+    assert parallelize(model) is model and type(model.lm_head) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_parallel_models_equal_single_device(world, models, tmp_path):
+    results = spawn(world, "models", models, tmp_path)
+    assert set(results) == set(models)
+    for name, r in results.items():
+        for key in ("logits_naive", "logits_absorb", "mtp", "cached"):
+            assert r[key] < 1e-5, (name, key, r[key])
+        assert r["greedy_equal"] and r["greedy_tokens"] == models[name][2], name
+        assert r["held_bytes"] <= r["bound_bytes"] < r["full_bytes"], (name, r)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_parallel_layers_sum_to_the_plain_ones(world):
+    """Without a process group the collectives are the identity, so the W ranks' shares of each layer, run in
+    this one process and combined by hand (summed; the column pieces concatenated), must give the plain output."""
+    torch.manual_seed(0)
+    config = dsv3.ModelConfig.tiny(n_routed_experts=8, attention_bias=True)
+    linear, emb = torch.nn.Linear(16, 8), torch.nn.Embedding(12, 6)
+    moe = dsv3.Transformer(config).model.layers[1].mlp.eval()
+    x, ids, h = torch.randn(3, 16), torch.randint(0, 12, (2, 5)), torch.randn(2, 5, config.hidden_size)
+    from dsv3.distributed import ColumnParallelLinear, ExpertParallelMoE, RowParallelLinear, VocabParallelEmbedding
+    import copy
+    with torch.no_grad():
+        cols = torch.cat([ColumnParallelLinear.from_linear(linear, r, world, "f")(x) for r in range(world)], -1)
+        rows = sum(RowParallelLinear.from_linear(linear, r, world, "f")(x.chunk(world, -1)[r]) for r in range(world))
+        embs = sum(VocabParallelEmbedding.from_embedding(emb, r, world, "vocab_size")(ids) for r in range(world))
+        moes = sum(ExpertParallelMoE.from_moe(copy.deepcopy(moe), r, world)(h) for r in range(world))
+        torch.testing.assert_close(cols, linear(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rows, linear(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(embs, emb(ids), rtol=0, atol=0)
+        torch.testing.assert_close(moes, moe(h), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({}, "num_attention_heads=4 is not divisible by the world size 3"),
+    ({"num_attention_heads": 6, "vocab_size": 1000}, "vocab_size=1000 is not divisible by the world size 3"),
+    ({"num_attention_heads": 6, "vocab_size": 999, "intermediate_size": 99, "moe_intermediate_size": 33},
+     "n_routed_experts=8 is not divisible by the world size 3"),
+])
+def test_indivisible_sizes_name_the_field(change, field):
+    model = dsv3.Transformer(dsv3.ModelConfig.tiny(**change))
+    with pytest.raises(ValueError, match=field):
+        parallelize(model, 0, 3)
