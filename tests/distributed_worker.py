@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -102,7 +103,25 @@ def job_models(models: dict) -> dict:
     return {name: compare(model, ids, greedy) for name, (model, ids, greedy) in models.items()}
 
 
-JOBS = {"models": job_models}
+def job_checkpoint(payload: dict) -> dict:
+    """Load each checkpoint of payload["load"] (name -> (directory, single-process logits of payload["ids"])) at
+    this world size, reading only this rank's slices; save the plain one back from the parallel model."""
+    from dsv3.distributed.checkpoint import read_slices
+    out = {}
+    for name, (path, want) in payload["load"].items():
+        model = dsv3.load_pretrained(path, dtype=torch.float32)
+        with torch.no_grad():
+            out[f"{name}_logits"] = relative(model(payload["ids"]), want)
+        with torch.device("meta"):
+            meta = parallelize(dsv3.Transformer(model.config))
+        out[f"{name}_bytes_read"] = read_slices(Path(path), meta, torch.float32, "cpu")[1]
+        out[f"{name}_bytes_held"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        if name == "plain":
+            dsv3.save_pretrained(model, payload["save"])
+    return out
+
+
+JOBS = {"models": job_models, "checkpoint": job_checkpoint}
 
 
 def run(rank: int, world: int, port: int, job: str, payload, out: str) -> None:

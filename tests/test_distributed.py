@@ -84,3 +84,49 @@ def test_indivisible_sizes_name_the_field(change, field):
     model = dsv3.Transformer(dsv3.ModelConfig.tiny(**change))
     with pytest.raises(ValueError, match=field):
         parallelize(model, 0, 3)
+
+
+def write_checkpoints(tmp_path) -> tuple[dsv3.Transformer, dict]:
+    """A tiny model (dense width 384: its W=2 halves split inside FP8's 128-wide blocks) saved as a two-file
+    sharded checkpoint and as an FP8 one; name -> directory."""
+    from safetensors.torch import save_file
+    from test_checkpoint import quantize_fp8_blocks
+    torch.manual_seed(0)
+    model = dsv3.Transformer(dsv3.ModelConfig.tiny(intermediate_size=384)).eval()
+    tensors = dsv3.checkpoint.hub_state_dict(model)
+    plain, fp8 = tmp_path / "plain", tmp_path / "fp8"
+    for path in (plain, fp8):
+        path.mkdir()
+    keys = sorted(tensors)
+    files = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in files.items():
+        save_file({k: tensors[k] for k in part}, plain / name)
+    (plain / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, part in files.items() for k in part}}))
+    model.config.to_json(plain / "config.json")
+    for key in [k for k in tensors if k.endswith("proj.weight") and "eh_proj" not in k]:
+        tensors[key], tensors[key + "_scale_inv"] = quantize_fp8_blocks(tensors[key].float())
+    save_file(tensors, fp8 / "model.safetensors")
+    config = model.config.to_hf()
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    (fp8 / "config.json").write_text(json.dumps(config))
+    return model, {"plain": plain, "fp8": fp8}
+
+
+def test_sliced_loading_and_gathered_saving(tmp_path):
+    model, paths = write_checkpoints(tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    load = {}
+    with torch.no_grad():
+        for name, path in paths.items():
+            load[name] = (str(path), dsv3.load_pretrained(path, dtype=torch.float32)(ids))
+    saved = tmp_path / "saved"
+    results = spawn(2, "checkpoint", {"load": load, "ids": ids, "save": str(saved)}, tmp_path)
+    full = sum(t.numel() * 4 for t in model.state_dict().values())
+    for name in paths:
+        assert results[f"{name}_logits"] < 1e-5, (name, results)
+        assert results[f"{name}_bytes_read"] == results[f"{name}_bytes_held"] < 0.7 * full, (name, results, full)
+    again = dsv3.load_pretrained(saved, dtype=torch.float32)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], tensor), key
