@@ -30,7 +30,7 @@ __all__ = ["FP8_BLOCK", "HUB_FILES", "CheckpointError", "dequantize_fp8", "hub_s
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, *, keep_fp8: bool = False,
-                    revision: str | None = None) -> Transformer:
+                    revision: str | None = None, parallel: bool | None = None) -> Transformer:
     """Load a deepseek_v3 / deepseek_v2 checkpoint (single file or sharded; bf16, fp32 or FP8).
 
     dtype: the model's dtype (default: the checkpoint's; FP8 weights are dequantised to bf16 unless given).
@@ -39,11 +39,12 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     Checkpoints written by dsv3.quant.save_quantized (int8/int4) always load quantized.
     path: a directory or a hub id (`resolve_model`; revision: the hub revision).
     Under a process group of W > 1 ranks (dsv3.distributed.init) each rank reads only its slices and returns its
-    share of the model (dsv3.distributed.parallelize; docs/distributed.md).
+    share of the model (dsv3.distributed.parallelize; docs/distributed.md). parallel: True/False forces or
+    forbids that (data-parallel training loads the whole model on every rank); None: when W > 1.
     """
     path = resolve_model(path, revision)
     config = ModelConfig.from_hf(path)
-    if world_size() > 1:
+    if world_size() > 1 if parallel is None else parallel:
         if keep_fp8 or (config.quantization_config or {}).get("quant_method") == "dsv3":
             raise CheckpointError(f"{path}: quantized (int8/int4) checkpoints and keep_fp8 load in one process "
                                   "only; under torchrun dsv3 splits plain weights (FP8 ones are dequantised)")

@@ -121,7 +121,14 @@ def job_checkpoint(payload: dict) -> dict:
     return out
 
 
-JOBS = {"models": job_models, "checkpoint": job_checkpoint}
+def job_train(payload: dict) -> list[dict]:
+    """dsv3.train.train on this rank's share of each global batch: payload holds the model, the TrainConfig and the
+    token stream; the records (loss per step, router biases) are rank 0's."""
+    from dsv3.train import train
+    return train(payload["model"], payload["config"], payload["tokens"], progress=False)
+
+
+JOBS = {"models": job_models, "checkpoint": job_checkpoint, "train": job_train}
 
 
 def run(rank: int, world: int, port: int, job: str, payload, out: str) -> None:

@@ -130,3 +130,33 @@ def test_sliced_loading_and_gathered_saving(tmp_path):
     again = dsv3.load_pretrained(saved, dtype=torch.float32)
     for key, tensor in model.state_dict().items():
         assert torch.equal(again.state_dict()[key], tensor), key
+
+
+def test_data_parallel_training_matches_one_process(tmp_path):
+    """2 ranks at half the per-rank batch follow one process's 20-step fp32 loss curve and router biases; the
+    checkpoint rank 0 wrote at step 10 resumes in one process onto the same curve."""
+    import numpy as np
+    import shutil
+    from dsv3.train import TrainConfig, train
+    tokens = np.tile(np.arange(2, 34), 100)
+
+    def model():
+        torch.manual_seed(0)
+        return dsv3.Transformer(dsv3.ModelConfig.tiny(vocab_size=64, num_nextn_predict_layers=1))
+
+    def config(out, **kw):
+        return TrainConfig(**{**dict(steps=20, seq_len=16, batch_size=8, lr=3e-3, warmup_steps=2, log_every=1,
+                                     eval_every=0, save_every=10, keep_checkpoints=0, out_dir=str(out)), **kw})
+
+    single = train(model(), config(tmp_path / "one"), tokens, progress=False)
+    two = spawn(2, "train", {"model": model(), "config": config(tmp_path / "two"), "tokens": tokens}, tmp_path)
+    assert [r["step"] for r in two] == list(range(1, 21))
+    for a, b in zip(single, two):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+        assert a["bias"] == b["bias"] and a["load"] == b["load"], a["step"]
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "two" / "checkpoint-000010", resumed_dir / "checkpoint-000010")
+    resumed = train(model(), config(resumed_dir), tokens, resume=True, progress=False)
+    for a, b in zip(single[10:], resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]) and a["bias"] == b["bias"], a["step"]

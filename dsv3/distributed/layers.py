@@ -10,7 +10,7 @@ it holds the whole weight and calls no collective. Shapes: W ranks, r this rank,
 
 `shard_dim` names the weight dimension that is split (loading reads that slice of a checkpoint tensor, saving
 concatenates the ranks' pieces along it). The collectives run under no_grad semantics: the parallel model is for
-inference; training is data-parallel (dsv3/distributed/data_parallel.py).
+inference; training is data-parallel (data_parallel.py).
 """
 
 from __future__ import annotations
