@@ -128,7 +128,14 @@ def job_train(payload: dict) -> list[dict]:
     return train(payload["model"], payload["config"], payload["tokens"], progress=False)
 
 
-JOBS = {"models": job_models, "checkpoint": job_checkpoint, "train": job_train}
+def job_finetune(payload: dict) -> list[dict]:
+    """dsv3.lora_train.LoRATrainer at this world size (each rank runs batch[rank::W]); rank 0's history."""
+    from dsv3.lora_train import LoRATrainer
+    trainer = LoRATrainer(payload["model"], payload["data"], **payload["options"])
+    return trainer.train(epochs=2, batch_size=4)
+
+
+JOBS = {"models": job_models, "checkpoint": job_checkpoint, "train": job_train, "finetune": job_finetune}
 
 
 def run(rank: int, world: int, port: int, job: str, payload, out: str) -> None:

@@ -160,3 +160,26 @@ def test_data_parallel_training_matches_one_process(tmp_path):
     resumed = train(model(), config(resumed_dir), tokens, resume=True, progress=False)
     for a, b in zip(single[10:], resumed):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]) and a["bias"] == b["bias"], a["step"]
+
+
+def test_data_parallel_finetuning_matches_one_process(tmp_path):
+    """dsv3 finetune's trainer: 2 ranks (each half of every batch of 4) give one process's losses; rank 0 wrote
+    the adapter."""
+    from dsv3.lora_train import LoRATrainer
+    torch.manual_seed(0)
+    base = dsv3.Transformer(dsv3.ModelConfig.tiny(vocab_size=8192, hidden_size=32, num_hidden_layers=2))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Define w{i}:", "completion": f" definition {i}" * (1 + i % 3)})
+                            + "\n" for i in range(10)))
+    options = dict(rank=4, alpha=8, lr=1e-2, max_length=64, progress=False, eval_fraction=0.2,
+                   tokenizer=dsv3.Tokenizer.from_pretrained(dsv3.bundled_model_path()))
+    import copy
+    single = LoRATrainer(copy.deepcopy(base), data, output_dir=tmp_path / "one", **options).train(2, 4)
+    two = spawn(2, "finetune", {"model": base, "data": str(data),
+                                "options": {**options, "output_dir": str(tmp_path / "two")}}, tmp_path)
+    assert [r["step"] for r in single] == [r["step"] for r in two]
+    for a, b in zip(single, two):
+        for key in ("loss", "train_loss", "eval_loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a, b)
+    assert (tmp_path / "two" / "adapter_model.safetensors").is_file()

@@ -18,6 +18,8 @@ from torch import nn
 
 from .init import active, rank, world_size
 
+__all__ = ["barrier", "is_main", "rank", "share", "sum_gradients", "sum_tensors", "world_size"]
+
 
 def share(batch: torch.Tensor) -> torch.Tensor:
     """This rank's rows of a global batch [B, ...]: rows [r·B/W, (r+1)·B/W); ValueError naming batch_size when W
