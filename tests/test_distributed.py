@@ -4,6 +4,7 @@ and inherited, so a world size costs its checks, not W imports and loads)."""
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +184,25 @@ def test_data_parallel_finetuning_matches_one_process(tmp_path):
             if key in a:
                 assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a, b)
     assert (tmp_path / "two" / "adapter_model.safetensors").is_file()
+
+
+def test_torchrun_chat_answers_as_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m dsv3 chat`: rank 0 reads the line and prints the answer, once, the same
+    greedy text as one process (whose answer is read from the single-process chat session here)."""
+    import os
+    import subprocess
+    import sys
+    from dsv3.chat import ChatSession
+    path = dsv3.bundled_model_path()
+    session = ChatSession(dsv3.load_pretrained(path), dsv3.Tokenizer.from_pretrained(path), max_new_tokens=12,
+                          temperature=0.0)
+    expected = "".join(session.reply("Hello there"))
+    assert expected.strip()
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's dsv3, not an installed one
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(free_port()), "-m", "dsv3", "chat", "--temperature", "0", "--max-new-tokens", "12",
+                          "--device", "cpu"], input="Hello there\n", capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count(expected) == 1 and run.stdout.count("Commands:") == 1, run.stdout
