@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 import dsv3
-from dsv3.distributed import init, parallelize, rank, world_size
+from dsv3.distributed import init, parallelize, rank, shards, world_size
 
 import distributed_worker as worker
 
@@ -206,3 +206,54 @@ def test_torchrun_chat_answers_as_one_process(tmp_path):
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count(expected) == 1 and run.stdout.count("Commands:") == 1, run.stdout
+
+
+V2_LITE_HUB = {"model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+               "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
+               "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+               "v_head_dim": 128, "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
+               "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "topk_method": "greedy",
+               "routed_scaling_factor": 1.0, "max_position_embeddings": 163840}  # deepseek-ai/DeepSeek-V2-Lite
+
+
+def doc_rows():
+    """The runs docs/distributed.md tabulates."""
+    from dsv3.distributed import plan
+    v3, lite = dsv3.ModelConfig.v3(), dsv3.ModelConfig.from_hf(V2_LITE_HUB)
+    rows = [("V3, FP8 weights, 8x H200", plan(v3, 8, torch.float8_e4m3fn)),
+            ("V3, FP8 weights, 16x H100", plan(v3, 16, torch.float8_e4m3fn)),
+            ("V3, bf16 (FP8 dequantised), 8x H200", plan(v3, 8, torch.bfloat16)),
+            ("V3, bf16 (FP8 dequantised), 16x H100", plan(v3, 16, torch.bfloat16))]
+    return rows + [(f"V2-Lite, bf16, {w} GPU{'s' * (w > 1)}", plan(lite, w, torch.bfloat16)) for w in (1, 2, 4)]
+
+
+def test_docs_table_is_plans_output():
+    from dsv3.distributed.plan import markdown_table
+    table = markdown_table(doc_rows())
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "distributed.md").read_text()
+    assert table in doc, "docs/distributed.md's table differs from plan(); it should read:\n" + table
+
+
+@pytest.mark.parametrize("config", [
+    dsv3.ModelConfig.tiny(),
+    dsv3.ModelConfig.tiny(index_n_heads=4, index_head_dim=16, index_topk=6, attention_bias=True),
+    dsv3.ModelConfig.tiny(q_lora_rank=None, topk_method="greedy", scoring_func="softmax", n_group=1, topk_group=1,
+                          n_shared_experts=2, first_k_dense_replace=2)], ids=["v3", "dsa-bias", "v2-lite"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_plan_counts_what_parallelize_holds(config, world):
+    """plan()'s split and replicated bytes are those of a parallelized (meta) model, fp32 and bf16 (the router
+    stays fp32: its bytes are the same in both)."""
+    from dsv3.distributed import plan
+    from dsv3.hub import FP32_KEYS
+    with torch.device("meta"):
+        model = parallelize(dsv3.Transformer(config), 0, world)
+    state = model.state_dict()
+    for dtype in (torch.float32, torch.bfloat16):
+        size = torch.empty((), dtype=dtype).element_size()
+        held = {True: 0, False: 0}
+        for name, s in shards(model).items():
+            held[s.replicated] += state[name].numel() * (4 if FP32_KEYS.match(name) else size)
+        p = plan(config, world, dtype)
+        assert (p.sharded_bytes, p.replicated_bytes) == (held[False], held[True]), dtype
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by the world size 8"):
+        plan(config, 8)
