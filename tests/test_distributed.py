@@ -257,3 +257,58 @@ def test_plan_counts_what_parallelize_holds(config, world):
         assert (p.sharded_bytes, p.replicated_bytes) == (held[False], held[True]), dtype
     with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by the world size 8"):
         plan(config, 8)
+
+
+def test_two_rank_server_answers_as_one_process_and_dies_with_a_rank(tmp_path):
+    """`dsv3 serve` as 2 ranks (the environment torchrun sets, so that rank 1 can be killed alone): 8 concurrent
+    openai-SDK requests get one process's texts; killing rank 1 makes rank 0 exit 1 with a message in < 30 s."""
+    import concurrent.futures
+    import os
+    import subprocess
+    import sys
+    import time
+    import openai
+    from server_utils import KEY, ServerThread, server_options
+    from dsv3.server.cli import build_app
+
+    root = str(Path(__file__).resolve().parents[1])
+    port, master = free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(master), "WORLD_SIZE": "2", "DSV3_API_KEY": KEY}
+    command = [sys.executable, "-m", "dsv3", "serve", "--port", str(port), "--device", "cpu"]
+    ranks = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    prompts = [f"Question {i}: what is" for i in range(8)]
+
+    def answers(base_url: str) -> list[str]:
+        client = openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=60)
+        name = client.models.list().data[0].id
+        ask = lambda p: client.completions.create(model=name, prompt=p, max_tokens=12, temperature=0).choices[0].text
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            return list(pool.map(ask, prompts))
+    try:
+        single = ServerThread(build_app(server_options(dsv3.bundled_model_path(), max_seq_len=1024)))
+        try:
+            expected = answers(single.base_url)
+        finally:
+            single.stop()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=5)
+        deadline = time.monotonic() + 90
+        while True:
+            assert all(r.poll() is None for r in ranks), [r.stderr.read()[-2000:] for r in ranks if r.poll()]
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "the 2-rank server did not start in 90 s"
+                time.sleep(0.5)
+        assert answers(f"http://127.0.0.1:{port}/v1") == expected
+        ranks[1].kill()
+        killed = time.monotonic()
+        assert ranks[0].wait(timeout=30) == 1 and time.monotonic() - killed < 30
+        assert "rank 0 stops" in ranks[0].stderr.read()
+    finally:
+        for r in ranks:
+            if r.poll() is None:
+                r.kill()
+                r.wait()
