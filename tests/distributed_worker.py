@@ -118,7 +118,30 @@ def job_checkpoint(payload: dict) -> dict:
         out[f"{name}_bytes_held"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         if name == "plain":
             dsv3.save_pretrained(model, payload["save"])
+    out.update(console_checks())
     return out
+
+
+def console_checks() -> dict:
+    """dsv3 chat's helpers under torchrun (batched here: a spawn costs more than the check): rank 0's line reaches
+    every rank, end of input too, and all ranks sample with one seed."""
+    from dsv3.distributed import console
+    lines = ["read on rank 0"] if dist.get_rank() == 0 else ["not rank 0's line"]
+
+    def read(prompt: str) -> str:
+        if not lines:
+            raise EOFError
+        return lines.pop()
+    shared = console.shared_read(read)
+    got = [shared(">>> ")]
+    try:
+        shared(">>> ")
+    except EOFError:
+        got.append("EOF")
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (got, console.shared_seed(None)))
+    return {"console_line": " / ".join(sorted({" ".join(g) for g, _ in everyone})),
+            "console_seeds_equal": len({seed for _, seed in everyone}) == 1}
 
 
 def job_train(payload: dict) -> list[dict]:

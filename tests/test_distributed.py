@@ -44,8 +44,10 @@ def test_world_size_one_is_the_plain_path(monkeypatch):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_parallel_models_equal_single_device(world, models, tmp_path):
-    results = spawn(world, "models", models, tmp_path)
-    assert set(results) == set(models)
+    """W=2: every prepared model; W=4: all but the V2-Lite-shaped one (its W=2 run covers it; CI time)."""
+    chosen = {k: v for k, v in models.items() if world == 2 or k != "v2-lite"}
+    results = spawn(world, "models", chosen, tmp_path)
+    assert set(results) == set(chosen)
     for name, r in results.items():
         for key in ("logits_naive", "logits_absorb", "mtp", "cached"):
             assert r[key] < 1e-5, (name, key, r[key])
@@ -124,6 +126,7 @@ def test_sliced_loading_and_gathered_saving(tmp_path):
             load[name] = (str(path), dsv3.load_pretrained(path, dtype=torch.float32)(ids))
     saved = tmp_path / "saved"
     results = spawn(2, "checkpoint", {"load": load, "ids": ids, "save": str(saved)}, tmp_path)
+    assert results["console_line"] == "read on rank 0 EOF" and results["console_seeds_equal"]
     full = sum(t.numel() * 4 for t in model.state_dict().values())
     for name in paths:
         assert results[f"{name}_logits"] < 1e-5, (name, results)
@@ -186,28 +189,6 @@ def test_data_parallel_finetuning_matches_one_process(tmp_path):
     assert (tmp_path / "two" / "adapter_model.safetensors").is_file()
 
 
-def test_torchrun_chat_answers_as_one_process(tmp_path):
-    """`torchrun --nproc-per-node 2 -m dsv3 chat`: rank 0 reads the line and prints the answer, once, the same
-    greedy text as one process (whose answer is read from the single-process chat session here)."""
-    import os
-    import subprocess
-    import sys
-    from dsv3.chat import ChatSession
-    path = dsv3.bundled_model_path()
-    session = ChatSession(dsv3.load_pretrained(path), dsv3.Tokenizer.from_pretrained(path), max_new_tokens=12,
-                          temperature=0.0)
-    expected = "".join(session.reply("Hello there"))
-    assert expected.strip()
-    root = str(Path(__file__).resolve().parents[1])  # this checkout's dsv3, not an installed one
-    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(free_port()), "-m", "dsv3", "chat", "--temperature", "0", "--max-new-tokens", "12",
-                          "--device", "cpu"], input="Hello there\n", capture_output=True, text=True, env=env,
-                         timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.count(expected) == 1 and run.stdout.count("Commands:") == 1, run.stdout
-
-
 V2_LITE_HUB = {"model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
                "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
                "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
@@ -259,6 +240,7 @@ def test_plan_counts_what_parallelize_holds(config, world):
         plan(config, 8)
 
 
+
 def test_two_rank_server_answers_as_one_process_and_dies_with_a_rank(tmp_path):
     """`dsv3 serve` as 2 ranks (the environment torchrun sets, so that rank 1 can be killed alone): 8 concurrent
     openai-SDK requests get one process's texts; killing rank 1 makes rank 0 exit 1 with a message in < 30 s."""
@@ -287,7 +269,7 @@ def test_two_rank_server_answers_as_one_process_and_dies_with_a_rank(tmp_path):
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             return list(pool.map(ask, prompts))
     try:
-        single = ServerThread(build_app(server_options(dsv3.bundled_model_path(), max_seq_len=1024)))
+        single = ServerThread(build_app(server_options(dsv3.bundled_model_path())))
         try:
             expected = answers(single.base_url)
         finally:
