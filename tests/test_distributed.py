@@ -42,6 +42,19 @@ def test_world_size_one_is_the_plain_path(monkeypatch):
     assert parallelize(model) is model and type(model.lm_head) is torch.nn.Linear
 
 
+def test_what_is_not_split_is_refused_in_one_line(monkeypatch):
+    """keep_fp8 / quantized checkpoints under a process group, a quantized model, a bad backend."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="backend: expected 'nccl' or 'gloo', got 'mpi'"):
+        init("mpi")
+    with pytest.raises(dsv3.checkpoint.CheckpointError, match="load in one process only"):
+        dsv3.load_pretrained(dsv3.bundled_model_path(), keep_fp8=True, parallel=True)
+    model = dsv3.quantize(dsv3.Transformer(dsv3.ModelConfig.tiny(hidden_size=128)), "int8")
+    with pytest.raises(ValueError, match="Int8Linear cannot be split across ranks"):
+        parallelize(model, 0, 2)
+    assert type(model.model.embed_tokens) is torch.nn.Embedding  # refused before anything changed
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_parallel_models_equal_single_device(world, models, tmp_path):
     """W=2: every prepared model; W=4: all but the V2-Lite-shaped one (its W=2 run covers it; CI time)."""

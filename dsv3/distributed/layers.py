@@ -48,6 +48,14 @@ def split(size: int, rank: int, world: int, field: str) -> tuple[int, int]:
     return rank * n, (rank + 1) * n
 
 
+def plain(module: nn.Module, kind: type) -> None:
+    """ValueError unless `module` is exactly `kind` (nn.Linear, nn.Embedding): quantized and LoRA layers hold packed
+    weights or adapters that these slices do not cover."""
+    if type(module) is not kind:
+        raise ValueError(f"{type(module).__name__} cannot be split across ranks: parallelize a model of plain "
+                         f"{kind.__name__} layers (unquantized, LoRA merged)")
+
+
 def _slice(param: torch.Tensor | None, dim: int, start: int, stop: int) -> nn.Parameter | None:
     """A parameter holding only [start, stop) of `param` along `dim` (cloned: the full tensor can be freed)."""
     if param is None:
@@ -65,6 +73,7 @@ class ColumnParallelLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, world: int, field: str,
                     gather_output: bool = False) -> "ColumnParallelLinear":
+        plain(linear, nn.Linear)
         start, stop = split(linear.out_features, rank, world, field)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -91,6 +100,7 @@ class RowParallelLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, world: int, field: str,
                     reduce: bool = True) -> "RowParallelLinear":
+        plain(linear, nn.Linear)
         start, stop = split(linear.in_features, rank, world, field)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -113,6 +123,7 @@ class VocabParallelEmbedding(nn.Embedding):
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, rank: int, world: int, field: str) -> "VocabParallelEmbedding":
+        plain(emb, nn.Embedding)
         start, stop = split(emb.num_embeddings, rank, world, field)
         new = cls.__new__(cls)
         nn.Module.__init__(new)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..moe import MoE
-from .layers import ColumnParallelLinear, RowParallelLinear, all_reduce, split
+from .layers import ColumnParallelLinear, RowParallelLinear, all_reduce, plain, split
 
 
 class ExpertParallelMoE(MoE):
@@ -24,6 +24,9 @@ class ExpertParallelMoE(MoE):
     def from_moe(cls, moe: MoE, rank: int, world: int) -> "ExpertParallelMoE":
         """Take this rank's experts out of `moe` (its other experts are dropped) and split its shared experts."""
         start, stop = split(moe.n_experts, rank, world, "n_routed_experts")
+        for expert in moe.experts:
+            for linear in (expert.gate_proj, expert.up_proj, expert.down_proj):
+                plain(linear, nn.Linear)
         new = cls.__new__(cls)
         new.__dict__.update(moe.__dict__)
         new._modules = dict(moe._modules)

@@ -28,8 +28,13 @@ from ..model import Block, Transformer
 from ..moe import MoE
 from .init import rank as current_rank
 from .init import world_size as current_world
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, split
+from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, plain, split
 from .moe import ExpertParallelMoE, parallel_mlp
+
+
+# the modules parallelize slices (by their attribute names in dsv3/model.py, attention.py, layers.py)
+SPLIT = frozenset({"embed_tokens", "lm_head", "q_proj", "q_b_proj", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
+                   "down_proj"})
 
 
 def check_divisible(config: ModelConfig, world: int) -> None:
@@ -54,10 +59,9 @@ def parallelize(model: Transformer, rank: int | None = None, world: int | None =
     if world == 1:
         return model
     check_divisible(model.config, world)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
-            raise ValueError(f"{name}: {type(module).__name__} cannot be split across ranks; parallelize a model "
-                             "of plain nn.Linear layers (unquantized, LoRA merged)")
+    for name, module in model.named_modules():  # all checked before anything changes
+        if name.rpartition(".")[2] in SPLIT:
+            plain(module, nn.Embedding if name.endswith("embed_tokens") else nn.Linear)
     model.model.embed_tokens = VocabParallelEmbedding.from_embedding(model.model.embed_tokens, rank, world,
                                                                       "vocab_size")
     model.lm_head = ColumnParallelLinear.from_linear(model.lm_head, rank, world, "vocab_size", gather_output=True)
