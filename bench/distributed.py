@@ -9,7 +9,8 @@ then `--steps` greedy decode steps through the parallel model with a latent cach
 step), timed after one warm-up step. The all-reduce time is measured apart, on the same ranks: the step's
 collectives (one per layer's attention and FFN, one for the embedding, all of [B, 1, D]; plus the logits'
 all-gather of [B, 1, V/W]) run alone `--steps` times. With --backend nccl and W = 1 the model itself calls no
-collective (world size 1 is the plain path); the collectives' line then shows what a one-rank NCCL group costs. Prints one line per W and the W=2 / W=1 tokens/s ratio.
+collective (world size 1 is the plain path); the collectives' line then shows what a one-rank NCCL group costs.
+Prints one line per W and the W=2 / W=1 tokens/s ratio.
 """
 
 from __future__ import annotations

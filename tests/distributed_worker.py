@@ -1,13 +1,12 @@
-"""Jobs that tests/test_distributed.py runs in W spawned gloo processes (one spawn per world size: start-up, not
-the checks, is what costs). Each job compares the parallel model with the single-device one in the same process
-and returns plain numbers; rank 0's result is written to `out` as JSON."""
+"""Jobs that tests/test_distributed.py runs in W gloo processes forked from the test process (several checks per
+job: starting the ranks, not the checks, is what costs). Each job compares the parallel model with the
+single-device one in the same process and returns plain numbers; rank 0's result is written to `out` as JSON."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch

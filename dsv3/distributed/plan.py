@@ -79,7 +79,8 @@ def attention(c: ModelConfig, W: int) -> list[tuple[str, tuple[int, ...], bool, 
     out += [("attn", (c.kv_lora_rank + c.qk_rope_head_dim, D), False, True), ("norm", (c.kv_lora_rank,), False, False),
             ("attn", (h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank), True, True),
             ("attn", (D, h * c.v_head_dim), True, True)]
-    out += [("bias", (c.kv_lora_rank + c.qk_rope_head_dim,), False, False), ("bias", (D,), False, False)] if bias else []
+    if bias:
+        out += [("bias", (c.kv_lora_rank + c.qk_rope_head_dim,), False, False), ("bias", (D,), False, False)]
     if c.uses_dsa:
         ih, d = c.index_n_heads, c.index_head_dim
         out += [("indexer", (ih * d, c.q_lora_rank), False, False), ("indexer", (d, D), False, False),
