@@ -43,7 +43,7 @@ class EngineConfig:
     attention over every one of the max_seq_len cache slots, masked; CUDA graphs on a GPU) for batches of up to
     compile_max_batch rows; larger batches run the eager step, the reference, which attends only up to the longest
     row. Behind `bench/serve.py` on CPU (bundled model, 1024 slots) the compiled step gave 1.9x the tokens/s at 1
-    client, 1.2x at 8 and 0.83x at 32 (bench/RESULTS.md): the masked span grows with rows x max_seq_len.
+    client, 1.2x at 8 and 0.83x at 32 (docs/results.md): the masked span grows with rows x max_seq_len.
     `Engine.warmup()` compiles it up front."""
 
     max_batch: int = 8
