@@ -1,5 +1,5 @@
-"""bench/ab.py, the paired A/B of this tree against an earlier commit: its round logic and its bad-revision error
-(the timing itself runs in the benchmark, never in a test)."""
+"""bench/ab.py (the paired A/B of this tree against an earlier commit: its round logic, its bad-revision error) and
+bench/cpu_profile.py (where a decode step's time goes). Timings are printed by the benchmarks, never asserted."""
 
 import subprocess
 import sys
@@ -9,6 +9,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import ab  # noqa: E402
+import cpu_profile  # noqa: E402
 
 
 class FakeWorker:
@@ -40,3 +41,24 @@ def test_unknown_base_is_one_clear_line():
                          capture_output=True, text=True)
     assert out.returncode != 0
     assert "--base no-such-revision-xyz" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cpu_profile_counts_modules_and_top_level_ops():
+    import torch
+
+    import dsv3
+
+    model = dsv3.load_pretrained(dsv3.bundled_model_path(), dtype=torch.float32)
+    prompt = torch.arange(3, 11)[None]
+    with torch.inference_mode():
+        cache = model.new_cache(1, 32)
+        tokens = cpu_profile._prefill(model, prompt, cache).argmax(-1)
+        modules = cpu_profile.module_times(model, tokens, cache, 8, 2)
+        ops = cpu_profile.op_counts(model, tokens, cache, 10, 2)
+    c = model.config
+    assert modules["Block"][1] == c.num_hidden_layers and modules["MLA"][1] == c.num_hidden_layers
+    assert modules["MoE"][1] == c.num_hidden_layers - c.first_k_dense_replace
+    assert modules["MLA"][0] < modules["Block"][0]  # inclusive times nest
+    # one lm_head projection per step, and the linears counted once at top level (not their inner aten::mm)
+    assert ops["aten::linear"][0] >= c.num_hidden_layers * 3 + 1 and "aten::mm" not in ops
+    assert not any(h for m in model.modules() for h in (m._forward_hooks, m._forward_pre_hooks))  # hooks removed
