@@ -134,6 +134,8 @@ def _model_dir(model: str | None, revision: str | None = None) -> Path:
 def run(args: argparse.Namespace, read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> int:
     """Load the model and tokenizer of `args.model` (default: the bundled model) and chat."""
     from .checkpoint import load_pretrained
+    from .distributed import console, init
+    from .distributed import device as distributed_device
     from .tokenizer import Tokenizer
 
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -143,6 +145,9 @@ def run(args: argparse.Namespace, read: Callable[[str], str] = input, out: TextI
     except ValueError as error:
         raise SystemExit(f"dsv3 chat: {error}") from None
     path = _model_dir(args.model, args.revision)
+    if init() > 1:  # torchrun: each rank holds its share of the model; rank 0 has the terminal
+        read, out, args.device = console.shared_read(read), console.rank0_output(out), distributed_device()
+        sampling["seed"] = console.shared_seed(args.seed)
     model = load_pretrained(path, device=args.device).eval()
     tokenizer = Tokenizer.from_pretrained(path)
     repl(ChatSession(model, tokenizer, system=args.system, compile=args.compile, **sampling), read, out)

@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .distributed import checkpoint as parallel_checkpoint
+from .distributed import world_size
 from .hub import (FP8_BLOCK, FP32_KEYS, HUB_FILES, CheckpointError, dequantize_fp8, few, hub_state_dict,
-                  read_tensors, resolve_model, save_pretrained, shard_files, to_model_key)
+                  read_tensors, resolve_model, shard_files, to_model_key)
+from .hub import save_pretrained as save_plain
 from .model import Transformer
 from .quant import apply as quant
 from .rope import RotaryEmbedding
@@ -27,7 +30,7 @@ __all__ = ["FP8_BLOCK", "HUB_FILES", "CheckpointError", "dequantize_fp8", "hub_s
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, *, keep_fp8: bool = False,
-                    revision: str | None = None) -> Transformer:
+                    revision: str | None = None, parallel: bool | None = None) -> Transformer:
     """Load a deepseek_v3 / deepseek_v2 checkpoint (single file or sharded; bf16, fp32 or FP8).
 
     dtype: the model's dtype (default: the checkpoint's; FP8 weights are dequantised to bf16 unless given).
@@ -35,9 +38,17 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     keep_fp8: keep an FP8 checkpoint's weights in FP8 (dsv3.quant.FP8Linear) instead of dequantising them.
     Checkpoints written by dsv3.quant.save_quantized (int8/int4) always load quantized.
     path: a directory or a hub id (`resolve_model`; revision: the hub revision).
+    Under a process group of W > 1 ranks (dsv3.distributed.init) each rank reads only its slices and returns its
+    share of the model (dsv3.distributed.parallelize; docs/distributed.md). parallel: True/False forces or
+    forbids that (data-parallel training loads the whole model on every rank); None: when W > 1.
     """
     path = resolve_model(path, revision)
     config = ModelConfig.from_hf(path)
+    if world_size() > 1 if parallel is None else parallel:
+        if keep_fp8 or (config.quantization_config or {}).get("quant_method") == "dsv3":
+            raise CheckpointError(f"{path}: quantized (int8/int4) checkpoints and keep_fp8 load in one process "
+                                  "only; under torchrun dsv3 splits plain weights (FP8 ones are dequantised)")
+        return parallel_checkpoint.load_parallel(path, config, dtype, device)
     if quant.loads_quantized(config.quantization_config, keep_fp8):
         return quant.load_quantized(path, config, dtype, device)
     with torch.device("meta"):
@@ -92,3 +103,11 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     if scales:  # dequantised: the model no longer holds FP8 weights, so a later save must not claim it does
         model.config = dataclasses.replace(config, quantization_config=None)
     return model.eval()
+
+
+def save_pretrained(model: torch.nn.Module, path: str | Path, **kwargs) -> None:
+    """dsv3.hub.save_pretrained (config.json + model.safetensors, the hub layout); a parallelized model's pieces
+    are gathered and written by rank 0 (every rank must call it)."""
+    if getattr(model, "parallel", None):
+        return parallel_checkpoint.save_parallel(model, path, **kwargs)
+    return save_plain(model, path, **kwargs)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from .atomic import directory, write_file
 from .checkpoint import load_pretrained
+from .distributed import data_parallel, init
 from .arguments import REVISION_HELP, model_path
 from .lora import LORA_TARGETS, apply_lora, lora_modules, quantized_reference_forward, save_adapter
 from .model import Transformer
@@ -166,7 +167,7 @@ class LoRATrainer:
         if from_dir:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             self.base_path = str(base_model)
-            model = load_pretrained(base_model, dtype=dtype, device=self.device)
+            model = load_pretrained(base_model, dtype=dtype, device=self.device, parallel=False)
         else:
             self.base_path, model = None, base_model.to(self.device)
         self.tokenizer = tokenizer
@@ -204,7 +205,7 @@ class LoRATrainer:
         total = steps_per_epoch * max(epochs - start_epoch, 0)
         if max_steps is not None:
             total = min(total, max(max_steps - step, 0))
-        bar = tqdm(total=total, desc="finetune", disable=not self.progress)
+        bar = tqdm(total=total, desc="finetune", disable=not (self.progress and data_parallel.is_main()))
         with quantized_reference_forward(self.model):
             for epoch in range(start_epoch, epochs):
                 if max_steps is not None and step >= max_steps:
@@ -216,10 +217,7 @@ class LoRATrainer:
                 for b in range(0, len(order), batch_size):
                     if max_steps is not None and step >= max_steps:
                         break
-                    ids, targets = collate([self.train_examples[i] for i in order[b:b + batch_size]], self.pad_id)
-                    loss_sum, n = example_loss(self.model, ids.to(self.device), targets)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    (loss_sum / n).backward()
+                    loss_sum, n = self.step_loss([self.train_examples[i] for i in order[b:b + batch_size]])
                     self.optimizer.step()
                     step += 1
                     total, count = total + loss_sum.item(), count + n
@@ -229,13 +227,35 @@ class LoRATrainer:
                 record = {"epoch": epoch + 1, "step": step, "train_loss": total / count,
                           "eval_loss": self.evaluate(batch_size)}
                 history.append(record)
-                bar.write(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}"
-                          + (f", held-out loss {record['eval_loss']:.4f}" if record["eval_loss"] is not None else ""))
-                self._save_checkpoint(epoch + 1, step, history)
+                if data_parallel.is_main():
+                    bar.write(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}"
+                              + (f", held-out loss {record['eval_loss']:.4f}" if record["eval_loss"] is not None
+                                 else ""))
+                if data_parallel.is_main():  # under torchrun rank 0 writes, the others wait
+                    self._save_checkpoint(epoch + 1, step, history)
+                data_parallel.barrier()
         bar.close()
         self.model.eval()
-        save_adapter(self.model, self.output_dir, self.base_path)
+        if data_parallel.is_main():
+            save_adapter(self.model, self.output_dir, self.base_path)
+        data_parallel.barrier()
         return history
+
+    def step_loss(self, batch: list[Example]) -> tuple[torch.Tensor, int]:
+        """Gradients of the mean loss per target token of `batch` (set, not accumulated); its summed loss and
+        target count. Under torchrun (data-parallel) each rank runs the examples batch[rank::W] and the summed
+        losses, counts and gradients are totalled over ranks, as one process running the whole batch."""
+        self.optimizer.zero_grad(set_to_none=True)
+        mine = batch[data_parallel.rank()::data_parallel.world_size()]
+        loss_sum, n = torch.zeros((), device=self.device), 0
+        if mine:
+            ids, targets = collate(mine, self.pad_id)
+            loss_sum, n = example_loss(self.model, ids.to(self.device), targets)
+        total = data_parallel.sum_tensors({"loss": loss_sum.detach(), "n": torch.tensor(float(n), device=self.device)})
+        if mine:
+            (loss_sum / total["n"]).backward()
+        data_parallel.sum_gradients(self.model)
+        return total["loss"], int(total["n"])
 
     @torch.no_grad()
     def evaluate(self, batch_size: int = 8) -> float | None:
@@ -307,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.data).is_file():
         raise SystemExit(f"dsv3 finetune: --data {args.data}: no such file")
     model_dir = model_path(args.model, args.revision) if args.model else bundled_model_path()
+    init()  # under torchrun: data-parallel ranks; alone: nothing
     try:
         trainer = LoRATrainer(model_dir, args.data, rank=args.rank, alpha=args.alpha,
                               target_modules=args.target_modules, lr=args.lr, max_length=args.max_length,
@@ -314,13 +335,14 @@ def run(args: argparse.Namespace) -> int:
                               eval_fraction=args.eval_fraction, seed=args.seed, progress=not args.no_progress)
     except (DataError, ValueError) as e:
         raise SystemExit(f"dsv3 finetune: {e}") from None
+    print_ = print if data_parallel.is_main() else (lambda *a, **k: None)
     n_train = sum(p.numel() for p in trainer.params)
     n_all = sum(p.numel() for p in trainer.model.parameters())
-    print(f"dsv3 finetune: {len(trainer.train_examples)} training / {len(trainer.eval_examples)} held-out examples, "
+    print_(f"dsv3 finetune: {len(trainer.train_examples)} training / {len(trainer.eval_examples)} held-out examples, "
           f"{n_train:,} trainable parameters ({100 * n_train / n_all:.2f}% of {n_all:,})")
     history = trainer.train(args.epochs, args.batch_size, resume=args.resume, max_steps=args.max_steps)
     last = [r for r in history if "train_loss" in r]
-    print(f"dsv3 finetune: adapter written to {args.output}"
+    print_(f"dsv3 finetune: adapter written to {args.output}"
           + (f" (held-out loss {last[-1]['eval_loss']:.4f})" if last and last[-1]["eval_loss"] is not None else ""))
     return 0
 

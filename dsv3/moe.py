@@ -239,7 +239,7 @@ class MoE(nn.Module):
         expert modules; `.tolist()` of the counts is a host sync, which is why decoding avoids this path)."""
         order = indices.flatten().argsort()  # pairs sorted by expert
         counts = torch.bincount(indices.flatten(), minlength=self.n_experts).tolist()
-        token = order // self.top_k  # which token each sorted pair belongs to
+        token = order // indices.shape[1]  # which token each sorted pair belongs to
         out = torch.zeros_like(x)
         start = 0
         for e, n in enumerate(counts):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import dsa
+from .distributed import data_parallel, init
 from .checkpoint import load_pretrained
 from .arguments import REVISION_HELP, model_path
 from .data import EpochSampler, PackedSequences
@@ -251,7 +252,7 @@ def train(model: Transformer, cfg: TrainConfig, train_data, eval_data=None, *, r
     optimizer = make_optimizer(model, cfg)
     moes = moe_layers(model)
     step = position = 0  # optimizer steps done; sequences consumed (the sampler's position)
-    if resume:
+    if resume:  # every rank restores the same checkpoint (data-parallel replicas start identical)
         found = checkpoints(out_dir)
         if not found:
             raise FileNotFoundError(f"--resume: no checkpoint-* directory with trainer_state.json in {out_dir}")
@@ -259,8 +260,10 @@ def train(model: Transformer, cfg: TrainConfig, train_data, eval_data=None, *, r
         step, position = state["step"], state["data_position"]
     else:
         random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-    log = MetricsLog(out_dir, list(moes), step if resume else None)
+    is_main = data_parallel.is_main()  # under torchrun rank 0 writes the config, logs and checkpoints
+    if is_main:
+        (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    log = MetricsLog(out_dir, list(moes), step if resume else None) if is_main else None
     sampler = EpochSampler(len(train_seqs), cfg.seed)
     micro = cfg.micro_batch_size or cfg.batch_size
     last = min(cfg.steps, stop_at or cfg.steps)
@@ -272,13 +275,15 @@ def train(model: Transformer, cfg: TrainConfig, train_data, eval_data=None, *, r
     def save() -> Path:
         state = {"step": step, "data_position": position, "rng": rng_state(), "train_config": cfg.to_dict()}
         target = out_dir / f"checkpoint-{step:06d}"
-        save_checkpoint(target, model, optimizer, state, extra_files)
-        if cfg.keep_checkpoints:
-            for old in checkpoints(out_dir)[:-cfg.keep_checkpoints]:
-                shutil.rmtree(old)
+        if is_main:
+            save_checkpoint(target, model, optimizer, state, extra_files)
+            if cfg.keep_checkpoints:
+                for old in checkpoints(out_dir)[:-cfg.keep_checkpoints]:
+                    shutil.rmtree(old)
+        data_parallel.barrier()
         return target
 
-    bar = tqdm(total=last, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=last, initial=step, desc="train", disable=not (progress and is_main), dynamic_ncols=True)
     with StopOnSignal() as stop:
         while step < last and not stop.received:
             lr = lr_at(step, cfg)
@@ -287,16 +292,21 @@ def train(model: Transformer, cfg: TrainConfig, train_data, eval_data=None, *, r
             batch = train_seqs[sampler.indices(position, cfg.batch_size)].to(device, non_blocking=True)
             position += cfg.batch_size
             loads: dict[str, torch.Tensor] = {}
-            for mb in batch.split(micro):
+            step_parts: dict[str, torch.Tensor] = {}
+            for mb in data_parallel.share(batch).split(micro):  # the whole batch without a process group
                 with autocast:
                     loss, parts = compute_loss(model, mb, cfg)
                 (loss * (mb.shape[0] / cfg.batch_size)).backward()
                 parts["loss"] = loss.detach()
                 for k, v in parts.items():
-                    sums[k] = sums.get(k, 0) + v * (mb.shape[0] / cfg.batch_size)
+                    step_parts[k] = step_parts.get(k, 0) + v * (mb.shape[0] / cfg.batch_size)
                 for name, m in moes.items():
                     if m.last_load is not None:
                         loads[name] = loads[name] + m.last_load if name in loads else m.last_load
+            data_parallel.sum_gradients(model)  # data-parallel ranks: the global batch's gradient, loads, losses
+            loads, step_parts = data_parallel.sum_tensors(loads), data_parallel.sum_tensors(step_parts)
+            for k, v in step_parts.items():
+                sums[k] = sums.get(k, 0) + v
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach()
             optimizer.step()
@@ -322,7 +332,8 @@ def train(model: Transformer, cfg: TrainConfig, train_data, eval_data=None, *, r
                                       if moes[n].gate.e_score_correction_bias is not None}
                 if do_eval:
                     record["eval_loss"] = evaluate(model, eval_seqs, cfg, device, autocast)
-                log.append(record)
+                if log is not None:
+                    log.append(record)
                 history.append(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 **({"eval": f"{record['eval_loss']:.3f}"} if do_eval else {}))
@@ -405,6 +416,7 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.data) == bool(args.dataset):
         raise SystemExit("dsv3 train: give exactly one of --data FILE... or --dataset NAME")
+    init()  # under torchrun: data-parallel ranks (gloo on CPU, NCCL on GPUs); alone: nothing
     given = [("--data", f) for f in args.data or []] + [("--eval-data", f) for f in args.eval_data or []] + [
         (flag, f) for flag, f in (("--config", args.config), ("--train-config", args.train_config)) if f]
     for flag, file in given:  # before the model and the tokenizing: a typo fails at once
@@ -426,9 +438,9 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
         model = Transformer(model_config)
     elif args.model:
-        model = load_pretrained(source_dir, dtype=torch.float32)
+        model = load_pretrained(source_dir, dtype=torch.float32, parallel=False)
     elif args.resume and checkpoints(out):
-        model = load_pretrained(checkpoints(out)[-1], dtype=torch.float32)
+        model = load_pretrained(checkpoints(out)[-1], dtype=torch.float32, parallel=False)
     else:
         raise SystemExit("dsv3 train: give --config CONFIG.json or --model DIR (or --resume with checkpoints in --out)")
     if args.index_topk is not None:
@@ -457,7 +469,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.eval_fraction > 0:
         tokens, eval_tokens = data.split_holdout(tokens, args.eval_fraction, cfg.seq_len)
     n_params = model.num_parameters(include_mtp=True)
-    print(f"dsv3 train: {n_params / 1e6:.2f}M parameters, {len(tokens):,} training tokens"
+    say = print if data_parallel.is_main() else (lambda *a, **k: None)
+    say(f"dsv3 train: {n_params / 1e6:.2f}M parameters, {len(tokens):,} training tokens"
           + (f", {len(eval_tokens):,} held-out tokens" if eval_tokens is not None else ""))
     tok_files = [tok_dir / n for n in ("tokenizer.json", "tokenizer_config.json") if (tok_dir / n).is_file()]
     try:
@@ -468,7 +481,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     final = checkpoints(out)[-1]
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
-    print(f"dsv3 train: checkpoint {final}" + (f", eval loss {evals[-1]:.4f}" if evals else ""))
+    say(f"dsv3 train: checkpoint {final}" + (f", eval loss {evals[-1]:.4f}" if evals else ""))
     return 0
 
 

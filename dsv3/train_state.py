@@ -78,7 +78,7 @@ def load_checkpoint(path: Path, model: Transformer, optimizer: torch.optim.Optim
         if state["train_config"][key] != train_config[key]:
             raise ValueError(f"--resume: {path} was trained with {key}={state['train_config'][key]}, "
                              f"the config now says {train_config[key]}")
-    weights = load_pretrained(path, dtype=next(model.parameters()).dtype)
+    weights = load_pretrained(path, dtype=next(model.parameters()).dtype, parallel=False)
     model.load_state_dict(weights.state_dict())
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     set_rng_state(state["rng"])

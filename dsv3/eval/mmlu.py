@@ -203,6 +203,8 @@ def _model_scorer(args):
     import torch
 
     from ..checkpoint import load_pretrained
+    from ..distributed import device as distributed_device
+    from ..distributed import init
     from ..tokenizer import Tokenizer
     from .mmlu_scorers import ModelScorer
 
@@ -214,6 +216,8 @@ def _model_scorer(args):
             raise SystemExit(f"error: {e}; or pass --model DIR / --api-base URL") from None
     else:
         path = model_path(args.model, args.revision)
+    if init() > 1:  # torchrun: each rank holds its share of the model and scores every question with it
+        args.device = distributed_device()
     model = load_pretrained(path, dtype=getattr(torch, args.dtype), device=args.device)
     if args.adapter:
         from ..lora import AdapterError, load_adapter
@@ -238,6 +242,7 @@ def _main(args) -> int:
 def _evaluate(args) -> int:
     import os
 
+    from ..distributed import rank
     from .mmlu_scorers import APIScorer
 
     if args.chat and not args.generative:
@@ -256,7 +261,10 @@ def _evaluate(args) -> int:
         model_label = f"{args.api_model} @ {scorer.url}"
     else:
         scorer, model_label = _model_scorer(args)
-    preds = run_mmlu(scorer, data, args.shots, args.generative, max_new_tokens=args.max_new_tokens)
+    main = rank() == 0  # under torchrun every rank scores (the model is split), rank 0 reports
+    preds = run_mmlu(scorer, data, args.shots, args.generative, progress=main, max_new_tokens=args.max_new_tokens)
+    if not main:
+        return 0
     summary = summarize(preds)
     config = {"model": model_label, "data": data.source, "split": split, "shots": args.shots, "limit": args.limit,
               "mode": ("chat " if args.chat else "") + ("generative" if args.generative else "loglikelihood"),

@@ -120,7 +120,10 @@ def build_app(options: dict):
     import torch
 
     from ..checkpoint import load_pretrained
-    from ..engine import Engine, EngineConfig
+    from ..distributed import device as distributed_device
+    from ..distributed import world_size
+    from ..distributed.serving import engine_class
+    from ..engine import EngineConfig
     from ..tokenizer import Tokenizer
     from .app import ServerSettings, create_app
 
@@ -129,6 +132,11 @@ def build_app(options: dict):
     except ArgumentTypeError as error:
         raise SystemExit(f"--device {error}") from None
     path = _model_dir(options)
+    if world_size() > 1:  # torchrun: each rank holds its share of the model (docs/distributed.md)
+        if options["quantize"] or options["adapter"]:
+            raise SystemExit("dsv3 serve: --quantize and --adapter are not supported under torchrun (the split "
+                             "model is made of plain linears)")
+        where, options["compile"] = str(distributed_device()), False
     if options["threads"]:
         torch.set_num_threads(options["threads"])
     # CPUs without native bf16 matmuls run a bf16 checkpoint several times slower than float32
@@ -159,7 +167,7 @@ def build_app(options: dict):
             compile_max_batch=options["compile_max_batch"])
     except ValueError as error:  # a size from the command line or the config file, named in the message
         raise SystemExit(f"dsv3 serve: {error}") from None
-    engine = Engine(model, tokenizer, engine_config)
+    engine = engine_class()(model, tokenizer, engine_config)  # Engine, or rank 0's / a follower's under torchrun
     if options["compile"]:
         logging.getLogger("dsv3.server").info("compiling the decode step before serving (Engine.warmup)")
         engine.warmup()
@@ -184,6 +192,7 @@ def build_app(options: dict):
 
 
 def serve(args) -> int:
+    from ..distributed import init, rank
     from .lifecycle import DrainingServer
     from .logs import configure_logging
 
@@ -198,6 +207,8 @@ def serve(args) -> int:
     log_options = configure_logging(options["log_level"], options["log_format"])
     if bool(options["ssl_certfile"]) != bool(options["ssl_keyfile"]):
         raise SystemExit("--ssl-certfile and --ssl-keyfile go together")
+    if init() > 1 and rank() > 0:  # torchrun: rank 0 serves HTTP; the others follow its engine steps
+        return build_app(options).state.dsv3.lifecycle.engine.follow()
     sock = listen(options["host"], options["port"])  # before the model loads: a busy port fails at once
     app = build_app(options)
     config = uvicorn_config(app, host=options["host"], port=options["port"], log_level=options["log_level"],

@@ -1,0 +1,151 @@
+"""Checkpoints under a process group: each rank reads only its slices of the hub safetensors
+(`safe_open(...).get_slice`), FP8 weights with their 128x128 block scales; a parallel model saves by gathering its
+pieces on rank 0, which writes the ordinary hub layout (any world size loads it, one process included).
+
+Quantized checkpoints written by dsv3.quant (int8/int4) and keep_fp8 are not split: the parallel layers are plain
+nn.Linear slices, and a quantized layer's packed weight and scales would need their own slicing rules per format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+
+from ..config import ModelConfig
+from ..hub import FP8_BLOCK, FP32_KEYS, CheckpointError, dequantize_fp8, few, save_pretrained, shard_files
+from ..model import Transformer
+from ..rope import RotaryEmbedding
+from .init import rank, world_size
+from .parallelize import Shard, parallelize, shards
+
+
+def hub_key(key: str, n_layers: int) -> str:
+    """dsv3 name -> hub name: `mtp.k.X` -> `model.layers.{n_layers + k}.X` (the inverse of hub.to_model_key)."""
+    if key.startswith("mtp."):
+        k, rest = key[4:].split(".", 1)
+        return f"model.layers.{n_layers + int(k)}.{rest}"
+    return key
+
+
+def tensor_files(path: Path) -> dict[str, Path]:
+    """hub key -> the safetensors file holding it (the index's weight_map, or the keys of model.safetensors)."""
+    out = {}
+    for file in shard_files(path):
+        with safe_open(file, framework="pt") as f:
+            out.update(dict.fromkeys(f.keys(), file))
+    return out
+
+
+def read_slice(f, key: str, s: Shard, fp8: bool, dtype: torch.dtype | None) -> torch.Tensor:
+    """Rows/columns [s.start, s.stop) along s.dim of tensor `key` of the open file f (all of it for dim None).
+    fp8: the tensor is an FP8 weight, read from the 128-block boundary below s.start to the one above s.stop and
+    multiplied by its `weight_scale_inv` blocks (exactly those blocks), then cut to [start, stop)."""
+    if s.dim is None:
+        tensor = f.get_tensor(key)
+        return dequantize_fp8(tensor, f.get_tensor(key + "_scale_inv"), dtype or torch.bfloat16) if fp8 else tensor
+    lo, hi = s.start, s.stop
+    if fp8:
+        lo, hi = lo // FP8_BLOCK * FP8_BLOCK, min(-(-hi // FP8_BLOCK) * FP8_BLOCK, f.get_slice(key).get_shape()[s.dim])
+    lead = (slice(None),) * s.dim
+    tensor = f.get_slice(key)[lead + (slice(lo, hi),)]
+    if not fp8:
+        return tensor
+    scale = f.get_slice(key + "_scale_inv")[lead + (slice(lo // FP8_BLOCK, -(-hi // FP8_BLOCK)),)]
+    return dequantize_fp8(tensor, scale, dtype or torch.bfloat16).narrow(s.dim, s.start - lo, s.stop - s.start)
+
+
+def read_slices(path: Path, model: Transformer, dtype: torch.dtype | None,
+                device) -> tuple[dict[str, torch.Tensor], int]:
+    """This rank's tensors of the (parallelized, meta) model from the checkpoint at path, and their bytes (what
+    this rank took from the checkpoint, in the model's dtype)."""
+    n_layers = model.config.num_hidden_layers
+    files = tensor_files(path)
+    expected = model.state_dict()
+    world = world_size()
+    missing = [hub_key(s.key, n_layers) for s in shards(model).values() if hub_key(s.key, n_layers) not in files]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint does not match config.json (missing keys: {few(missing)})")
+    state, read, handles = {}, 0, {}
+    for name, s in shards(model).items():
+        key = hub_key(s.key, n_layers)
+        if files[key] not in handles:
+            handles[files[key]] = safe_open(files[key], framework="pt")
+        f = handles[files[key]]
+        fp8 = f.get_slice(key).get_dtype() == "F8_E4M3"
+        want = list(expected[name].shape)
+        if s.dim is not None:
+            want[s.dim] *= world
+        if list(f.get_slice(key).get_shape()) != want:
+            raise CheckpointError(f"{files[key].name}: {key} has shape {tuple(f.get_slice(key).get_shape())}, "
+                                  f"expected {tuple(want)} from config.json")
+        if fp8 and key + "_scale_inv" not in files:
+            raise CheckpointError(f"{path}: FP8 weight {key} has no weight_scale_inv beside it")
+        tensor = read_slice(f, key, s, fp8, dtype)
+        read += tensor.numel() * tensor.element_size()
+        target = torch.float32 if FP32_KEYS.match(name) else (dtype or tensor.dtype)
+        state[name] = tensor.to(device=device, dtype=target)
+    return state, read
+
+
+def load_parallel(path: Path, config: ModelConfig, dtype: torch.dtype | None, device) -> Transformer:
+    """This rank's share of the checkpoint at path as a parallelized Transformer, reading only its slices."""
+    n_layers = config.num_hidden_layers
+    files = tensor_files(path)
+    if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{n_layers}.") for k in files):
+        warnings.warn(f"{path}: config.json declares {config.num_nextn_predict_layers} MTP layer(s) but the "
+                      "checkpoint has none (re-saved by transformers?); loading without the MTP head")
+        config = dataclasses.replace(config, num_nextn_predict_layers=0)
+    with torch.device("meta"):
+        model = parallelize(Transformer(config))
+    state, _ = read_slices(path, model, dtype, device)
+    model.load_state_dict(state, assign=True)
+    model.rotary = RotaryEmbedding(config).to(device)
+    if (config.quantization_config or {}).get("quant_method") == "fp8":  # dequantised while reading
+        model.config = dataclasses.replace(config, quantization_config=None)
+    return model.eval()
+
+
+def gather_state_dict(model: Transformer) -> dict[str, torch.Tensor] | None:
+    """The single-device state dict of a parallel model on rank 0 (None on the others): split tensors all-gathered
+    and concatenated, each rank's experts renamed to their global ids. Every rank must call it."""
+    world, out = world_size(), {}
+    state = model.state_dict()
+    for name, s in shards(model).items():
+        tensor = state[name].detach().contiguous()
+        if s.replicated:
+            out[s.key] = tensor
+            continue
+        pieces = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(pieces, tensor)
+        if s.dim is not None:
+            out[s.key] = torch.cat(pieces, dim=s.dim)
+            continue
+        prefix, local, rest = _expert_parts(name)
+        per_rank = model.get_submodule(prefix.removesuffix(".experts")).n_experts
+        for r, piece in enumerate(pieces):
+            out[f"{prefix}.{r * per_rank + local}.{rest}"] = piece
+    return out if rank() == 0 else None
+
+
+def _expert_parts(name: str) -> tuple[str, int, str]:
+    """`a.b.experts.3.up_proj.weight` -> ("a.b.experts", 3, "up_proj.weight")."""
+    prefix, tail = name.split(".experts.", 1)
+    local, rest = tail.split(".", 1)
+    return prefix + ".experts", int(local), rest
+
+
+def save_parallel(model: Transformer, path: str | Path, **kwargs) -> None:
+    """hub.save_pretrained of the gathered model, written by rank 0 (the others wait at a barrier)."""
+    state = gather_state_dict(model)
+    if state is not None:
+        with torch.device("meta"):
+            plain = Transformer(model.config)
+        plain.load_state_dict(state, assign=True)
+        save_pretrained(plain, path, **kwargs)
+    dist.barrier()
+
