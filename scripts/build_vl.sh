@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Rebuild the bundled vision-language model (dsv3/bundled/vl, docs/vision.md): train the vision path on the
+# synthetic VQA set from the bundled text model, export the final checkpoint, measure it. CPU, about an hour.
+#   bash scripts/build_vl.sh [RUN_DIR]        (default runs/vl; re-running resumes from its newest checkpoint)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${1:-runs/vl}
+export PYTHONPATH=$PWD HF_HUB_OFFLINE=1
+nice -n 2 python -m dsv3 train-vl --output "$RUN" --steps 1500 --stage1-steps 150 --batch-size 32 \
+    --lr 1e-3 --lora-lr 2e-3 --lora-rank 16 --eval-every 100 --eval-size 200 --save-every 100 --threads 1 --resume
+python scripts/export_vl.py "$RUN" dsv3/bundled/vl
+python bench/vqa.py --model dsv3/bundled/vl --n 1000
