@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/vl}
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1
-nice -n 2 python -m dsv3 train-vl --output "$RUN" --steps 1500 --stage1-steps 150 --batch-size 32 \
-    --lr 1e-3 --lora-lr 2e-3 --lora-rank 16 --eval-every 100 --eval-size 200 --save-every 100 --threads 1 --resume
+nice -n 2 python -m dsv3 train-vl --output "$RUN" --steps 2500 --stage1-steps 50 --batch-size 16 \
+    --lr 2e-3 --lora-lr 2e-3 --image-size 64 --patch-size 16 --lora-rank 16 --eval-every 100 --eval-size 200 --save-every 100 --threads 1 --resume
 python scripts/export_vl.py "$RUN" dsv3/bundled/vl
 python bench/vqa.py --model dsv3/bundled/vl --n 1000

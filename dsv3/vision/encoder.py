@@ -1,5 +1,5 @@
 """The vision tower: a ViT laid out as SigLIP (the encoder of DeepSeek-VL2, arXiv:2412.10302 §2), so its state dict
-loads unchanged into transformers' `SiglipVisionModel.vision_model` (tests/test_vision.py checks the parity).
+loads unchanged into transformers' `SiglipVisionModel` (5.x) (tests/test_vision.py checks the parity).
 
 pixels [B, C, H, W] -> patch embedding (a stride-P convolution) [B, N, Dv] + learned positions -> pre-norm blocks
 (x += attn(LN(x)); x += MLP(LN(x))) -> post LayerNorm [B, N, Dv], N = (H/P)(W/P).

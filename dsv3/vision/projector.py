@@ -39,11 +39,15 @@ class Projector(nn.Module):
             self.norm.weight.fill_(embed_rms)
         self.image_newline = nn.Parameter(torch.randn(lm_hidden) * embed_rms) if config.image_newline else None
 
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The two-layer GELU MLP: [..., 4 Dv] -> [..., D] (transformers' DeepseekVLAligner computes the same)."""
+        return self.fc2(F.gelu(self.fc1(x)))
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features: [B, N, Dv] (encoder output) -> image embeddings [B, tokens_per_image, D]."""
         c = self.config
         x = pixel_shuffle(features, c.grid, c.downsample)            # [B, s, s, 4 Dv]
-        x = self.norm(self.fc2(F.gelu(self.fc1(x))))                 # [B, s, s, D]
+        x = self.norm(self.mlp(x))                                   # [B, s, s, D]
         if self.image_newline is not None:
             B, s, _, D = x.shape
             x = torch.cat((x, self.image_newline.to(x.dtype).expand(B, s, 1, D)), dim=2)  # [B, s, s+1, D]

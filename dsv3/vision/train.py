@@ -90,7 +90,7 @@ def build(args) -> tuple[VisionLanguageModel, Tokenizer]:
     if last is not None:
         return load_vl(last, dtype=torch.float32, merge=False), tokenizer
     lm = load_pretrained(base, dtype=torch.float32)
-    config = VisionConfig(image_size=args.image_size, language_model=str(base.resolve()), lora_rank=args.lora_rank,
+    config = VisionConfig(image_size=args.image_size, patch_size=args.patch_size, language_model=str(base.resolve()), lora_rank=args.lora_rank,
                           lora_alpha=2.0 * args.lora_rank, lora_targets=LORA_TARGETS,
                           image_token_id=lm.config.vocab_size)
     torch.manual_seed(args.seed)
@@ -195,6 +195,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--lora-lr", type=float, default=2e-3, help="LoRA learning rate (default 2e-3)")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on the LM's attention; 0 = LM frozen")
     p.add_argument("--image-size", type=int, default=64, help="pixels per side (default 64)")
+    p.add_argument("--patch-size", type=int, default=16, help="ViT patch side in pixels (default 16)")
     p.add_argument("--eval-every", type=int, default=100, help="held-out accuracy every N steps (default 100)")
     p.add_argument("--eval-size", type=int, default=200, help="held-out examples per evaluation (default 200)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100)")
