@@ -25,6 +25,7 @@ from ..lora import apply_lora, lora_modules, merge_and_unload
 from ..model import Transformer
 from .config import VisionConfig
 from .encoder import VisionEncoder
+from .preprocess import to_pixels
 from .projector import Projector
 
 WEIGHTS = "model.safetensors"
@@ -51,6 +52,16 @@ class VisionLanguageModel(nn.Module):
         dtype = self.language_model.lm_head.weight.dtype
         return self.projector(self.vision(pixels.to(self.projector.fc1.weight.dtype))).to(dtype)
 
+    def pixels(self, images) -> torch.Tensor:
+        """Pillow images (a list) or pixels [N, 3, S, S] -> pixels [N, 3, S, S] on the encoder's device."""
+        device = self.projector.fc1.weight.device
+        if isinstance(images, torch.Tensor):
+            return images.to(device)
+        size = self.vision_config.image_size
+        if not images:
+            return torch.zeros(0, 3, size, size, device=device)
+        return torch.stack([to_pixels(image, size) for image in images]).to(device)
+
     def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T], pixels [N, 3, S, S] (images in reading order) -> inputs_embeds [B, T, D]."""
         is_image = input_ids == self.vision_config.image_token_id
@@ -61,7 +72,7 @@ class VisionLanguageModel(nn.Module):
         if found != expected:
             raise ValueError(f"input_ids hold {found} image placeholders; expected {expected} "
                              f"({0 if pixels is None else pixels.shape[0]} images x {per} tokens)")
-        if pixels is None:
+        if not expected:
             return h
         h = h.clone()
         h[is_image] = self.image_embeddings(pixels).flatten(0, 1)

@@ -8,7 +8,10 @@ Pixels are normalised as SigLIP does: (x/255 - 0.5) / 0.5, so in [-1, 1].
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import re
 import warnings
 
 import torch
@@ -45,6 +48,23 @@ def decode_image(data: bytes, max_pixels: int = 4096 * 4096) -> Image.Image:
     except Exception as e:  # truncated streams: OSError; broken chunks: SyntaxError, ValueError
         raise ImageError(f"corrupt or truncated {image.format} data ({type(e).__name__})") from None
     return image.convert("RGB")
+
+
+DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+)?(;[^,;]*)*;base64,(.*)", re.S | re.I)
+
+
+def decode_data_url(url: str, max_bytes: int = 8 << 20) -> bytes:
+    """A `data:image/...;base64,...` URL -> its bytes (at most max_bytes; the length is checked before decoding)."""
+    match = DATA_URL.fullmatch(url.strip())
+    if not match:
+        raise ImageError("expected a data:image/<type>;base64,<data> URL")
+    payload = match.group(3)
+    if len(payload) * 3 // 4 > max_bytes:
+        raise ImageError(f"image data larger than {max_bytes} bytes")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("the data URL's payload is not valid base64") from None
 
 
 def resize_pad(image: Image.Image, size: int) -> Image.Image:
