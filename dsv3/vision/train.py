@@ -165,7 +165,8 @@ def run(args) -> int:
     log = (out / "metrics.jsonl").open("a")
     start = time.time()
     model.train()
-    for step in tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train-vl"):
+    end = min(args.steps, args.until or args.steps)
+    for step in tqdm(range(step, end), initial=step, total=args.steps, desc="train-vl"):
         set_stage(model, 1 if step < args.stage1_steps else 2)
         loss = train_step(model, opt, tokenizer, args, step)
         record = {"step": step + 1, "stage": 1 if step < args.stage1_steps else 2, "loss": round(loss, 5),
@@ -177,7 +178,7 @@ def run(args) -> int:
             tqdm.write(json.dumps(record))
         log.write(json.dumps(record) + "\n")
         log.flush()
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.save_every == 0 or step + 1 == end:
             save(out, step + 1, model, opt, Path(args.model))
     return 0
 
@@ -189,6 +190,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--model", help="base language model directory (default: the bundled model)")
     p.add_argument("--output", required=True, help="directory for checkpoints and metrics.jsonl")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
+    p.add_argument("--until", type=int, help="stop after this step (the schedule still spans --steps); a later "
+                   "--resume with a larger --steps stretches the schedule from there")
     p.add_argument("--stage1-steps", type=int, default=300, help="steps with the LM frozen (default 300)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
     p.add_argument("--lr", type=float, default=1e-3, help="vision + projector learning rate (default 1e-3)")
