@@ -8,7 +8,7 @@ Model: hidden 2048, 16 heads, 12 layers (first dense, 10944), 64 routed experts 
 kv_lora 512, no q-LoRA, vocab 102400 (6.9B parameters, 1.2B active). Built seeded on the device, saved once with
 dsv3.save_pretrained and loaded by transformers from the same files, so both run the same weights. Logits and
 greedy tokens are compared in bf16 and, with both models cast to fp32, again in fp32 (printed, not asserted: see
-bench/RESULTS.md for what the H200 gave).
+docs/results.md for what the H200 gave).
 Figures (docs/performance.md §C): decode ms/token at batch 1, = (t(N) - t(1)) / (N - 1) of `generate`;
 tokens/s at batch 8 and 64 (B·(N-1) / (t(N) - t(1))); prefill TFLOP/s at 2048 tokens (2·active·T matmul FLOPs
 plus causal attention), eager and through torch.compile(model); decode again with generate(compile=True).
@@ -276,7 +276,7 @@ def main() -> None:
 
     def grouped_row():
         # eager MoE at batch 1: "auto" gathers the chosen experts' weights on a GPU (copies; fused away only under
-        # torch.compile); on CPU grouped matmuls were faster at every batch size (bench/RESULTS.md): compare here
+        # torch.compile); on CPU grouped matmuls were faster at every batch size (docs/results.md): compare here
         moes = [layer.mlp for layer in ours.model.layers if isinstance(layer.mlp, dsv3.moe.MoE)]
         try:
             for moe in moes:

@@ -9,19 +9,21 @@
 #   4. bench/serve.py: `dsv3 serve` on the V2-Lite-shaped model under 1, 8, 32 and 128 streaming clients (requests/s,
 #      tokens/s, TTFT and inter-token latency p50/p99) and the prefix cache's TTFT gain; the servers' decode step
 #      compiled with CUDA graphs (their default on a GPU), or eager with --quick (starts in seconds),
-#   5. bench/gpu_ceilings.py: the card's copy bandwidth and bf16 matmul rate, SDPA and MoE kernel choices.
+#   5. bench/distributed.py --backend nccl --worlds 1: the model in a one-rank NCCL group against the plain path,
+#      and what its collectives would cost per step,
+#   6. bench/gpu_ceilings.py: the card's copy bandwidth and bf16 matmul rate, SDPA and MoE kernel choices.
 # Each stage's output is saved to DIR/<stage>.txt and the decode step's kernel timeline to DIR/prof/ (with
 # --profile); the stages share one inductor cache, so kernels compiled by one are reused by the next.
 #
 #   bash bench/gpu.sh --quick --out DIR       # a short lease: targets only (no transformers rows)
 #   bash bench/gpu.sh --out DIR --profile     # everything, with the kernel timeline of the compiled steps
 #   bash bench/gpu.sh --dry-run               # CPU, tiny models: checks the script (a minute)
-#   bash bench/gpu.sh --stages decode,serve   # only these stages (of tests, quant, decode, serve, ceilings)
+#   bash bench/gpu.sh --stages decode,serve   # only these stages (of tests, quant, decode, serve, distributed, ceilings)
 # Other flags go to bench/decode.py (e.g. --bandwidth 3.0e12 for an H100 SXM, whose copy bandwidth is lower).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=runs/gpu-$(date +%Y%m%d-%H%M%S)
-dry=0 profile=0 quick=0 pass=() stages=tests,quant,decode,serve,ceilings
+dry=0 profile=0 quick=0 pass=() stages=tests,quant,decode,serve,distributed,ceilings
 while (($#)); do
     case "$1" in
         --out) out="$2"; shift ;;
@@ -68,6 +70,8 @@ else
     stage serve python bench/serve.py --shape v2-lite --clients 1 8 32 128 --requests 256 --max-tokens 64 \
         --threads 4 --conversations 3 --turns 4
 fi
+# NCCL with one rank against the plain path (issue 22): what a collective costs on this card
+stage distributed python bench/distributed.py --backend nccl --worlds 1
 stage ceilings python bench/gpu_ceilings.py $( ((quick)) && echo --quick)
 echo "outputs in $out"
 exit $status

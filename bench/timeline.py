@@ -1,6 +1,6 @@
 """Where a GPU call's time goes, from a torch.profiler Chrome trace: kernels per call, the summed kernel time, the
 idle gaps between consecutive kernels, and the kernels that take the most time (bench/decode.py --profile writes the
-traces and appends this table to each .txt; bench/RESULTS.md quotes it).
+traces and appends this table to each .txt; docs/results.md quotes it).
 
     python bench/timeline.py DIR/decode_b1.json --calls 5
 

@@ -15,10 +15,14 @@ __all__ = ["KVCache", "ModelConfig", "SamplingParams", "Tokenizer", "Transformer
            "load_pretrained", "quantize", "save_pretrained", "stream_generate"]
 
 
-def bundled_model_path() -> Path:
-    """Directory of the small DeepSeek-V3-architecture model shipped inside the package (hub layout + tokenizer)."""
+def bundled_model_path(kind: str = "text") -> Path:
+    """Directory of a small model shipped inside the package (hub layout + tokenizer): "text", the
+    DeepSeek-V3-architecture language model, or "vl", the vision-language model built on it (docs/vision.md)."""
+    if kind not in ("text", "vl"):
+        raise ValueError(f"bundled_model_path: kind must be 'text' or 'vl', got {kind!r}")
     path = Path(__file__).parent / "bundled"
+    path, script = (path, "build_bundled.sh") if kind == "text" else (path / "vl", "build_vl.sh")
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"{path}: the bundled model's weights are missing; rebuild them with "
-                                "scripts/build_bundled.sh (see its README)")
+                                f"scripts/{script} (see its README)")
     return path

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "dsv3.server",
     "dsv3.lora_train",
     "dsv3.quant.cli",
+    "dsv3.vision.train",
 ]
 
 

@@ -53,13 +53,16 @@ def stream_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
                     frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
                     stop_token_ids: Sequence[int] = (), seed: int | None = None, *,
                     pad_token_id: int | None = None, sync_every: int = 1,
-                    compile: bool = False) -> Iterator[GenerationStep]:
+                    compile: bool = False, images=None) -> Iterator[GenerationStep]:
     """Yield one `GenerationStep` per decoding step, at most `max_new_tokens`, ending early once every row is
     finished. Arguments as in `generate`; they are checked here, before the first step is asked for.
 
     Whether every row has finished is read on the host only every `sync_every` steps (1: after each step), so
     with sync_every > 1 up to sync_every - 1 trailing steps may have no active row.
     """
+    inputs_embeds = None
+    if images is not None:  # a VisionLanguageModel: its LM decodes, the prefill runs on the image embeddings
+        model, input_ids, inputs_embeds = _image_prefill(model, input_ids, images)
     _check_input_ids(model, input_ids)
     if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
         raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
@@ -75,7 +78,20 @@ def stream_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
     if T + max_new_tokens > limit:
         raise ValueError(f"max_new_tokens={max_new_tokens} with a prompt of {T} tokens exceeds the model's "
                          f"max_position_embeddings={limit}")
-    return _decode(model, input_ids, params, pad_token_id, sync_every, compile)
+    return _decode(model, input_ids, params, pad_token_id, sync_every, compile, inputs_embeds)
+
+
+@torch.inference_mode()
+def _image_prefill(model: torch.nn.Module, input_ids: torch.Tensor, images):
+    """(VisionLanguageModel, ids with image placeholders, images) -> (its language model, the ids with each
+    placeholder as the pad token (penalties see no image), inputs_embeds [B, T, D] for the prefill)."""
+    if not hasattr(model, "vision_config"):
+        raise ValueError("images= needs a vision-language model (dsv3.vision.load_vl); this one reads text only")
+    ids = input_ids.to(model.language_model.lm_head.weight.device)
+    embeds = model.embed(ids, model.pixels(images))
+    text_ids = ids.masked_fill(ids == model.vision_config.image_token_id, model.language_model.config.pad_token_id
+                               or 0)
+    return model.language_model, text_ids, embeds
 
 
 def _step(model: torch.nn.Module, tokens: torch.Tensor, cache, pos: int) -> torch.Tensor:
@@ -103,9 +119,11 @@ def decode_step(compile: bool = False, device_type: str = "cpu"):
 
 @torch.inference_mode()
 def _decode(model: torch.nn.Module, input_ids: torch.Tensor, params: list[SamplingParams],
-            pad_token_id: int | None, sync_every: int = 1, compile: bool = False) -> Iterator[GenerationStep]:
+            pad_token_id: int | None, sync_every: int = 1, compile: bool = False,
+            inputs_embeds: torch.Tensor | None = None) -> Iterator[GenerationStep]:
     """Prefill, then one token per step through the cache. All rows share stop ids and max_new_tokens.
-    Greedy steps read nothing back to the host except `finished.all()` every `sync_every` steps."""
+    Greedy steps read nothing back to the host except `finished.all()` every `sync_every` steps.
+    inputs_embeds [B, T, D]: the prefill's inputs in place of input_ids' embeddings (an image prompt; eager)."""
     B, T = input_ids.shape
     max_new_tokens = params[0].max_new_tokens
     device = model.lm_head.weight.device
@@ -129,7 +147,10 @@ def _decode(model: torch.nn.Module, input_ids: torch.Tensor, params: list[Sampli
     cache = model.new_cache(B, -(-length // 256) * 256 if compile else length)
     if compile and device.type == "cuda":
         fast.mark_static_cache(cache)
-    logits = prefill_step(compile, device.type)(model, input_ids, cache)  # positions 0..T-1
+    if inputs_embeds is None:
+        logits = prefill_step(compile, device.type)(model, input_ids, cache)  # positions 0..T-1
+    else:
+        logits = model(None, cache, 0, logits_to_keep=1, inputs_embeds=inputs_embeds)[:, -1]
     for step in range(max_new_tokens):
         active = ~finished
         tokens = sample(logits, params, generators, output_counts=output_counts, prompt_mask=prompt_mask)
@@ -157,8 +178,12 @@ def _decode(model: torch.nn.Module, input_ids: torch.Tensor, params: list[Sampli
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
              repetition_penalty: float = 1.0, stop_token_ids: Sequence[int] = (), seed: int | None = None, *,
-             pad_token_id: int | None = None, sync_every: int = 16, compile: bool = False) -> torch.Tensor:
+             pad_token_id: int | None = None, sync_every: int = 16, compile: bool = False,
+             images=None) -> torch.Tensor:
     """Continue each row of input_ids [B, T]; return LongTensor [B, T + N] (prompt included), N <= max_new_tokens.
+
+    images: with a VisionLanguageModel (dsv3.vision), the images of the image placeholders in input_ids, in
+    reading order (Pillow images or pixels [N, 3, S, S]); the prompt is prefilled on their embeddings.
 
     temperature 0 is greedy; otherwise tokens are sampled with top_k / top_p and the penalties of
     `dsv3.sampling.SamplingParams` (OpenAI's presence/frequency penalties over generated tokens, CTRL's
@@ -177,7 +202,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     steps = list(stream_generate(
         model, input_ids, max_new_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty,
         repetition_penalty, stop_token_ids, seed, pad_token_id=pad_token_id, sync_every=sync_every,
-        compile=compile))
+        compile=compile, images=images))
     tokens = torch.stack([s.tokens for s in steps], dim=1)  # [B, N]
     if sync_every > 1:  # drop trailing steps in which no row was active (at least the first step is)
         ran = torch.stack([s.active.any() for s in steps])

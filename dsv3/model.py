@@ -109,10 +109,13 @@ class Transformer(nn.Module):
         self.rotary.inv_freq.copy_(RotaryEmbedding(self.config).inv_freq)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int | torch.Tensor = 0,
+    def forward(self, input_ids: torch.Tensor | None, cache: KVCache | None = None, start_pos: int | torch.Tensor = 0,
                 *, attn_impl: AttnImpl = "auto", return_hidden: bool = False, logits_to_keep: int = 0,
-                attend_length: int | None = None):
+                attend_length: int | None = None, inputs_embeds: torch.Tensor | None = None):
         """input_ids: [B, T] -> logits [B, T, V] (and the final normed hidden state [B, T, D] if return_hidden).
+
+        inputs_embeds: [B, T, D] in place of embed_tokens(input_ids) (input_ids then None): the prefill of a
+        vision-language model, whose image positions hold projected image features (dsv3/vision/model.py).
 
         start_pos: position of input_ids[:, 0], an int or a LongTensor [B] (one per cache row). With a cache, the
         new tokens' latents are stored at those positions and attention sees everything before them.
@@ -127,22 +130,25 @@ class Transformer(nn.Module):
             raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
         keep = 0 if return_hidden else logits_to_keep
         h = self.hidden_states(input_ids, cache, start_pos, attn_impl=attn_impl, attend_length=attend_length,
-                               keep=keep)
+                               keep=keep, inputs_embeds=inputs_embeds)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         return (logits, h) if return_hidden else logits
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+    def hidden_states(self, input_ids: torch.Tensor | None, cache: KVCache | None = None,
                       start_pos: int | torch.Tensor = 0, *, attn_impl: AttnImpl = "auto",
-                      attend_length: int | None = None, keep: int = 0) -> torch.Tensor:
+                      attend_length: int | None = None, keep: int = 0,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: [B, T] -> final normed hidden states [B, T, D].
 
         keep > 0: only the last `keep` positions' states, [B, keep, D]. The last layer then runs its queries, MLP or
         MoE for those rows alone (its keys, values and cache entries for all T), as llama.cpp does for the
         positions that need no logits: a 1-token prefill skips (T - 1)/T of that layer's attention and FFN.
         """
-        B, T = input_ids.shape
-        ctx = self.attend_context(B, T, input_ids.device, cache, start_pos, attend_length, attn_impl)
-        h = self.model.embed_tokens(input_ids)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, D]")
+        h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = h.shape[:2]
+        ctx = self.attend_context(B, T, h.device, cache, start_pos, attend_length, attn_impl)
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             h = layer(h, replace(ctx, keep=keep) if i == last and keep else ctx, i)

@@ -282,7 +282,7 @@ class MoE(nn.Module):
 
         gather_back (default: on CUDA) sorts 8-bit expert ids (one radix pass, not eight: 65 -> ~10 us per
         2048-token layer on an H200) and brings the output rows back to token order by a row gather and a sum over
-        K (index_add_'s atomic scatter took 200 us there). On CPU both are slower (bench/RESULTS.md): int64 keys
+        K (index_add_'s atomic scatter took 200 us there). On CPU both are slower (docs/results.md): int64 keys
         and index_add_."""
         N, K = indices.shape
         flat = indices.flatten()

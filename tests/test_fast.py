@@ -160,7 +160,7 @@ def _reduction_loops(code: str) -> list[str]:
 @pytest.mark.parametrize("where", ["routed gather", "shared MLP"])
 def test_compiled_swiglu_hidden_is_stored_not_recomputed_per_weight(monkeypatch, where):
     """bf16 at batch 1, lowered as on a GPU: the down projection loads the SwiGLU hidden instead of evaluating
-    silu inside its reduction for every weight element (bench/RESULTS.md: the routed one ran at 1.6 TB/s on an
+    silu inside its reduction for every weight element (docs/results.md: the routed one ran at 1.6 TB/s on an
     H200), and the compiled result still equals eager (copied weights and bmm, or library matmuls)."""
     from torch._inductor.utils import run_and_get_code
     _gpu_lowering(monkeypatch)
@@ -233,7 +233,7 @@ def test_compiled_router_picks_the_eager_experts(routing):
 @pytest.mark.inductor_codegen
 def test_compiled_router_leaves_no_library_topk():
     """The argmax rounds are reductions inductor generates itself: no topk call left in the graph (a library
-    gatherTopK kernel per layer on a GPU, bench/RESULTS.md)."""
+    gatherTopK kernel per layer on a GPU, docs/results.md)."""
     assert "topk" not in _compiled_router(ROUTINGS[0])[2]
 
 

@@ -43,7 +43,7 @@ class EngineConfig:
     attention over every one of the max_seq_len cache slots, masked; CUDA graphs on a GPU) for batches of up to
     compile_max_batch rows; larger batches run the eager step, the reference, which attends only up to the longest
     row. Behind `bench/serve.py` on CPU (bundled model, 1024 slots) the compiled step gave 1.9x the tokens/s at 1
-    client, 1.2x at 8 and 0.83x at 32 (bench/RESULTS.md): the masked span grows with rows x max_seq_len.
+    client, 1.2x at 8 and 0.83x at 32 (docs/results.md): the masked span grows with rows x max_seq_len.
     `Engine.warmup()` compiles it up front."""
 
     max_batch: int = 8
@@ -106,6 +106,10 @@ class Engine:
             raise ValueError("the prompt is empty: it needs at least one token")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        embeds = request.inputs_embeds
+        if embeds is not None and tuple(embeds.shape) != (len(ids), self.model.config.hidden_size):
+            raise ValueError(f"inputs_embeds must be [{len(ids)}, {self.model.config.hidden_size}] (one row per "
+                             f"prompt token), got {list(embeds.shape)}")
         need = len(ids) + request.params.max_new_tokens
         if need > self.max_seq_len:
             raise ContextLengthError(
@@ -201,7 +205,8 @@ class Engine:
             # keep at least the last prompt token to compute: its logits choose the first output token; prompt
             # logprobs need the logits of every position, which cached blocks do not carry
             limit = 0 if seq.request.prompt_logprobs is not None else len(seq.tokens) - 1
-            blocks = self.prefix.match(seq.tokens, limit, seq.request.cache_salt)
+            blocks = [] if seq.request.inputs_embeds is not None else \
+                self.prefix.match(seq.tokens, limit, seq.request.cache_salt)
             start = len(blocks) * self.prefix.block_size
             need = seq.n_prompt - start
             # padded rows run positions up to max(start) + max(need) - 1, which must stay inside the cache
@@ -242,12 +247,15 @@ class Engine:
         # without prompt logprobs only each row's last prompt position needs logits: keep the last T - min + 1
         # positions, which hold every row's (the model's last layer then runs only those rows)
         keep = 0 if any(s.request.prompt_logprobs is not None for s in group) else T - min(lengths) + 1
-        logits = self.model(ids, rows, torch.tensor(starts, device=self.device), attn_impl="naive",
-                            attend_length=max(starts) + T, logits_to_keep=keep)  # [k, keep or T, V]
+        embeds = self._inputs_embeds(group, ids, starts, lengths)
+        logits = self.model(None if embeds is not None else ids, rows, torch.tensor(starts, device=self.device),
+                            attn_impl="naive", attend_length=max(starts) + T, logits_to_keep=keep,
+                            inputs_embeds=embeds)  # [k, keep or T, V]
         prompt_lps = []
         for b, seq in enumerate(group):
             seq.n_computed = seq.n_prompt
-            self.prefix.store(seq.tokens, rows.rows(b), seq.held, seq.request.cache_salt)
+            if seq.request.inputs_embeds is None:
+                self.prefix.store(seq.tokens, rows.rows(b), seq.held, seq.request.cache_salt)
             wanted = seq.request.prompt_logprobs is not None
             lps = self._prompt_logprobs(seq, logits[b, :lengths[b]], starts[b], seq.n_prompt) if wanted else None
             prompt_lps.append([None] + lps if wanted else None)
@@ -264,9 +272,12 @@ class Engine:
         row = self.cache.rows(seq.row)
         ids = torch.tensor([seq.tokens[start:end]], device=self.device)
         keep = 0 if seq.request.prompt_logprobs is not None else 1  # else only the last position's logits are read
-        logits = self.model(ids, row, start, attn_impl="naive", logits_to_keep=keep)[0]  # [T or 1, V]
+        embeds = self._inputs_embeds([seq], ids, [start], [end - start])
+        logits = self.model(None if embeds is not None else ids, row, start, attn_impl="naive", logits_to_keep=keep,
+                            inputs_embeds=embeds)[0]  # [T or 1, V]
         seq.n_computed = end
-        self.prefix.store(seq.tokens[:end], row, seq.held, seq.request.cache_salt)
+        if seq.request.inputs_embeds is None:
+            self.prefix.store(seq.tokens[:end], row, seq.held, seq.request.cache_salt)
         if seq.request.prompt_logprobs is not None:
             seq.prompt_logprobs += self._prompt_logprobs(seq, logits, start, end)
         if end == seq.n_prompt:
@@ -274,6 +285,18 @@ class Engine:
             prompt_lp = [None] + seq.prompt_logprobs if seq.request.prompt_logprobs is not None else None
             self._sample([seq], logits[-1:], [prompt_lp])
         return end - start
+
+    def _inputs_embeds(self, seqs: list[Sequence], ids: torch.Tensor, starts: list[int],
+                       lengths: list[int]) -> torch.Tensor | None:
+        """The prefill's inputs [k, T, D] when a sequence brings its own (image prompts): the token embeddings of
+        ids [k, T], each such row's span overwritten with its inputs_embeds[start:start + length]; else None."""
+        if all(s.request.inputs_embeds is None for s in seqs):
+            return None
+        h = self.model.model.embed_tokens(ids)
+        for b, seq in enumerate(seqs):
+            if seq.request.inputs_embeds is not None:
+                h[b, :lengths[b]] = seq.request.inputs_embeds[starts[b]:starts[b] + lengths[b]].to(h)
+        return h
 
     def _decode(self) -> None:
         seqs = list(self.scheduler.running)

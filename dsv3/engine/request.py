@@ -13,6 +13,8 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
+import torch
+
 from ..sampling import SamplingParams
 
 _ids = itertools.count()
@@ -36,7 +38,8 @@ class Request:
     as `echo` with `logprobs` needs (lm-eval's log-likelihoods). Such a request recomputes its whole prompt: cached
     blocks carry no logits. ignore_eos: keep going past the end-of-sequence token (benchmarks). cache_salt: the
     prefix cache shares blocks only between requests with the same salt (None: the unsalted pool); the server
-    salts with the caller's key id so that tenants do not share (dsv3/engine/prefix_cache.py).
+    salts with the caller's key id so that tenants do not share (dsv3/engine/prefix_cache.py). inputs_embeds: see
+    below.
     """
 
     prompt_ids: list[int]
@@ -46,6 +49,10 @@ class Request:
     prompt_logprobs: int | None = None
     ignore_eos: bool = False
     cache_salt: str | None = None
+    # [len(prompt_ids), D]: the prefill's inputs in place of the prompt's token embeddings (a vision-language
+    # prompt: image positions hold projected image features, dsv3/vision). Such a prompt skips the prefix cache,
+    # whose blocks are keyed by token ids alone.
+    inputs_embeds: torch.Tensor | None = None
 
 
 @dataclass

@@ -17,7 +17,7 @@ def stored(x: torch.Tensor) -> torch.Tensor:
     them into multiply-and-sum), and inductor inlines a small pointwise input into the reduction that reads it: the
     down projection then recomputes the SwiGLU hidden silu(gate)·up for each of its weight elements. For the routed
     experts of a V2-Lite-shaped layer at batch 1 that is 17M sigmoids for 12k outputs, and that kernel ran at
-    1.6 TB/s on an H200 where the gate/up one before it reached 3.7 (bench/RESULTS.md). Fixing x's layout makes
+    1.6 TB/s on an H200 where the gate/up one before it reached 3.7 (docs/results.md). Fixing x's layout makes
     inductor store it instead. Eager, and where inductor stores x anyway (a library matmul's input; its CPU rules
     store a reused exp), it changes nothing. Only for tensors without gradients (inference): the op has no
     autograd formula, and a compiled training step keeps its intermediates for the backward anyway."""

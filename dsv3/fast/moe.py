@@ -4,7 +4,7 @@ Each formulation is a function computing what its eager counterpart in dsv3/moe.
 checks each against it on random inputs, in eager):
 - `argmax_top_indices` ~ torch.topk: k rounds of argmax-and-mask. Inductor has no lowering for topk, so in a
   compiled decode step it is a library kernel of its own (gatherTopK: 4.8-6.1 us per layer on an H200, for 64
-  scores, bench/RESULTS.md); argmax rounds are reductions inductor generates itself, next to the sigmoid/softmax
+  scores, docs/results.md); argmax rounds are reductions inductor generates itself, next to the sigmoid/softmax
   before them. Equal scores may pick other experts than torch.topk does (neither order is specified); distinct
   ones give the same set.
 - `fused_gather` ~ `MoE.routed_gather`: the gathered experts' products as multiply-and-sum, which inductor fuses

@@ -72,7 +72,7 @@ def compiled_prefill(prefill):
     """prefill(model, input_ids [B, T], cache) through torch.compile with dynamic shapes: one graph for every
     prompt length (compiled at the first, ~40 s on the bundled model), in which inductor fuses the norms, RoPE and
     activations around the library matmuls (-22% for a 256-token prompt of the bundled model on CPU,
-    bench/RESULTS.md). Sizes 1 are specialised, as always in torch.compile: a batch of one, or a one-token
+    docs/results.md). Sizes 1 are specialised, as always in torch.compile: a batch of one, or a one-token
     prompt, gets a graph of its own."""
     compiled = _compiled_dynamic(prefill)
 

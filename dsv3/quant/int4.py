@@ -156,6 +156,8 @@ class Int4Linear(QuantizedLinear):
         return False
 
     def _prepare_kernel(self) -> None:
+        if self.qweight.device.type == "cpu":
+            self._cpu_mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default  # exists: kernel_supported checked
         self._pack_kernel(self.qweight.device.type)
         if self.layout == "cpu" and self.cpu_block is None:  # no cheap inverse of this CPU's layout: kernel only
             self.dense_above_rows = sys.maxsize
@@ -163,12 +165,13 @@ class Int4Linear(QuantizedLinear):
     def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.padded_in != self.in_features:
             x2d = F.pad(x2d, (0, self.padded_in - self.in_features))
-        return self._mm(x2d.contiguous(), self.scale_and_zero)
+        return self._mm(x2d.contiguous(), self._buffers["scale_and_zero"])
 
     def _mm(self, x2d: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-        if self.layout == "cpu":
-            return torch.ops.aten._weight_int4pack_mm_for_cpu.default(x2d, self.qweight, self.group_size, sz)
-        return torch.ops.aten._weight_int4pack_mm.default(x2d, self.qweight, self.group_size, sz)
+        # buffers through `_buffers`: nn.Module.__getattr__ costs ~1 us a lookup on a CPU, a quarter of this
+        # kernel's own time on a decode-sized matrix (the host overhead bench/quant.py measures)
+        op = self._cpu_mm if self.layout == "cpu" else torch.ops.aten._weight_int4pack_mm.default
+        return op(x2d, self._buffers["qweight"], self.group_size, sz)
 
     def _inner_k_tiles(self) -> int:
         return next(t for t in (8, 4, 2) if self.padded_in % (16 * t) == 0)

@@ -66,7 +66,7 @@ class Int8Linear(QuantizedLinear):
 
     def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
         if x2d.is_cpu:
-            return torch._weight_int8pack_mm(x2d, self.weight, self.scale)
+            return torch._weight_int8pack_mm(x2d, self._buffers["weight"], self.scale)  # (int4.py: `_buffers`)
         return self._cast_matmul(x2d)
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:

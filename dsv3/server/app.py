@@ -33,6 +33,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from .chat import chat_completions
 from .completions import completions
 from .errors import APIError, error_response, validation_message
+from .images import ImageLimits
 from .lifecycle import Lifecycle
 from .logs import REQUEST_ID
 from .metrics import Metrics
@@ -104,8 +105,10 @@ def load_plugin(spec: str):
 
 
 class AppState:
-    def __init__(self, engine, tokenizer, settings: ServerSettings) -> None:
+    def __init__(self, engine, tokenizer, settings: ServerSettings, vision=None, image_limits=None) -> None:
         self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
+        # a VisionLanguageModel whose language_model the engine runs (None: text only), and its image limits
+        self.vision, self.image_limits = vision, image_limits or ImageLimits()
         self.model_name = settings.model_name
         self.keys = KeyRing(settings.api_keys)
         self.allowlist = Allowlist(settings.allow_cidrs)
@@ -209,9 +212,11 @@ def _bearer(request: Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def create_app(engine, tokenizer, settings: ServerSettings | None = None) -> FastAPI:
-    """The ASGI app serving `engine`; its lifespan starts the engine thread and shuts it down."""
-    state = AppState(engine, tokenizer, settings or ServerSettings())
+def create_app(engine, tokenizer, settings: ServerSettings | None = None, vision=None,
+               image_limits: ImageLimits | None = None) -> FastAPI:
+    """The ASGI app serving `engine`; its lifespan starts the engine thread and shuts it down. vision: the
+    VisionLanguageModel around the engine's model, for image parts (dsv3/server/images.py)."""
+    state = AppState(engine, tokenizer, settings or ServerSettings(), vision, image_limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -4,7 +4,8 @@ Stream shape (docs/openai-api.md §1.5): every chunk has the same id; the first 
 `role: assistant`; content deltas follow; a `delta: {}` chunk carries finish_reason; with
 `stream_options.include_usage` every chunk has `usage: null` and one last chunk has `choices: []` and the usage;
 `data: [DONE]` ends it. `: keep-alive` comments are sent while nothing is produced, and a failure mid-stream is a
-`data: {"error": ...}` event. What the model cannot honour gets a 400 that says so: image, audio and file parts,
+`data: {"error": ...}` event. What the model cannot honour gets a 400 that says so: image parts (but for a vision-language
+model: dsv3/server/images.py), audio and file parts,
 JSON response formats, tools and tool_choice (other than "none"). The chat template is rendered and tokenised in
 a worker thread, as the response is built, so a large request does not stall the event loop.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 
+import torch
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
@@ -24,13 +26,15 @@ from .common import (FINGERPRINT, Job, check_logprob_values, check_model, check_
                      engine_failure, json_response, max_new_tokens, observe_finish, post_process, sampling_params,
                      stop_strings, stream_choices, stream_chunk, submit, token_text, usage_body)
 from .errors import bad_request
+from .images import embed_prompt, flatten
 from .schemas import ChatCompletionRequest
 
 _NON_TEXT_PARTS = ("image_url", "input_image", "image", "input_audio", "audio", "file", "video_url")
 
 
-def chat_prompt(state, body: ChatCompletionRequest) -> list[int]:
-    """Messages -> the chat template's token ids (with the assistant prompt), after the plugins' pre_process."""
+def chat_prompt(state, body: ChatCompletionRequest) -> tuple[list[int], torch.Tensor | None]:
+    """Messages -> the chat template's token ids (with the assistant prompt), after the plugins' pre_process, and
+    for a vision-language model with images the prefill's inputs_embeds [T, D] (dsv3/server/images.py)."""
     messages = []
     for i, m in enumerate(body.messages):
         role = "system" if m.role == "developer" else m.role
@@ -42,7 +46,7 @@ def chat_prompt(state, body: ChatCompletionRequest) -> list[int]:
                 raise bad_request(f"messages[{i}]: content is null; only assistant messages may omit it",
                                   "messages")
             text = ""
-        elif isinstance(m.content, str):
+        elif isinstance(m.content, str) or state.vision is not None:  # parts: images.flatten reads them below
             text = m.content
         else:
             pieces = []
@@ -58,14 +62,20 @@ def chat_prompt(state, body: ChatCompletionRequest) -> list[int]:
                                       f"got type {kind!r}", "messages")
             text = "\n".join(pieces)
         messages.append({"role": role, "content": text})
+    images = []
+    if state.vision is not None:
+        messages, images = flatten([(m["role"], m["content"]) for m in messages], state.vision, state.image_limits)
     for plugin in state.plugins:
         if hasattr(plugin, "pre_process"):
             messages = plugin.pre_process(messages)
     check_text_fits(state, sum(len(m["content"]) for m in messages), "messages")
     try:
-        return state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        rendered = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as error:  # template rejections, unencodable text: the request's fault
         raise bad_request(f"messages could not be rendered with the chat template: {error}", "messages") from None
+    if state.vision is None:
+        return state.tokenizer.encode(rendered, add_special_tokens=False), None
+    return embed_prompt(state.vision, state.tokenizer, rendered, images)
 
 
 def _chat_logprobs(state, logprobs: list[TokenLogprob] | None) -> dict | None:
@@ -90,7 +100,7 @@ async def chat_completions(state, request: HTTPRequest, body: ChatCompletionRequ
         raise bad_request("tools are not supported by this model", "tools")
     if body.tool_choice not in (None, "none"):
         raise bad_request("tool_choice is not supported: this model has no tool calling", "tool_choice")
-    prompt = await run_in_threadpool(chat_prompt, state, body)
+    prompt, embeds = await run_in_threadpool(chat_prompt, state, body)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if requested == 0:
         raise bad_request("max_tokens must be at least 1", "max_tokens")
@@ -99,7 +109,8 @@ async def chat_completions(state, request: HTTPRequest, body: ChatCompletionRequ
     if top is not None:
         check_logprob_values(state, body.n * max_new * (top + 1), "top_logprobs")
     requests = [Request(prompt, sampling_params(state, body, max_new, k), stop_strings(body), logprobs=top,
-                        ignore_eos=body.ignore_eos, cache_salt=cache_salt) for k in range(body.n)]
+                        ignore_eos=body.ignore_eos, cache_salt=cache_salt, inputs_embeds=embeds)
+                for k in range(body.n)]
     job = Job(submit(state, requests, "messages"), [0] * body.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:

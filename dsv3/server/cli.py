@@ -39,6 +39,8 @@ DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000,
 # request limits and trust boundaries (docs/security.md); allowed_hosts None: loopback names when bound to loopback
 DEFAULTS.update(max_body_bytes=4 << 20, max_prompts=256, max_request_tokens=1 << 17, max_logprob_values=1 << 16,
                 forwarded_allow_ips=[], allowed_hosts=None, shared_prefix_cache=False)
+# image parts, for a vision-language model (docs/vision.md §4)
+DEFAULTS.update(allow_remote_images=False, max_images=4, max_image_bytes=8 << 20, max_image_pixels=16 << 20)
 # running under an orchestrator (docs/deploy.md)
 DEFAULTS.update(workers=1, log_format="text", drain_timeout=25.0)
 WORKERS_REFUSED = ("one dsv3 serve process runs one engine, which batches every request on the device itself; "
@@ -115,6 +117,26 @@ def compiled_by_default(compile: bool | None, device_type: str) -> bool | None:
     return device_type == "cuda" if compile is None else compile
 
 
+def _vision(path: Path, options: dict, dtype, where):
+    """(the VisionLanguageModel, its ImageLimits) when `path` holds one (config.json has "vision"), else (None,
+    None). Quantization and adapters apply to text models only."""
+    from ..vision.model import is_vl_model, load_vl
+    from .images import ImageLimits
+
+    if not is_vl_model(path):
+        return None, None
+    for flag in ("quantize", "adapter"):
+        if options[flag]:
+            raise SystemExit(f"--{flag}: not supported for a vision-language model ({path})")
+    try:
+        limits = ImageLimits(options["max_images"], options["max_image_bytes"], options["max_image_pixels"],
+                             bool(options["allow_remote_images"]))
+    except ValueError as error:  # ImageLimits names the field first
+        field, _, rest = str(error).partition(" ")
+        raise SystemExit(f"dsv3 serve: --{field.replace('_', '-')} {rest}") from None
+    return load_vl(path, dtype=dtype, device=where), limits
+
+
 def build_app(options: dict):
     """Load the model and tokenizer and return the ASGI app."""
     import torch
@@ -142,7 +164,8 @@ def build_app(options: dict):
     # CPUs without native bf16 matmuls run a bf16 checkpoint several times slower than float32
     default = torch.float32 if torch.device(where).type == "cpu" else None
     dtype = getattr(torch, options["dtype"]) if options["dtype"] else default
-    model = load_pretrained(path, dtype=dtype, device=where)
+    vision, image_limits = _vision(path, options, dtype, where)
+    model = vision.language_model if vision else load_pretrained(path, dtype=dtype, device=where)
     if options["quantize"]:  # int4: group 128, widths 128 does not divide zero-padded (dsv3.quant)
         from ..quant import QuantizationError, quantize
 
@@ -188,7 +211,7 @@ def build_app(options: dict):
     except ValueError as error:
         field, _, rest = str(error).partition(" ")  # ServerSettings names the field first
         raise SystemExit(f"dsv3 serve: --{field.replace('_', '-')} {rest}") from None
-    return create_app(engine, tokenizer, settings)
+    return create_app(engine, tokenizer, settings, vision, image_limits)
 
 
 def serve(args) -> int:
@@ -326,6 +349,11 @@ def add_cli(subparsers) -> None:
     p.add_argument("--workers", type=int, help="server processes: only 1; scale out with replicas behind a load "
                    "balancer (docs/deploy.md)")
     # request limits and trust boundaries: docs/security.md
+    p.add_argument("--allow-remote-images", action="store_true", default=None,
+                   help="fetch http(s) image URLs (public addresses only); by default only data: URLs are read")
+    p.add_argument("--max-images", type=int, help="image parts per request (default 4)")
+    p.add_argument("--max-image-bytes", type=int, help="encoded bytes per image (default 8 MiB)")
+    p.add_argument("--max-image-pixels", type=int, help="width x height per image, from its header (default 16M)")
     p.add_argument("--max-body-bytes", type=int, help="request body cap, 413 beyond it (default 4 MiB)")
     p.add_argument("--max-prompts", type=int, help="prompts in one completions request (default 256)")
     p.add_argument("--max-request-tokens", type=int, help="prompt tokens in one request (default 131072)")

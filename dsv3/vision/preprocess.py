@@ -1,0 +1,84 @@
+"""Image bytes -> a checked RGB Pillow image -> normalised pixels [3, S, S].
+
+Resize-pad, as DeepSeek-VL2 does for its global view (arXiv:2412.10302 §2): scale the longer side to S keeping the
+aspect ratio, centre on an S x S canvas of mid grey. VL2's dynamic tiling (local 384-px tiles + the global view,
+`<view_separator>` between them) is not built: our images are small (docs/vision.md §1).
+Pixels are normalised as SigLIP does: (x/255 - 0.5) / 0.5, so in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+
+import torch
+from PIL import Image
+
+FORMATS = ("PNG", "JPEG", "WEBP")
+PAD = (127, 127, 127)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message says why (the server puts it in a 400)."""
+
+
+def decode_image(data: bytes, max_pixels: int = 4096 * 4096) -> Image.Image:
+    """PNG, JPEG or WebP bytes -> a loaded RGB image. The header's size is checked against max_pixels before any
+    pixel is decoded (a decompression bomb never expands); truncated or corrupt data raise ImageError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"image too large: more than {max_pixels} pixels") from None
+    except Exception:  # Pillow raises UnidentifiedImageError, SyntaxError, struct.error... on junk
+        raise ImageError("not a PNG, JPEG or WebP image (cannot identify it)") from None
+    if image.format not in FORMATS:
+        raise ImageError(f"unsupported image format {image.format}; expected PNG, JPEG or WebP")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(f"image too large: {width}x{height} = {width * height} pixels, limit {max_pixels}")
+    if width < 1 or height < 1:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    try:
+        image.load()
+    except Exception as e:  # truncated streams: OSError; broken chunks: SyntaxError, ValueError
+        raise ImageError(f"corrupt or truncated {image.format} data ({type(e).__name__})") from None
+    return image.convert("RGB")
+
+
+DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+)?(;[^,;]*)*;base64,(.*)", re.S | re.I)
+
+
+def decode_data_url(url: str, max_bytes: int = 8 << 20) -> bytes:
+    """A `data:image/...;base64,...` URL -> its bytes (at most max_bytes; the length is checked before decoding)."""
+    match = DATA_URL.fullmatch(url.strip())
+    if not match:
+        raise ImageError("expected a data:image/<type>;base64,<data> URL")
+    payload = match.group(3)
+    if len(payload) * 3 // 4 > max_bytes:
+        raise ImageError(f"image data larger than {max_bytes} bytes")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("the data URL's payload is not valid base64") from None
+
+
+def resize_pad(image: Image.Image, size: int) -> Image.Image:
+    """The longer side to `size` (aspect kept, at least 1 px), centred on a grey size x size canvas."""
+    image = image.convert("RGB")
+    scale = size / max(image.size)
+    w, h = (max(1, round(d * scale)) for d in image.size)
+    canvas = Image.new("RGB", (size, size), PAD)
+    canvas.paste(image.resize((w, h), Image.Resampling.BICUBIC), ((size - w) // 2, (size - h) // 2))
+    return canvas
+
+
+def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """A Pillow image -> float32 pixels [3, size, size] in [-1, 1]."""
+    canvas = resize_pad(image, size)
+    x = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return x.permute(2, 0, 1).float().div(127.5).sub(1.0)

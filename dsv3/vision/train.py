@@ -1,0 +1,218 @@
+"""`dsv3 train-vl`: train the vision path on the synthetic VQA set (dsv3/vision/data.py), DeepSeek-VL2's staging
+(arXiv:2412.10302 §3.2) in miniature.
+
+Stage 1 (steps < --stage1-steps): the vision encoder and projector learn with the LM frozen (VL2's adaptor warm-up
+also trains the encoder here). Stage 2: LoRA factors on the LM's attention join them. The loss is the next-token
+cross-entropy on the answer tokens (and the end-of-sentence token after them) only: the prompt is given.
+Checkpoints (`checkpoint-N/`: the VL weights as `save_vl` writes them, optimizer.pt, trainer_state.json) are written
+atomically; --resume continues from the newest. metrics.jsonl logs the loss and, every --eval-every steps, the
+held-out accuracy per question type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..atomic import directory
+from ..checkpoint import load_pretrained
+from ..lora import apply_lora, lora_modules
+from ..tokenizer import Tokenizer
+from . import data
+from .config import VisionConfig
+from .model import VisionLanguageModel, load_vl, save_vl
+from .preprocess import to_pixels
+from .prompt import expand_images
+
+LORA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+
+
+def encode(tokenizer: Tokenizer, ex: data.VQAExample, config: VisionConfig) -> tuple[list[int], int]:
+    """An example -> (prompt + answer + eos ids, number of answer tokens incl. eos)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": f"{config.image_token}\n{ex.question}"}],
+                                         add_generation_prompt=True, tokenize=False)
+    answer = tokenizer.encode(ex.answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return expand_images(tokenizer, text, config) + answer, len(answer)
+
+
+def batch(tokenizer: Tokenizer, examples: list[data.VQAExample], config: VisionConfig, pad_id: int):
+    """-> ids [B, T] (right-padded), labels [B, T] (-100 but where the next token is an answer token), pixels."""
+    rows = [encode(tokenizer, ex, config) for ex in examples]
+    T = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), T), pad_id)
+    labels = torch.full((len(rows), T), -100)
+    for b, (row, n) in enumerate(rows):
+        ids[b, :len(row)] = torch.tensor(row)
+        labels[b, len(row) - n - 1:len(row) - 1] = torch.tensor(row[-n:])  # position t predicts token t + 1
+    pixels = torch.stack([to_pixels(ex.image, config.image_size) for ex in examples])
+    return ids, labels, pixels
+
+
+def examples(split: str, start: int, n: int, seed: int, size: int) -> list[data.VQAExample]:
+    return [data.example(i, split, seed, size) for i in range(start, start + n)]
+
+
+@torch.no_grad()
+def accuracy(model: VisionLanguageModel, tokenizer: Tokenizer, n: int, seed: int, batch_size: int = 50,
+             blank: bool = False) -> dict[str, float]:
+    """Held-out exact match per question type: greedy decoding gives the answer and then end-of-sentence iff every
+    answer position's argmax is right (teacher forcing = greedy for a correct prefix). blank: grey images."""
+    config = model.vision_config
+    hits = {t: [0, 0] for t in data.TYPES}
+    for start in range(0, n, batch_size):
+        exs = examples("heldout", start, min(batch_size, n - start), seed, config.image_size)
+        ids, labels, pixels = batch(tokenizer, exs, config, tokenizer.pad_token_id)
+        if blank:
+            pixels = torch.zeros_like(pixels)
+        pred = model(ids, pixels).argmax(-1)
+        right = ((pred == labels) | (labels == -100)).all(dim=1)
+        for ex, ok in zip(exs, right.tolist()):
+            hits[ex.qtype][0] += ok
+            hits[ex.qtype][1] += 1
+    result = {t: h / max(c, 1) for t, (h, c) in hits.items()}
+    result["overall"] = sum(h for h, _ in hits.values()) / max(sum(c for _, c in hits.values()), 1)
+    return result
+
+
+def build(args) -> tuple[VisionLanguageModel, Tokenizer]:
+    """A fresh model (base LM in float32, LoRA on its attention, vision and projector random) or the newest
+    checkpoint's (resume)."""
+    base = Path(args.model)
+    tokenizer = Tokenizer.from_pretrained(base)
+    last = latest_checkpoint(Path(args.output)) if args.resume else None
+    if last is not None:
+        return load_vl(last, dtype=torch.float32, merge=False), tokenizer
+    lm = load_pretrained(base, dtype=torch.float32)
+    config = VisionConfig(image_size=args.image_size, patch_size=args.patch_size, language_model=str(base.resolve()), lora_rank=args.lora_rank,
+                          lora_alpha=2.0 * args.lora_rank, lora_targets=LORA_TARGETS,
+                          image_token_id=lm.config.vocab_size)
+    torch.manual_seed(args.seed)
+    if args.lora_rank:
+        apply_lora(lm, args.lora_rank, config.lora_alpha, LORA_TARGETS, include_mtp=False)
+    return VisionLanguageModel(lm, config), tokenizer
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def set_stage(model: VisionLanguageModel, stage: int) -> None:
+    """Stage 1: vision + projector train, the LM (and its LoRA) frozen; stage 2: the LoRA factors train too."""
+    for p in model.language_model.parameters():
+        p.requires_grad_(False)
+    for m in lora_modules(model.language_model).values():
+        m.lora_A.requires_grad_(stage == 2)
+        m.lora_B.requires_grad_(stage == 2)
+    for p in list(model.vision.parameters()) + list(model.projector.parameters()):
+        p.requires_grad_(True)
+
+
+def optimizer_for(model: VisionLanguageModel, args) -> torch.optim.AdamW:
+    vision = list(model.vision.parameters()) + list(model.projector.parameters())
+    lora = [p for m in lora_modules(model.language_model).values() for p in (m.lora_A, m.lora_B)]
+    return torch.optim.AdamW([{"params": vision, "lr": args.lr}, {"params": lora, "lr": args.lora_lr}],
+                             weight_decay=0.01)
+
+
+def lr_factor(step: int, total: int, warmup: int = 50) -> float:
+    """Linear warm-up, then cosine down to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def save(out: Path, step: int, model: VisionLanguageModel, opt, tokenizer_dir: Path) -> None:
+    with directory(out / f"checkpoint-{step}") as tmp:
+        save_vl(model, tmp, tokenizer_dir)
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
+
+
+def train_step(model, opt, tokenizer, args, step: int) -> float:
+    config = model.vision_config
+    exs = examples("train", step * args.batch_size, args.batch_size, args.seed, config.image_size)
+    ids, labels, pixels = batch(tokenizer, exs, config, tokenizer.pad_token_id)
+    logits = model(ids, pixels)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"] if p.grad is not None], 1.0)
+    for group, base_lr in zip(opt.param_groups, (args.lr, args.lora_lr)):
+        group["lr"] = base_lr * lr_factor(step, args.steps)
+    opt.step()
+    return loss.item()
+
+
+def run(args) -> int:
+    torch.set_num_threads(args.threads)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = build(args)
+    opt = optimizer_for(model, args)
+    last = latest_checkpoint(out) if args.resume else None
+    step = 0
+    if last is not None:
+        opt.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
+        step = json.loads((last / "trainer_state.json").read_text())["step"]
+    log = (out / "metrics.jsonl").open("a")
+    start = time.time()
+    model.train()
+    end = min(args.steps, args.until or args.steps)
+    for step in tqdm(range(step, end), initial=step, total=args.steps, desc="train-vl"):
+        set_stage(model, 1 if step < args.stage1_steps else 2)
+        loss = train_step(model, opt, tokenizer, args, step)
+        record = {"step": step + 1, "stage": 1 if step < args.stage1_steps else 2, "loss": round(loss, 5),
+                  "seconds": round(time.time() - start, 1)}
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            model.eval()
+            record["heldout"] = accuracy(model, tokenizer, args.eval_size, args.seed)
+            model.train()
+            tqdm.write(json.dumps(record))
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if (step + 1) % args.save_every == 0 or step + 1 == end:
+            save(out, step + 1, model, opt, Path(args.model))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register `dsv3 train-vl`."""
+    p = subparsers.add_parser("train-vl", help="train the vision path on the synthetic VQA set",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="base language model directory (default: the bundled model)")
+    p.add_argument("--output", required=True, help="directory for checkpoints and metrics.jsonl")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
+    p.add_argument("--until", type=int, help="stop after this step (the schedule still spans --steps); a later "
+                   "--resume with a larger --steps stretches the schedule from there")
+    p.add_argument("--stage1-steps", type=int, default=300, help="steps with the LM frozen (default 300)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="vision + projector learning rate (default 1e-3)")
+    p.add_argument("--lora-lr", type=float, default=2e-3, help="LoRA learning rate (default 2e-3)")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on the LM's attention; 0 = LM frozen")
+    p.add_argument("--image-size", type=int, default=64, help="pixels per side (default 64)")
+    p.add_argument("--patch-size", type=int, default=16, help="ViT patch side in pixels (default 16)")
+    p.add_argument("--eval-every", type=int, default=100, help="held-out accuracy every N steps (default 100)")
+    p.add_argument("--eval-size", type=int, default=200, help="held-out examples per evaluation (default 200)")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="data and init seed (default 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    for flag in ("steps", "batch_size", "eval_every", "eval_size", "save_every", "threads"):
+        if getattr(args, flag) <= 0:
+            raise SystemExit(f"--{flag.replace('_', '-')}: expected a positive integer, got {getattr(args, flag)}")
+    if args.model is None:
+        from .. import bundled_model_path
+        args.model = str(bundled_model_path())
+    return run(args)

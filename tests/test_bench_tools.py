@@ -1,0 +1,64 @@
+"""bench/ab.py (the paired A/B of this tree against an earlier commit: its round logic, its bad-revision error) and
+bench/cpu_profile.py (where a decode step's time goes). Timings are printed by the benchmarks, never asserted."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import ab  # noqa: E402
+import cpu_profile  # noqa: E402
+
+
+class FakeWorker:
+    """Times k tokens as prefill + (k - 1) * per_token, on both clocks, and logs who ran when."""
+
+    def __init__(self, name, prefill, per_token, log):
+        self.name, self.prefill, self.per_token, self.log = name, prefill, per_token, log
+
+    def time(self, k):
+        self.log.append(self.name)
+        t = self.prefill + (k - 1) * self.per_token
+        return {"cpu": t, "wall": 2 * t, "tokens": [k]}
+
+
+def test_paired_rounds_alternate_and_split_prefill_from_decode():
+    log = []
+    workers = {"base": FakeWorker("base", 0.05, 0.004, log), "head": FakeWorker("head", 0.04, 0.002, log)}
+    res = ab.paired(workers, rounds=3, n=9)
+    # each worker times 1 then n tokens; the order of the workers flips every round
+    assert log == ["base", "base", "head", "head", "head", "head", "base", "base", "base", "base", "head", "head"]
+    assert res["base"]["cpu"]["prefill"] == [0.05] * 3
+    assert all(abs(d - 0.002) < 1e-12 for d in res["head"]["cpu"]["decode"])
+    assert all(abs(d - 0.008) < 1e-12 for d in res["base"]["wall"]["decode"])
+    assert res["head"]["tokens"] == [9]
+
+
+def test_unknown_base_is_one_clear_line():
+    out = subprocess.run([sys.executable, str(BENCH / "ab.py"), "--base", "no-such-revision-xyz"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "--base no-such-revision-xyz" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cpu_profile_counts_modules_and_top_level_ops():
+    import torch
+
+    import dsv3
+
+    model = dsv3.load_pretrained(dsv3.bundled_model_path(), dtype=torch.float32)
+    prompt = torch.arange(3, 11)[None]
+    with torch.inference_mode():
+        cache = model.new_cache(1, 32)
+        tokens = cpu_profile._prefill(model, prompt, cache).argmax(-1)
+        modules = cpu_profile.module_times(model, tokens, cache, 8, 2)
+        ops = cpu_profile.op_counts(model, tokens, cache, 10, 2)
+    c = model.config
+    assert modules["Block"][1] == c.num_hidden_layers and modules["MLA"][1] == c.num_hidden_layers
+    assert modules["MoE"][1] == c.num_hidden_layers - c.first_k_dense_replace
+    assert modules["MLA"][0] < modules["Block"][0]  # inclusive times nest
+    # one lm_head projection per step, and the linears counted once at top level (not their inner aten::mm)
+    assert ops["aten::linear"][0] >= c.num_hidden_layers * 3 + 1 and "aten::mm" not in ops
+    assert not any(h for m in model.modules() for h in (m._forward_hooks, m._forward_pre_hooks))  # hooks removed

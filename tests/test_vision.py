@@ -1,0 +1,176 @@
+"""The vision path (dsv3/vision): preprocessing, the projector's pixel shuffle, placeholder expansion, the VL
+forward against the text model, cached decoding after an image prefill, save/load, config errors, and parity of the
+vision tower with transformers' SiglipVisionModel (and of the projector's MLP with DeepseekVLAligner)."""
+
+import io
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from dsv3 import ModelConfig, Transformer, save_pretrained
+from dsv3.lora import apply_lora
+from dsv3.vision import ImageError, VisionConfig, VisionLanguageModel, decode_image, load_vl, save_vl, to_pixels
+from dsv3.vision.projector import pixel_shuffle
+from dsv3.vision.prompt import expand_images
+
+VOCAB = 128
+
+
+def tiny_vision(**overrides) -> VisionConfig:
+    base = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=64, image_token_id=VOCAB)
+    return VisionConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def vl() -> VisionLanguageModel:
+    torch.manual_seed(0)
+    lm = Transformer(ModelConfig.tiny(vocab_size=VOCAB, initializer_range=0.1)).eval()
+    return VisionLanguageModel(lm, tiny_vision()).eval()
+
+
+def png(size=(40, 20), colour=(255, 0, 0), fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_resize_pad_shapes_and_values():
+    x = to_pixels(decode_image(png((40, 20))), 32)  # 40x20 -> 32x16, centred with grey above and below
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert torch.allclose(x[:, 16, 16], torch.tensor([1.0, -1.0, -1.0]))       # red inside
+    assert torch.allclose(x[:, 0, 16], torch.full((3,), 127 / 127.5 - 1))       # grey pad
+    assert to_pixels(Image.new("L", (5, 90)), 32).shape == (3, 32, 32)         # grey-scale, tall
+
+
+@pytest.mark.parametrize("data, reason", [
+    (png()[:60], "corrupt or truncated"), (b"hello", "cannot identify"), (png(fmt="GIF"), "unsupported image format"),
+    (png((300, 300)), "too large")])
+def test_decode_image_errors(data, reason):
+    with pytest.raises(ImageError, match=reason):
+        decode_image(data, max_pixels=256 * 256)
+
+
+def test_pixel_shuffle_folds_2x2_blocks():
+    grid = torch.arange(16.0).view(1, 16, 1)  # a 4x4 grid of patches, one channel: values = patch index
+    out = pixel_shuffle(grid, 4, 2)
+    assert out.shape == (1, 2, 2, 4)
+    assert out[0, 0, 0].tolist() == [0, 1, 4, 5] and out[0, 1, 1].tolist() == [10, 11, 14, 15]
+
+
+def test_placeholders_match_tokens_per_image(vl):
+    config = vl.vision_config
+    assert config.tokens_per_image == 2 * 3  # (32/8/2)^2 tokens + one newline per row
+    tok = SimpleNamespace(encode=lambda text, add_special_tokens: [ord(c) % 100 for c in text])
+    ids = expand_images(tok, "a<image>b<image>", config)
+    assert ids.count(config.image_token_id) == 2 * config.tokens_per_image and len(ids) == 2 + 12
+    ids_t = torch.tensor([ids])
+    emb = vl.embed(ids_t, torch.randn(2, 3, 32, 32))
+    assert emb.shape == (1, 14, vl.language_model.config.hidden_size)
+    with pytest.raises(ValueError, match="12 image placeholders; expected 6"):
+        vl.embed(ids_t, torch.randn(1, 3, 32, 32))
+
+
+def test_image_embeddings_scale_matches_text(vl):
+    """The output norm starts the image tokens at the text embeddings' RMS (not ~60x it)."""
+    img = vl.image_embeddings(torch.randn(2, 3, 32, 32))
+    text_rms = vl.language_model.model.embed_tokens.weight.pow(2).mean().sqrt()
+    ratio = img.pow(2).mean().sqrt() / text_rms
+    assert 0.5 < ratio < 2.0
+
+
+@torch.no_grad()
+def test_no_image_forward_equals_text_model(vl):
+    ids = torch.randint(0, VOCAB, (2, 9))
+    torch.testing.assert_close(vl(ids), vl.language_model(ids), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_cached_decoding_after_image_prefill_equals_full_forward(vl):
+    n = vl.vision_config.tokens_per_image
+    ids = torch.tensor([[0, 3] + [VOCAB] * n + [7, 9, 11, 4, 20, 21, 22]])
+    pixels = torch.randn(1, 3, 32, 32)
+    full = vl(ids, pixels)
+    lm = vl.language_model
+    cache = lm.new_cache(1, 32)
+    prompt = 2 + n + 4
+    steps = [lm(None, cache, 0, inputs_embeds=vl.embed(ids[:, :prompt], pixels))[:, -1]]
+    for pos in range(prompt, ids.shape[1]):
+        steps.append(lm(ids[:, pos:pos + 1], cache, pos)[:, -1])
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, prompt - 1:], rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_round_trip_merges_lora(tmp_path):
+    torch.manual_seed(1)
+    lm = Transformer(ModelConfig.tiny(vocab_size=VOCAB, initializer_range=0.1))
+    lm_dir = tmp_path / "lm"
+    save_pretrained(lm, lm_dir, dtype=torch.float32)
+    apply_lora(lm, 4, 8.0, ["q_b_proj", "o_proj"], include_mtp=False)
+    for name, p in lm.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(p, std=0.1)
+    config = tiny_vision(language_model="../lm", lora_rank=4, lora_alpha=8.0, lora_targets=["q_b_proj", "o_proj"])
+    model = VisionLanguageModel(lm, config).eval()
+    save_vl(model, tmp_path / "vl")
+    loaded = load_vl(tmp_path / "vl", dtype=torch.float32)
+    ids = torch.tensor([[0, 5] + [VOCAB] * config.tokens_per_image + [6, 7]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, pixels), model(ids, pixels), rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"image_size": 30}, "vision.image_size: expected a multiple of patch_size"),
+    ({"patch_size": 0}, "vision.patch_size: expected a positive integer"),
+    ({"image_size": 24}, "vision.downsample: expected a divisor"),
+    ({"hidden_size": 33}, "vision.hidden_size: expected a multiple of num_attention_heads"),
+    ({"lora_targets": "o_proj"}, "vision.lora_targets: expected a list"),
+])
+def test_config_errors_name_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_vision(**overrides)
+
+
+def test_config_from_dict_errors(tmp_path):
+    with pytest.raises(ValueError, match="vision.patch: unknown field"):
+        VisionConfig.from_dict({"patch": 8})
+    (tmp_path / "config.json").write_text('{"model_type": "deepseek_v3"}')
+    with pytest.raises(ValueError, match="no 'vision' section"):
+        VisionConfig.from_model_dir(tmp_path)
+    lm = Transformer(ModelConfig.tiny(vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="vision.image_token_id: 5 is a text token"):
+        VisionLanguageModel(lm, tiny_vision(image_token_id=5))
+
+
+@torch.no_grad()
+def test_vision_tower_matches_transformers_siglip(vl):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    c = vl.vision_config
+    hf = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, image_size=c.image_size, patch_size=c.patch_size,
+        layer_norm_eps=c.layer_norm_eps, vision_use_head=False)).eval()
+    for p in vl.vision.parameters():  # non-trivial norms and biases, not their init values
+        p.add_(torch.randn_like(p) * 0.05)
+    hf.load_state_dict(vl.vision.state_dict())  # the same keys: embeddings.*, encoder.layers.N.*, post_layernorm.*
+    pixels = torch.randn(2, 3, c.image_size, c.image_size)
+    ours = vl.vision(pixels)
+    torch.testing.assert_close(ours, hf(pixel_values=pixels).last_hidden_state, rtol=0, atol=1e-5)
+    maps = vl.vision.forward_with_attention(pixels)[1]
+    assert len(maps) == c.num_hidden_layers and maps[0].shape == (2, c.num_attention_heads, 16, 16)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, c.num_attention_heads, 16))
+
+
+@torch.no_grad()
+def test_projector_mlp_matches_transformers_deepseek_vl_aligner(vl):
+    from transformers.models.deepseek_vl.modeling_deepseek_vl import DeepseekVLAligner
+    c, proj = vl.vision_config, vl.projector
+    aligner = DeepseekVLAligner(SimpleNamespace(vision_config=SimpleNamespace(hidden_size=proj.fc1.in_features),
+                                                text_config=SimpleNamespace(hidden_size=proj.fc1.out_features)))
+    aligner.load_state_dict({"linear1.weight": proj.fc1.weight, "linear1.bias": proj.fc1.bias,
+                             "linear2.weight": proj.fc2.weight, "linear2.bias": proj.fc2.bias})
+    shuffled = pixel_shuffle(torch.randn(2, c.num_patches, c.hidden_size), c.grid, c.downsample)
+    torch.testing.assert_close(proj.mlp(shuffled), aligner(shuffled), rtol=0, atol=1e-5)
