@@ -155,9 +155,11 @@ def build_app(options: dict):
         raise SystemExit(f"--device {error}") from None
     path = _model_dir(options)
     if world_size() > 1:  # torchrun: each rank holds its share of the model (docs/distributed.md)
-        if options["quantize"] or options["adapter"]:
-            raise SystemExit("dsv3 serve: --quantize and --adapter are not supported under torchrun (the split "
-                             "model is made of plain linears)")
+        from ..vision.model import is_vl_model
+
+        if options["quantize"] or options["adapter"] or is_vl_model(path):
+            raise SystemExit("dsv3 serve: --quantize, --adapter and vision-language models are not supported under "
+                             "torchrun (the split model is a plain text model of plain linears)")
         where, options["compile"] = str(distributed_device()), False
     if options["threads"]:
         torch.set_num_threads(options["threads"])
