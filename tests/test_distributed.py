@@ -49,10 +49,39 @@ def test_what_is_not_split_is_refused_in_one_line(monkeypatch):
         init("mpi")
     with pytest.raises(dsv3.checkpoint.CheckpointError, match="load in one process only"):
         dsv3.load_pretrained(dsv3.bundled_model_path(), keep_fp8=True, parallel=True)
-    model = dsv3.quantize(dsv3.Transformer(dsv3.ModelConfig.tiny(hidden_size=128)), "int8")
-    with pytest.raises(ValueError, match="Int8Linear cannot be split across ranks"):
+
+
+def test_a_slice_that_cuts_a_quantized_group_or_block_is_refused():
+    """int4 groups of 32 along the input: the shared expert's down_proj (32 inputs) would give each of 2 ranks 16;
+    fp8's 128-row blocks: the tiny model's 64-wide MLP; both refused before anything changed."""
+    model = dsv3.quantize(dsv3.Transformer(dsv3.ModelConfig.tiny()), "int4", group_size=32)
+    with pytest.raises(ValueError, match=r"int4 group_size 32 does not divide the row-parallel input slice 16 of "
+                                         r"model\.layers\.1\.mlp\.shared_experts\.down_proj"):
         parallelize(model, 0, 2)
-    assert type(model.model.embed_tokens) is torch.nn.Embedding  # refused before anything changed
+    assert type(model.model.embed_tokens) is torch.nn.Embedding
+    model = dsv3.quantize(dsv3.Transformer(dsv3.ModelConfig.tiny(hidden_size=128)), "fp8")
+    with pytest.raises(ValueError, match=r"fp8 block 128 does not divide the column-parallel output slice 48 of "
+                                         r"model\.layers\.0\.self_attn\.q_b_proj"):
+        parallelize(model, 0, 2)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_quantized_parallel_layers_sum_to_the_quantized_ones(scheme):
+    """Each format's column- and row-parallel slices (W=2, 4; no process group, combined by hand) give the
+    quantized layer's output: the rows with their scales, the columns in whole groups / 128-blocks."""
+    from dsv3.distributed.quantized import parallel_quantized
+    from dsv3.quant import SCHEMES
+    torch.manual_seed(0)
+    layer = SCHEMES[scheme].from_linear(torch.nn.Linear(512, 512, bias=True), group_size=64)
+    x = torch.randn(3, 512)
+    with torch.no_grad():
+        want = layer(x)
+        for world in (2, 4):
+            cols = torch.cat([parallel_quantized(layer, 0, r, world, "l", "f")(x) for r in range(world)], -1)
+            rows = sum(parallel_quantized(layer, 1, r, world, "l", "f")(x.chunk(world, -1)[r])
+                       for r in range(world))
+            torch.testing.assert_close(cols, want, rtol=0, atol=0)
+            torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -8,12 +8,14 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "dsv3"
-# config -> layers/rope/cache -> attention (incl. DSA)/moe -> model -> hub I/O, distributed -> checkpoint/quant/lora ->
+# config -> layers/rope/cache -> attention (incl. DSA)/moe -> model -> hub I/O -> checkpoint/quant/lora/distributed
+# (distributed splits quantized layers too) ->
 # tokenizer/sampling/generation/fast; the modules above these (train, engine, eval, server, cli) may import any
 LEVELS = {"dsv3.config": 0, "dsv3.atomic": 0, "dsv3.layers": 1, "dsv3.rope": 1, "dsv3.cache": 1,
           "dsv3.attention": 2, "dsv3.dsa": 2, "dsv3.moe": 2, "dsv3.model": 3, "dsv3.hub": 4,
-          "dsv3.distributed": 4, "dsv3.distributed.init": 4, "dsv3.distributed.layers": 4, "dsv3.distributed.moe": 4,
-          "dsv3.distributed.parallelize": 4, "dsv3.distributed.checkpoint": 4, "dsv3.distributed.data_parallel": 4, "dsv3.distributed.console": 4, "dsv3.distributed.plan": 4,
+          "dsv3.distributed": 5, "dsv3.distributed.init": 5, "dsv3.distributed.layers": 5, "dsv3.distributed.moe": 5,
+          "dsv3.distributed.parallelize": 5, "dsv3.distributed.checkpoint": 5, "dsv3.distributed.data_parallel": 5,
+          "dsv3.distributed.console": 5, "dsv3.distributed.plan": 5, "dsv3.distributed.quantized": 5,
           "dsv3.checkpoint": 5, "dsv3.lora": 5, "dsv3.quant": 5, "dsv3.quant.apply": 5, "dsv3.quant.base": 5,
           "dsv3.quant.experts": 5, "dsv3.quant.fp8": 5, "dsv3.quant.int4": 5, "dsv3.quant.int8": 5, "dsv3.arguments": 5,
           "dsv3.tokenizer": 6, "dsv3.sampling": 6, "dsv3.generation": 6, "dsv3.fast": 6, "dsv3.fast.layers": 6,

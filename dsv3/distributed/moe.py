@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from ..moe import MoE
-from .layers import ColumnParallelLinear, RowParallelLinear, all_reduce, plain, split
+from ..quant import QuantizedLinear
+from .layers import all_reduce, plain, split
+from .quantized import column_parallel, own_storage, row_parallel
 
 
 class ExpertParallelMoE(MoE):
@@ -21,12 +23,17 @@ class ExpertParallelMoE(MoE):
     first_expert + i. `n_experts` counts the local experts (the routed paths size their counts by it)."""
 
     @classmethod
-    def from_moe(cls, moe: MoE, rank: int, world: int) -> "ExpertParallelMoE":
-        """Take this rank's experts out of `moe` (its other experts are dropped) and split its shared experts."""
+    def from_moe(cls, moe: MoE, rank: int, world: int, name: str = "mlp") -> "ExpertParallelMoE":
+        """Take this rank's experts out of `moe` (its other experts are dropped) and split its shared experts.
+        Quantized experts move whole, packed weights and scales alike (`name`: the MoE's, for errors)."""
         start, stop = split(moe.n_experts, rank, world, "n_routed_experts")
         for expert in moe.experts:
             for linear in (expert.gate_proj, expert.up_proj, expert.down_proj):
-                plain(linear, nn.Linear)
+                if not isinstance(linear, QuantizedLinear):
+                    plain(linear, nn.Linear)
+        for expert in moe.experts[start:stop]:
+            for linear in (expert.gate_proj, expert.up_proj, expert.down_proj):
+                own_storage(linear)
         new = cls.__new__(cls)
         new.__dict__.update(moe.__dict__)
         new._modules = dict(moe._modules)
@@ -34,7 +41,8 @@ class ExpertParallelMoE(MoE):
         new.n_routed, new.first_expert, new.n_experts = moe.n_experts, start, stop - start
         new.stacks = type(moe.stacks)()  # stacks over the local experts only, built on first use
         if moe.shared_experts is not None:
-            parallel_mlp(moe.shared_experts, rank, world, "moe_intermediate_size * n_shared_experts", reduce=False)
+            parallel_mlp(moe.shared_experts, rank, world, "moe_intermediate_size * n_shared_experts",
+                         f"{name}.shared_experts", reduce=False)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, D]
@@ -63,8 +71,9 @@ class ExpertParallelMoE(MoE):
         return out.index_add_(0, token, y)
 
 
-def parallel_mlp(mlp: nn.Module, rank: int, world: int, field: str, reduce: bool = True) -> None:
-    """SwiGLU MLP in place: gate/up column-parallel, down row-parallel (reduce=False: the caller all-reduces)."""
-    mlp.gate_proj = ColumnParallelLinear.from_linear(mlp.gate_proj, rank, world, field)
-    mlp.up_proj = ColumnParallelLinear.from_linear(mlp.up_proj, rank, world, field)
-    mlp.down_proj = RowParallelLinear.from_linear(mlp.down_proj, rank, world, field, reduce=reduce)
+def parallel_mlp(mlp: nn.Module, rank: int, world: int, field: str, name: str = "mlp", reduce: bool = True) -> None:
+    """SwiGLU MLP in place: gate/up column-parallel, down row-parallel (reduce=False: the caller all-reduces);
+    plain or quantized linears (`name`: the MLP's, for errors)."""
+    mlp.gate_proj = column_parallel(mlp.gate_proj, rank, world, f"{name}.gate_proj", field)
+    mlp.up_proj = column_parallel(mlp.up_proj, rank, world, f"{name}.up_proj", field)
+    mlp.down_proj = row_parallel(mlp.down_proj, rank, world, f"{name}.down_proj", field, reduce=reduce)

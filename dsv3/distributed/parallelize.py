@@ -28,8 +28,10 @@ from ..model import Block, Transformer
 from ..moe import MoE
 from .init import rank as current_rank
 from .init import world_size as current_world
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, plain, split
+from ..quant import QuantizedLinear
+from .layers import VocabParallelEmbedding, plain, split
 from .moe import ExpertParallelMoE, parallel_mlp
+from .quantized import check_slice, column_parallel, row_parallel
 
 
 # the modules parallelize slices (by their attribute names in dsv3/model.py, attention.py, layers.py)
@@ -60,36 +62,52 @@ def parallelize(model: Transformer, rank: int | None = None, world: int | None =
         return model
     check_divisible(model.config, world)
     for name, module in model.named_modules():  # all checked before anything changes
-        if name.rpartition(".")[2] in SPLIT:
-            plain(module, nn.Embedding if name.endswith("embed_tokens") else nn.Linear)
+        if name.rpartition(".")[2] in SPLIT and ".experts." not in name:
+            if isinstance(module, QuantizedLinear):
+                dim, field = role(name)
+                check_slice(module, dim, world, name, field)
+            else:
+                plain(module, nn.Embedding if name.endswith("embed_tokens") else nn.Linear)
     model.model.embed_tokens = VocabParallelEmbedding.from_embedding(model.model.embed_tokens, rank, world,
                                                                       "vocab_size")
-    model.lm_head = ColumnParallelLinear.from_linear(model.lm_head, rank, world, "vocab_size", gather_output=True)
-    for block in [*model.model.layers, *model.mtp]:
-        parallel_block(block, rank, world)
+    model.lm_head = column_parallel(model.lm_head, rank, world, "lm_head", "vocab_size", gather_output=True)
+    for prefix, blocks in (("model.layers", model.model.layers), ("mtp", model.mtp)):
+        for i, block in enumerate(blocks):
+            parallel_block(block, rank, world, f"{prefix}.{i}")
     model.parallel = (rank, world)
     return model
 
 
-def parallel_block(block: Block, rank: int, world: int) -> None:
-    """One decoder block (or MTP module) in place: attention heads, then its MLP or MoE."""
-    parallel_attention(block.self_attn, rank, world)
+def role(name: str) -> tuple[int, str]:
+    """(split dim, config field) of the SPLIT linear `name`: 1 for the row-parallel o_proj / down_proj."""
+    leaf = name.rpartition(".")[2]
+    dim = 1 if leaf in ("o_proj", "down_proj") else 0
+    if leaf == "lm_head":
+        return dim, "vocab_size"
+    if leaf in ("q_proj", "q_b_proj", "kv_b_proj", "o_proj"):
+        return dim, "num_attention_heads"
+    return dim, "moe_intermediate_size * n_shared_experts" if ".shared_experts." in name else "intermediate_size"
+
+
+def parallel_block(block: Block, rank: int, world: int, name: str) -> None:
+    """One decoder block (or MTP module) `name` in place: attention heads, then its MLP or MoE."""
+    parallel_attention(block.self_attn, rank, world, f"{name}.self_attn")
     if isinstance(block.mlp, MoE):
-        block.mlp = ExpertParallelMoE.from_moe(block.mlp, rank, world)
+        block.mlp = ExpertParallelMoE.from_moe(block.mlp, rank, world, f"{name}.mlp")
     elif isinstance(block.mlp, MLP):
-        parallel_mlp(block.mlp, rank, world, "intermediate_size")
+        parallel_mlp(block.mlp, rank, world, "intermediate_size", f"{name}.mlp")
 
 
-def parallel_attention(attn: MLA, rank: int, world: int) -> None:
+def parallel_attention(attn: MLA, rank: int, world: int, prefix: str = "self_attn") -> None:
     """MLA (or SparseMLA) in place: this rank's H/W heads. Each head's rows are contiguous in q_(b_)proj
     ([H·(d_n+d_r), ·]) and kv_b_proj ([H·(d_n+d_v), d_c]) and its columns in o_proj ([D, H·d_v]), so an equal
     split of those dimensions is a split by heads."""
     field = "num_attention_heads"
     split(attn.n_heads, rank, world, field)
     name = "q_proj" if hasattr(attn, "q_proj") else "q_b_proj"
-    setattr(attn, name, ColumnParallelLinear.from_linear(getattr(attn, name), rank, world, field))
-    attn.kv_b_proj = ColumnParallelLinear.from_linear(attn.kv_b_proj, rank, world, field)
-    attn.o_proj = RowParallelLinear.from_linear(attn.o_proj, rank, world, field)
+    setattr(attn, name, column_parallel(getattr(attn, name), rank, world, f"{prefix}.{name}", field))
+    attn.kv_b_proj = column_parallel(attn.kv_b_proj, rank, world, f"{prefix}.kv_b_proj", field)
+    attn.o_proj = row_parallel(attn.o_proj, rank, world, f"{prefix}.o_proj", field)
     attn.n_heads //= world
 
 
@@ -120,11 +138,10 @@ def shards(model: nn.Module) -> dict[str, Shard]:
             first = getattr(modules[m.group(1)[:-len(".experts.")]], "first_expert", 0)
             key = f"{m.group(1)}{first + int(m.group(2))}{m.group(3)}"
         dim = getattr(module, "shard_dim", None)
-        if dim is None or (leaf == "bias" and dim == 1) or leaf not in ("weight", "bias"):
+        if dim is None or tensor.dim() <= dim:  # a row-parallel layer's bias and int8 scales [out]: replicated
             out[name] = Shard(key, replicated=expert is None)
             continue
-        dim = 0 if leaf == "bias" else dim
-        n = tensor.shape[dim]
+        n = tensor.shape[dim]  # packed tensors are cut in their own units (nibble bytes, groups, 128-blocks)
         rank = module.rank
         out[name] = Shard(key, dim, rank * n, (rank + 1) * n, replicated=False)
     return out
