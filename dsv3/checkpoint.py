@@ -39,16 +39,14 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     Checkpoints written by dsv3.quant.save_quantized (int8/int4) always load quantized.
     path: a directory or a hub id (`resolve_model`; revision: the hub revision).
     Under a process group of W > 1 ranks (dsv3.distributed.init) each rank reads only its slices and returns its
-    share of the model (dsv3.distributed.parallelize; docs/distributed.md). parallel: True/False forces or
+    share of the model (dsv3.distributed.parallelize; docs/distributed.md), quantized layers (keep_fp8, int8/int4)
+    as quantized slices. parallel: True/False forces or
     forbids that (data-parallel training loads the whole model on every rank); None: when W > 1.
     """
     path = resolve_model(path, revision)
     config = ModelConfig.from_hf(path)
     if world_size() > 1 if parallel is None else parallel:
-        if keep_fp8 or (config.quantization_config or {}).get("quant_method") == "dsv3":
-            raise CheckpointError(f"{path}: quantized (int8/int4) checkpoints and keep_fp8 load in one process "
-                                  "only; under torchrun dsv3 splits plain weights (FP8 ones are dequantised)")
-        return parallel_checkpoint.load_parallel(path, config, dtype, device)
+        return parallel_checkpoint.load_parallel(path, config, dtype, device, keep_fp8)
     if quant.loads_quantized(config.quantization_config, keep_fp8):
         return quant.load_quantized(path, config, dtype, device)
     with torch.device("meta"):

@@ -117,7 +117,27 @@ def job_checkpoint(payload: dict) -> dict:
         out[f"{name}_bytes_held"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         if name == "plain":
             dsv3.save_pretrained(model, payload["save"])
+    out.update(quantized_checks(payload["quantized"], payload["ids"]))
     out.update(console_checks())
+    return out
+
+
+def quantized_checks(load: dict, ids: torch.Tensor) -> dict:
+    """Quantized checkpoints (name -> (directory, keep_fp8, single-process logits)) loaded at this world size:
+    logits, which layer classes the slices became, and for FP8 this rank's bytes against plan()'s, loaded in bf16
+    (plan counts bf16 for what FP8 leaves unquantized, fp32 for the router)."""
+    from dsv3.distributed import plan
+    out = {}
+    for name, (path, keep, want) in load.items():
+        model = dsv3.load_pretrained(path, dtype=torch.float32, keep_fp8=keep)
+        with torch.no_grad():
+            out[f"{name}_logits"] = relative(model(ids), want)
+        out[f"{name}_classes"] = sorted({type(m).__name__ for m in model.modules() if "Parallel" in type(m).__name__})
+        if keep:
+            model = dsv3.load_pretrained(path, dtype=torch.bfloat16, keep_fp8=True)
+            held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            out[f"{name}_bytes_held"], out[f"{name}_bytes_plan"] = held, plan(
+                model.config, dist.get_world_size(), torch.float8_e4m3fn).weight_bytes
     return out
 
 

@@ -159,15 +159,42 @@ def write_checkpoints(tmp_path) -> tuple[dsv3.Transformer, dict]:
     return model, {"plain": plain, "fp8": fp8}
 
 
+def write_quantized_checkpoints(tmp_path) -> dict:
+    """A tiny model whose W=2 slices hold whole 128-blocks (FP8) and 64-groups (int4), saved by dsv3.quant as
+    fp8 (DeepSeek's layout and choice of layers: eh_proj stays high precision), int8 and int4 (with attention
+    biases: the row-parallel o_proj adds its bias once): name -> (directory, keep_fp8)."""
+    config = dsv3.ModelConfig.tiny(hidden_size=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
+                                   q_lora_rank=128, kv_lora_rank=128, intermediate_size=512,
+                                   moe_intermediate_size=256, attention_bias=True)
+    out = {}
+    for scheme in ("fp8", "int8", "int4"):
+        torch.manual_seed(0)
+        skip = (*dsv3.quant.DEFAULT_SKIP, "eh_proj") if scheme == "fp8" else dsv3.quant.DEFAULT_SKIP  # as DeepSeek's
+        model = dsv3.quantize(dsv3.Transformer(config).eval(), scheme, group_size=64, skip=skip)
+        dsv3.quant.save_quantized(model, tmp_path / f"quantized-{scheme}")
+        out["fp8_kept" if scheme == "fp8" else scheme] = (str(tmp_path / f"quantized-{scheme}"), scheme == "fp8")
+    return out
+
+
 def test_sliced_loading_and_gathered_saving(tmp_path):
+    """Plain, FP8 (dequantised) and quantized checkpoints (FP8 kept, int8, int4) at W=2: each rank reads its slices
+    only; the quantized ones stay quantized, in their parallel classes, and FP8's bytes per rank are plan()'s."""
     model, paths = write_checkpoints(tmp_path)
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
-    load = {}
+    load, quantized = {}, {}
     with torch.no_grad():
         for name, path in paths.items():
             load[name] = (str(path), dsv3.load_pretrained(path, dtype=torch.float32)(ids))
+        for name, (path, keep) in write_quantized_checkpoints(tmp_path).items():
+            quantized[name] = (path, keep, dsv3.load_pretrained(path, dtype=torch.float32, keep_fp8=keep)(ids))
     saved = tmp_path / "saved"
-    results = spawn(2, "checkpoint", {"load": load, "ids": ids, "save": str(saved)}, tmp_path)
+    results = spawn(2, "checkpoint", {"load": load, "quantized": quantized, "ids": ids, "save": str(saved)},
+                    tmp_path)
+    for name in quantized:
+        assert results[f"{name}_logits"] < 1e-5, (name, results[f"{name}_logits"])
+        scheme = {"fp8_kept": "FP8", "int8": "Int8", "int4": "Int4"}[name]
+        assert {f"ColumnParallel{scheme}Linear", f"RowParallel{scheme}Linear"} <= set(results[f"{name}_classes"])
+    assert results["fp8_kept_bytes_held"] == results["fp8_kept_bytes_plan"], results
     assert results["console_line"] == "read on rank 0 EOF" and results["console_seeds_equal"]
     full = sum(t.numel() * 4 for t in model.state_dict().values())
     for name in paths:

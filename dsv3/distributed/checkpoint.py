@@ -2,8 +2,10 @@
 (`safe_open(...).get_slice`), FP8 weights with their 128x128 block scales; a parallel model saves by gathering its
 pieces on rank 0, which writes the ordinary hub layout (any world size loads it, one process included).
 
-Quantized checkpoints written by dsv3.quant (int8/int4) and keep_fp8 are not split: the parallel layers are plain
-nn.Linear slices, and a quantized layer's packed weight and scales would need their own slicing rules per format.
+Quantized checkpoints stay quantized (keep_fp8, and int8/int4 written by dsv3.quant): the meta model gets the
+quantized layers the files hold (dsv3.quant.apply.prepare_for_load, from the safetensors headers only), parallelize
+turns them into their parallel forms (quantized.py), and each packed tensor is read in its own units, e.g. an fp8
+weight's rows [r·n, (r+1)·n) with `weight_scale_inv` block rows [r·n/128, (r+1)·n/128).
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from ..config import ModelConfig
-from ..hub import FP8_BLOCK, FP32_KEYS, CheckpointError, dequantize_fp8, few, save_pretrained, shard_files
+from ..hub import (FP8_BLOCK, FP32_KEYS, CheckpointError, dequantize_fp8, few, save_pretrained, shard_files,
+                   to_model_key)
 from ..model import Transformer
+from ..quant import QuantizationError, QuantizedLinear
+from ..quant.apply import loads_quantized, prepare_for_load
+from ..quant.experts import stack_experts
 from ..rope import RotaryEmbedding
 from .init import rank, world_size
 from .parallelize import Shard, parallelize, shards
@@ -65,7 +71,7 @@ def read_slices(path: Path, model: Transformer, dtype: torch.dtype | None,
     this rank took from the checkpoint, in the model's dtype)."""
     n_layers = model.config.num_hidden_layers
     files = tensor_files(path)
-    expected = model.state_dict()
+    expected, modules = model.state_dict(), dict(model.named_modules())
     world = world_size()
     missing = [hub_key(s.key, n_layers) for s in shards(model).values() if hub_key(s.key, n_layers) not in files]
     if missing:
@@ -76,7 +82,7 @@ def read_slices(path: Path, model: Transformer, dtype: torch.dtype | None,
         if files[key] not in handles:
             handles[files[key]] = safe_open(files[key], framework="pt")
         f = handles[files[key]]
-        fp8 = f.get_slice(key).get_dtype() == "F8_E4M3"
+        fp8 = f.get_slice(key).get_dtype() == "F8_E4M3" and expected[name].dtype != torch.float8_e4m3fn
         want = list(expected[name].shape)
         if s.dim is not None:
             want[s.dim] *= world
@@ -87,25 +93,58 @@ def read_slices(path: Path, model: Transformer, dtype: torch.dtype | None,
             raise CheckpointError(f"{path}: FP8 weight {key} has no weight_scale_inv beside it")
         tensor = read_slice(f, key, s, fp8, dtype)
         read += tensor.numel() * tensor.element_size()
-        target = torch.float32 if FP32_KEYS.match(name) else (dtype or tensor.dtype)
-        state[name] = tensor.to(device=device, dtype=target)
+        owner, _, leaf = name.rpartition(".")
+        if isinstance(modules[owner], QuantizedLinear) and leaf != "bias":  # packed tensors keep their format
+            target = tensor.dtype
+        else:
+            target = torch.float32 if FP32_KEYS.match(name) else (dtype or tensor.dtype)
+        state[name] = tensor.to(device=device, dtype=target).contiguous()  # the packed kernels want rows
     return state, read
 
 
-def load_parallel(path: Path, config: ModelConfig, dtype: torch.dtype | None, device) -> Transformer:
-    """This rank's share of the checkpoint at path as a parallelized Transformer, reading only its slices."""
+def quantized_meta_model(path: Path, config: ModelConfig, dtype: torch.dtype | None) -> Transformer:
+    """A meta-device Transformer whose linears are the quantized layers the checkpoint holds (read from the
+    safetensors headers: no tensor is loaded), computing in `dtype` (default: the embedding's stored dtype)."""
+    tensors = {}
+    for file in shard_files(path):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                name = to_model_key(key, config.num_hidden_layers)
+                if name is not None:
+                    tensors[name] = (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype())
+    stored = tensors.get("model.embed_tokens.weight", (None, "BF16"))[1]
+    compute = dtype or {"F32": torch.float32, "F16": torch.float16}.get(stored, torch.bfloat16)
+    with torch.device("meta"):
+        model = Transformer(config)
+    try:
+        prepare_for_load(model, config.quantization_config, tensors, compute)
+    except QuantizationError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return model
+
+
+def load_parallel(path: Path, config: ModelConfig, dtype: torch.dtype | None, device,
+                  keep_fp8: bool = False) -> Transformer:
+    """This rank's share of the checkpoint at path as a parallelized Transformer, reading only its slices.
+    Quantized checkpoints (dsv3 int8/int4; FP8 with keep_fp8) give quantized parallel layers."""
     n_layers = config.num_hidden_layers
     files = tensor_files(path)
     if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{n_layers}.") for k in files):
         warnings.warn(f"{path}: config.json declares {config.num_nextn_predict_layers} MTP layer(s) but the "
                       "checkpoint has none (re-saved by transformers?); loading without the MTP head")
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
-    with torch.device("meta"):
-        model = parallelize(Transformer(config))
+    quantized = loads_quantized(config.quantization_config, keep_fp8)
+    if quantized:
+        model = parallelize(quantized_meta_model(path, config, dtype))
+    else:
+        with torch.device("meta"):
+            model = parallelize(Transformer(config))
     state, _ = read_slices(path, model, dtype, device)
     model.load_state_dict(state, assign=True)
     model.rotary = RotaryEmbedding(config).to(device)
-    if (config.quantization_config or {}).get("quant_method") == "fp8":  # dequantised while reading
+    if quantized:
+        stack_experts(model)
+    elif (config.quantization_config or {}).get("quant_method") == "fp8":  # dequantised while reading
         model.config = dataclasses.replace(config, quantization_config=None)
     return model.eval()
 
