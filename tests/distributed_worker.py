@@ -124,8 +124,9 @@ def job_checkpoint(payload: dict) -> dict:
 
 def quantized_checks(load: dict, ids: torch.Tensor) -> dict:
     """Quantized checkpoints (name -> (directory, keep_fp8, single-process logits)) loaded at this world size:
-    logits, which layer classes the slices became, and for FP8 this rank's bytes against plan()'s, loaded in bf16
-    (plan counts bf16 for what FP8 leaves unquantized, fp32 for the router)."""
+    logits, which layer classes the slices became, the gathered save (to `directory`-saved), and for FP8 this
+    rank's bytes against plan()'s, loaded in bf16 (plan counts bf16 for what FP8 leaves unquantized, fp32 for
+    the router)."""
     from dsv3.distributed import plan
     out = {}
     for name, (path, keep, want) in load.items():
@@ -133,6 +134,7 @@ def quantized_checks(load: dict, ids: torch.Tensor) -> dict:
         with torch.no_grad():
             out[f"{name}_logits"] = relative(model(ids), want)
         out[f"{name}_classes"] = sorted({type(m).__name__ for m in model.modules() if "Parallel" in type(m).__name__})
+        dsv3.save_pretrained(model, f"{path}-saved")
         if keep:
             model = dsv3.load_pretrained(path, dtype=torch.bfloat16, keep_fp8=True)
             held = sum(t.numel() * t.element_size() for t in model.state_dict().values())

@@ -43,11 +43,11 @@ def test_world_size_one_is_the_plain_path(monkeypatch):
 
 
 def test_what_is_not_split_is_refused_in_one_line(monkeypatch):
-    """keep_fp8 / quantized checkpoints under a process group, a quantized model, a bad backend."""
+    """A bad backend; keep_fp8 on a checkpoint that is not FP8 under a process group (as in one process)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="backend: expected 'nccl' or 'gloo', got 'mpi'"):
         init("mpi")
-    with pytest.raises(dsv3.checkpoint.CheckpointError, match="load in one process only"):
+    with pytest.raises(dsv3.quant.QuantizationError, match="keep_fp8=True but config.json's quantization_config"):
         dsv3.load_pretrained(dsv3.bundled_model_path(), keep_fp8=True, parallel=True)
 
 
@@ -195,6 +195,10 @@ def test_sliced_loading_and_gathered_saving(tmp_path):
         scheme = {"fp8_kept": "FP8", "int8": "Int8", "int4": "Int4"}[name]
         assert {f"ColumnParallel{scheme}Linear", f"RowParallel{scheme}Linear"} <= set(results[f"{name}_classes"])
     assert results["fp8_kept_bytes_held"] == results["fp8_kept_bytes_plan"], results
+    for name, (path, keep, _) in quantized.items():  # rank 0 gathered the packed slices back into the same file
+        one = dsv3.load_pretrained(path, dtype=torch.float32, keep_fp8=keep).state_dict()
+        again = dsv3.load_pretrained(f"{path}-saved", dtype=torch.float32, keep_fp8=keep).state_dict()
+        assert one.keys() == again.keys() and all(torch.equal(one[k], again[k]) for k in one), name
     assert results["console_line"] == "read on rank 0 EOF" and results["console_seeds_equal"]
     full = sum(t.numel() * 4 for t in model.state_dict().values())
     for name in paths:

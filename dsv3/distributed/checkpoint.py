@@ -159,8 +159,10 @@ def gather_state_dict(model: Transformer) -> dict[str, torch.Tensor] | None:
         if s.replicated:
             out[s.key] = tensor
             continue
-        pieces = [torch.empty_like(tensor) for _ in range(world)]
-        dist.all_gather(pieces, tensor)
+        sent = tensor.view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else tensor  # gloo has no float8
+        pieces = [torch.empty_like(sent) for _ in range(world)]
+        dist.all_gather(pieces, sent)
+        pieces = [piece.view(tensor.dtype) for piece in pieces]
         if s.dim is not None:
             out[s.key] = torch.cat(pieces, dim=s.dim)
             continue
@@ -179,11 +181,16 @@ def _expert_parts(name: str) -> tuple[str, int, str]:
 
 
 def save_parallel(model: Transformer, path: str | Path, **kwargs) -> None:
-    """hub.save_pretrained of the gathered model, written by rank 0 (the others wait at a barrier)."""
+    """hub.save_pretrained of the gathered model, written by rank 0 (the others wait at a barrier). A quantized
+    model is written as dsv3.quant.save_quantized writes it (packed tensors and scales, no MTP copies)."""
     state = gather_state_dict(model)
     if state is not None:
         with torch.device("meta"):
             plain = Transformer(model.config)
+        if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+            prepare_for_load(plain, model.config.quantization_config, {k: (t.shape, t.dtype) for k, t in state.items()},
+                             model.model.embed_tokens.weight.dtype)
+            kwargs.setdefault("mtp_copies", False)
         plain.load_state_dict(state, assign=True)
         save_pretrained(plain, path, **kwargs)
     dist.barrier()
