@@ -57,10 +57,10 @@ def sliced(layer: QuantizedLinear, cls: type, dim: int, start: int, stop: int) -
     """A `cls` (the parallel form of layer's class) holding [start, stop) along dim of layer's weight with the
     matching scales (each tensor cut in its own units: bytes of two nibbles, groups, 128-blocks, rows)."""
     out_f, in_f = (stop - start, layer.in_features) if dim == 0 else (layer.out_features, stop - start)
-    bias = None if layer.bias is None else layer.bias.detach().clone() if dim == 1 else layer.bias.detach()[start:stop]
+    bias = None if layer.bias is None else (layer.bias.detach() if dim == 1 else layer.bias.detach()[start:stop])
     device = next(iter(layer.buffers())).device
-    new = cls(in_f, out_f, group_size=layer.group_size, dtype=layer.dtype, bias=bias, device="meta") \
-        if isinstance(layer, Int4Linear) else cls(in_f, out_f, dtype=layer.dtype, bias=bias, device="meta")
+    extra = {"group_size": layer.group_size} if isinstance(layer, Int4Linear) else {}
+    new = cls(in_f, out_f, dtype=layer.dtype, bias=None if bias is None else bias.clone(), device="meta", **extra)
     full = layer.out_features if dim == 0 else layer.in_features
     for name, tensor in packed_tensors(layer).items():
         if tensor.dim() <= dim:  # int8's per-row scale under a row split: replicated
