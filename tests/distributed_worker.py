@@ -70,9 +70,9 @@ def compare(model: dsv3.Transformer, ids: torch.Tensor, greedy: int) -> dict:
 def parameter_bytes(ref: torch.nn.Module, par: torch.nn.Module) -> dict:
     """Bytes this rank holds, and the bound: (split tensors' full bytes) / W + replicated tensors' bytes."""
     full = {k: v.numel() * v.element_size() for k, v in ref.state_dict().items()}
-    held, split, replicated = 0, set(), 0
+    held, split, replicated, state = 0, set(), 0, par.state_dict()  # once: int4's unpacks its kernel layout
     for name, s in shards(par).items():
-        tensor = par.state_dict()[name]
+        tensor = state[name]
         held += tensor.numel() * tensor.element_size()
         if s.replicated:
             replicated += full[s.key]
@@ -86,14 +86,19 @@ def parameter_bytes(ref: torch.nn.Module, par: torch.nn.Module) -> dict:
 
 
 def prepared_models() -> dict[str, tuple[dsv3.Transformer, torch.Tensor, int]]:
-    """name -> (model, input ids, greedy tokens): the bundled model (fp32) and the tiny configs, seeded. Built once
-    in the parent process; forked ranks inherit them."""
+    """name -> (model, input ids, greedy tokens): the bundled model (fp32), the tiny configs and two quantized tiny
+    models (int8, int4), seeded. Built once in the parent process; forked ranks inherit them."""
     torch.manual_seed(0)
     bundled = dsv3.load_pretrained(dsv3.bundled_model_path(), dtype=torch.float32)
     models = {"bundled": (bundled, torch.randint(0, bundled.config.vocab_size, (2, 12)), 32)}
     for name, config in tiny_configs().items():
         torch.manual_seed(1)
         models[name] = (dsv3.Transformer(config).eval(), torch.randint(0, config.vocab_size, (2, 10)), 8)
+    for scheme, config in (("int8", dsv3.ModelConfig.tiny()),
+                           ("int4", dsv3.ModelConfig.tiny(moe_intermediate_size=64))):
+        torch.manual_seed(1)  # int4 in groups of 32: the shared expert's 64 inputs split into whole groups at W=2
+        model = dsv3.quantize(dsv3.Transformer(config).eval(), scheme, group_size=32)
+        models[scheme] = (model, torch.randint(0, config.vocab_size, (2, 10)), 8)
     return models
 
 
