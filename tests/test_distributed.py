@@ -120,6 +120,28 @@ def test_parallel_layers_sum_to_the_plain_ones(world):
         torch.testing.assert_close(moes, moe(h), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_expert_parallelism_moves_whole_quantized_experts(scheme):
+    """W=2 ranks' shares of a quantized MoE (no process group, summed by hand) give its output on the stacked
+    gather and grouped paths; each rank's experts hold their own bytes, not views of all experts' stacks."""
+    import copy
+    from dsv3.distributed import ExpertParallelMoE
+    from dsv3.quant.experts import QuantizedExpertStacks
+    torch.manual_seed(0)
+    model = dsv3.quantize(dsv3.Transformer(dsv3.ModelConfig.tiny(moe_intermediate_size=64)).eval(), scheme,
+                          group_size=32)
+    moe, h = model.model.layers[1].mlp, torch.randn(2, 5, 64)
+    moe.stacks = QuantizedExpertStacks(cpu=True)
+    with torch.no_grad():
+        for path in ("gather", "grouped"):
+            moe.path = path
+            want = moe(h)  # builds the stacks: the experts' buffers are views of them now
+            shares = [ExpertParallelMoE.from_moe(copy.deepcopy(moe), r, 2) for r in range(2)]
+            for buffer in shares[1].experts[0].down_proj.buffers():
+                assert buffer.untyped_storage().nbytes() == buffer.nbytes
+            torch.testing.assert_close(sum(share(h) for share in shares), want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("change, field", [
     ({}, "num_attention_heads=4 is not divisible by the world size 3"),
     ({"num_attention_heads": 6, "vocab_size": 1000}, "vocab_size=1000 is not divisible by the world size 3"),

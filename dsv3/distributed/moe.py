@@ -9,6 +9,8 @@ tensor-parallel MLP whose down projection is left unreduced). One all-reduce sum
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -39,7 +41,8 @@ class ExpertParallelMoE(MoE):
         new._modules = dict(moe._modules)
         new.experts = nn.ModuleList(moe.experts[start:stop])
         new.n_routed, new.first_expert, new.n_experts = moe.n_experts, start, stop - start
-        new.stacks = type(moe.stacks)()  # stacks over the local experts only, built on first use
+        new.stacks = copy.copy(moe.stacks)  # same kind and options; over the local experts only, built on first use
+        new.stacks.drop()
         if moe.shared_experts is not None:
             parallel_mlp(moe.shared_experts, rank, world, "moe_intermediate_size * n_shared_experts",
                          f"{name}.shared_experts", reduce=False)
