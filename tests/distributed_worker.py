@@ -129,22 +129,25 @@ def job_checkpoint(payload: dict) -> dict:
 
 def quantized_checks(load: dict, ids: torch.Tensor) -> dict:
     """Quantized checkpoints (name -> (directory, keep_fp8, single-process logits)) loaded at this world size:
-    logits, which layer classes the slices became, the gathered save (to `directory`-saved), and for FP8 this
-    rank's bytes against plan()'s, loaded in bf16 (plan counts bf16 for what FP8 leaves unquantized, fp32 for
+    logits, which layer classes the slices became, the bytes this rank read and holds, the gathered save (to
+    `directory`-saved), and for FP8 this rank's bytes against plan()'s, loaded in bf16 (plan counts bf16 for what FP8 leaves unquantized, fp32 for
     the router)."""
     from dsv3.distributed import plan
+    from dsv3.distributed.checkpoint import quantized_meta_model, read_slices
     out = {}
     for name, (path, keep, want) in load.items():
         model = dsv3.load_pretrained(path, dtype=torch.float32, keep_fp8=keep)
         with torch.no_grad():
             out[f"{name}_logits"] = relative(model(ids), want)
         out[f"{name}_classes"] = sorted({type(m).__name__ for m in model.modules() if "Parallel" in type(m).__name__})
+        meta = parallelize(quantized_meta_model(Path(path), model.config, torch.float32))
+        out[f"{name}_bytes_read"] = read_slices(Path(path), meta, torch.float32, "cpu")[1]
+        out[f"{name}_bytes_held"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         dsv3.save_pretrained(model, f"{path}-saved")
         if keep:
             model = dsv3.load_pretrained(path, dtype=torch.bfloat16, keep_fp8=True)
-            held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-            out[f"{name}_bytes_held"], out[f"{name}_bytes_plan"] = held, plan(
-                model.config, dist.get_world_size(), torch.float8_e4m3fn).weight_bytes
+            out[f"{name}_bf16_bytes_held"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            out[f"{name}_bytes_plan"] = plan(model.config, dist.get_world_size(), torch.float8_e4m3fn).weight_bytes
     return out
 
 
