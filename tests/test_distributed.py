@@ -43,12 +43,16 @@ def test_world_size_one_is_the_plain_path(monkeypatch):
 
 
 def test_what_is_not_split_is_refused_in_one_line(monkeypatch):
-    """A bad backend; keep_fp8 on a checkpoint that is not FP8 under a process group (as in one process)."""
+    """A bad backend; keep_fp8 on a checkpoint that is not FP8 under a process group (as in one process); LoRA."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="backend: expected 'nccl' or 'gloo', got 'mpi'"):
         init("mpi")
     with pytest.raises(dsv3.quant.QuantizationError, match="keep_fp8=True but config.json's quantization_config"):
         dsv3.load_pretrained(dsv3.bundled_model_path(), keep_fp8=True, parallel=True)
+    from dsv3.lora import apply_lora
+    model = apply_lora(dsv3.Transformer(dsv3.ModelConfig.tiny()), 2, 4, ["o_proj"])
+    with pytest.raises(ValueError, match="LoRALinear cannot be split across ranks: .* merge LoRA adapters first"):
+        parallelize(model, 0, 2)
 
 
 def test_a_slice_that_cuts_a_quantized_group_or_block_is_refused():

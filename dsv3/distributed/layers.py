@@ -49,11 +49,11 @@ def split(size: int, rank: int, world: int, field: str) -> tuple[int, int]:
 
 
 def plain(module: nn.Module, kind: type) -> None:
-    """ValueError unless `module` is exactly `kind` (nn.Linear, nn.Embedding): quantized and LoRA layers hold packed
-    weights or adapters that these slices do not cover."""
+    """ValueError unless `module` is exactly `kind` (nn.Linear, nn.Embedding): LoRA layers hold adapters that these
+    slices do not cover (quantized linears have their own parallel forms, quantized.py)."""
     if type(module) is not kind:
         raise ValueError(f"{type(module).__name__} cannot be split across ranks: parallelize a model of plain "
-                         f"{kind.__name__} layers (unquantized, LoRA merged)")
+                         f"{kind.__name__} or dsv3.quant layers (merge LoRA adapters first)")
 
 
 def _slice(param: torch.Tensor | None, dim: int, start: int, stop: int) -> nn.Parameter | None:
