@@ -130,8 +130,8 @@ def job_checkpoint(payload: dict) -> dict:
 def quantized_checks(load: dict, ids: torch.Tensor) -> dict:
     """Quantized checkpoints (name -> (directory, keep_fp8, single-process logits)) loaded at this world size:
     logits, which layer classes the slices became, the bytes this rank read and holds, the gathered save (to
-    `directory`-saved), and for FP8 this rank's bytes against plan()'s, loaded in bf16 (plan counts bf16 for what FP8 leaves unquantized, fp32 for
-    the router)."""
+    `directory`-saved), and for FP8 this rank's bytes against plan()'s, loaded in bf16 (plan counts bf16 for
+    what FP8 leaves unquantized, fp32 for the router)."""
     from dsv3.distributed import plan
     from dsv3.distributed.checkpoint import quantized_meta_model, read_slices
     out = {}
