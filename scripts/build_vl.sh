@@ -6,11 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/vl}
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1
-# the bundle's run: a schedule over 2500 steps, stopped at 1400 where only the positions were learned, then
-# stretched to 4500 steps from there (see docs/vision.md §3 for why)
-FLAGS="--output $RUN --stage1-steps 50 --batch-size 16 --lr 2e-3 --lora-lr 2e-3 --image-size 64 --patch-size 16
-       --lora-rank 16 --eval-every 100 --eval-size 200 --save-every 100 --threads 1 --resume"
-nice -n 2 python -m dsv3 train-vl $FLAGS --steps 2500 --until 1400
-nice -n 2 python -m dsv3 train-vl $FLAGS --steps 4500
+nice -n 2 python -m dsv3 train-vl --output "$RUN" --steps 3300 --stage0-steps 1500 --stage1-steps 1600 \
+    --batch-size 16 --lr 2e-3 --lora-lr 2e-3 --image-size 64 --patch-size 16 --lora-rank 16 --eval-every 100 \
+    --eval-size 200 --save-every 100 --threads 1 --resume
 python scripts/export_vl.py "$RUN" dsv3/bundled/vl
 python bench/vqa.py --model dsv3/bundled/vl --n 1000
