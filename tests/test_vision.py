@@ -174,3 +174,42 @@ def test_projector_mlp_matches_transformers_deepseek_vl_aligner(vl):
                              "linear2.weight": proj.fc2.weight, "linear2.bias": proj.fc2.bias})
     shuffled = pixel_shuffle(torch.randn(2, c.num_patches, c.hidden_size), c.grid, c.downsample)
     torch.testing.assert_close(proj.mlp(shuffled), aligner(shuffled), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- data and training
+def test_vqa_examples_are_seeded_balanced_and_split():
+    from dsv3.vision import data
+
+    a, b = data.example(7, "train", 0), data.example(7, "train", 0)
+    assert a.image.tobytes() == b.image.tobytes() and (a.question, a.answer) == (b.question, b.answer)
+    assert data.example(7, "heldout", 0).image.tobytes() != a.image.tobytes()
+    exs = [data.example(i) for i in range(50)]
+    assert [e.qtype for e in exs[:5]] == list(data.TYPES) and all(e.image.size == (64, 64) for e in exs)
+    assert all(e.answer in data.ANSWERS[e.qtype] and e.question in data.QUESTIONS[e.qtype] for e in exs)
+    with pytest.raises(ValueError, match="split: expected 'train' or 'heldout'"):
+        data.example(0, "test")
+
+
+def test_training_batch_labels_only_the_answer():
+    from dsv3 import Tokenizer, bundled_model_path
+    from dsv3.vision import data
+    from dsv3.vision.train import AnswerHeads, batch
+
+    tokenizer = Tokenizer.from_pretrained(bundled_model_path())
+    config = VisionConfig(image_size=64, patch_size=16, image_token_id=8192)
+    exs = [data.example(i) for i in range(3)]
+    ids, labels, pixels = batch(tokenizer, exs, config, tokenizer.pad_token_id)
+    assert pixels.shape == (3, 3, 64, 64) and (ids == 8192).sum(1).tolist() == [config.tokens_per_image] * 3
+    for row, ex in zip(labels.tolist(), exs):
+        kept = [t for t in row if t != -100]
+        assert kept == tokenizer.encode(ex.answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+    heads = AnswerHeads(config.tokens_per_image, 16)
+    loss = heads.loss(torch.randn(3, config.tokens_per_image, 16), exs)
+    assert loss.ndim == 0 and loss.item() > 0
+
+
+def test_train_vl_cli_errors(tmp_path):
+    from dsv3.cli import main
+
+    with pytest.raises(SystemExit, match="--steps: expected a positive integer, got 0"):
+        main(["train-vl", "--output", str(tmp_path), "--steps", "0"])
