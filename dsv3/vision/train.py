@@ -72,7 +72,8 @@ class AnswerHeads(nn.Module):
         self.heads = nn.ModuleDict({t: nn.Linear(tokens * dim, len(data.ANSWERS[t])) for t in data.TYPES})
 
     def loss(self, image_tokens: torch.Tensor, exs: list[data.VQAExample]) -> torch.Tensor:
-        """image_tokens [B, tokens_per_image, D] -> mean cross-entropy of each example's answer under its type's head."""
+        """image_tokens [B, tokens_per_image, D] -> the mean cross-entropy of each example's answer under its
+        type's head."""
         x = F.rms_norm(image_tokens, (image_tokens.shape[-1],)).flatten(1)
         losses = [F.cross_entropy(self.heads[ex.qtype](x[b]), torch.tensor(data.ANSWERS[ex.qtype].index(ex.answer)))
                   for b, ex in enumerate(exs)]
@@ -117,8 +118,8 @@ def build(args) -> tuple[VisionLanguageModel, AnswerHeads, Tokenizer]:
         heads.load_state_dict(load_file(str(last / HEADS)))
         return model, heads, tokenizer
     lm = load_pretrained(base, dtype=torch.float32)
-    config = VisionConfig(image_size=args.image_size, patch_size=args.patch_size, language_model=str(base.resolve()), lora_rank=args.lora_rank,
-                          lora_alpha=2.0 * args.lora_rank, lora_targets=LORA_TARGETS,
+    config = VisionConfig(image_size=args.image_size, patch_size=args.patch_size, language_model=str(base.resolve()),
+                          lora_rank=args.lora_rank, lora_alpha=2.0 * args.lora_rank, lora_targets=LORA_TARGETS,
                           image_token_id=lm.config.vocab_size)
     torch.manual_seed(args.seed)
     if args.lora_rank:
