@@ -6,7 +6,8 @@ Stream shape (docs/openai-api.md §1.5): every chunk has the same id; the first 
 `data: [DONE]` ends it. `: keep-alive` comments are sent while nothing is produced, and a failure mid-stream is a
 `data: {"error": ...}` event. What the model cannot honour gets a 400 that says so: image parts (but for a
 vision-language model: dsv3/server/images.py), audio and file parts, JSON response formats, tools and
-tool_choice (other than "none"). The chat template is rendered and tokenised in a worker thread, as the response is built, so a large request does not stall the event loop.
+tool_choice (other than "none"). The chat template is rendered and tokenised in a worker thread, as the response
+is built, so a large request does not stall the event loop.
 """
 
 from __future__ import annotations
