@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the bundled vision-language model (dsv3/bundled/vl, docs/vision.md): train the vision path on the
-# synthetic VQA set from the bundled text model, export the final checkpoint, measure it. CPU, about an hour on 2 shared cores.
+# synthetic VQA set from the bundled text model, export the final checkpoint, measure it. CPU: about an hour
+# on 2 shared cores.
 #   bash scripts/build_vl.sh [RUN_DIR]        (default runs/vl; re-running resumes from its newest checkpoint)
 set -euo pipefail
 cd "$(dirname "$0")/.."
