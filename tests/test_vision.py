@@ -213,3 +213,21 @@ def test_train_vl_cli_errors(tmp_path):
 
     with pytest.raises(SystemExit, match="--steps: expected a positive integer, got 0"):
         main(["train-vl", "--output", str(tmp_path), "--steps", "0"])
+
+
+@torch.no_grad()
+def test_generate_with_images_equals_greedy_full_forwards(vl):
+    from dsv3 import generate
+
+    n = vl.vision_config.tokens_per_image
+    ids = torch.tensor([[0, 3] + [VOCAB] * n + [7, 9], [0, 5] + [VOCAB] * n + [8, 2]])
+    pixels = torch.randn(2, 3, 32, 32)
+    out = generate(vl, ids, 5, images=pixels)
+    seq = ids
+    for _ in range(5):  # the reference: a full forward over the whole sequence for every new token
+        seq = torch.cat([seq, vl(seq, pixels)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+    with pytest.raises(ValueError, match="images= needs a vision-language model"):
+        generate(vl.language_model, ids.clamp(max=VOCAB - 1), 2, images=pixels)
+    with pytest.raises(ValueError, match="image placeholders; expected"):
+        generate(vl, ids, 2, images=pixels[:1])
