@@ -191,3 +191,28 @@ def test_serve_flags_are_checked(vl_dir):
         build_app(options(vl_dir, max_images=0))
     with pytest.raises(SystemExit, match="--quantize: not supported for a vision-language model"):
         build_app(options(vl_dir, quantize="int8"))
+
+
+def test_engine_image_prompts_skip_the_prefix_cache(vl_dir):
+    """Two prompts with the same ids (the placeholders as pad) but different images: the second must not reuse the
+    first's cached blocks. Each result equals dsv3.generate's greedy continuation with that image."""
+    from dsv3 import SamplingParams, generate
+    from dsv3.engine import Engine, EngineConfig, Request
+    from dsv3.server.images import embed_prompt
+    from dsv3.vision.prompt import expand_images
+    from server_utils import run_engine
+
+    vl = load_vl(vl_dir, dtype=torch.float32)
+    tokenizer = Tokenizer.from_pretrained(vl_dir)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "<image>\n" + "What is it? " * 8}],
+                                             add_generation_prompt=True, tokenize=False)
+    placeholders = expand_images(tokenizer, rendered, vl.vision_config)
+    engine = Engine(vl.language_model, tokenizer, EngineConfig(max_batch=2, max_seq_len=128, block_size=4))
+    for colour in ((250, 0, 0), (0, 0, 250)):
+        image = Image.new("RGB", (32, 32), colour)
+        ids, embeds = embed_prompt(vl, tokenizer, rendered, [image])
+        result = run_engine(engine, [Request(ids, SamplingParams(max_new_tokens=6), inputs_embeds=embeds,
+                                             ignore_eos=True)])[0]
+        assert result.usage.cached_tokens == 0
+        want = generate(vl, torch.tensor([placeholders]), 6, images=[image])[0, len(placeholders):].tolist()
+        assert result.token_ids == want

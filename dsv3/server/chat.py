@@ -4,10 +4,10 @@ Stream shape (docs/openai-api.md §1.5): every chunk has the same id; the first 
 `role: assistant`; content deltas follow; a `delta: {}` chunk carries finish_reason; with
 `stream_options.include_usage` every chunk has `usage: null` and one last chunk has `choices: []` and the usage;
 `data: [DONE]` ends it. `: keep-alive` comments are sent while nothing is produced, and a failure mid-stream is a
-`data: {"error": ...}` event. What the model cannot honour gets a 400 that says so: image parts (but for a vision-language
-model: dsv3/server/images.py), audio and file parts,
-JSON response formats, tools and tool_choice (other than "none"). The chat template is rendered and tokenised in
-a worker thread, as the response is built, so a large request does not stall the event loop.
+`data: {"error": ...}` event. What the model cannot honour gets a 400 that says so: image parts (but for a
+vision-language model: dsv3/server/images.py), audio and file parts, JSON response formats, tools and
+tool_choice (other than "none"). The chat template is rendered and tokenised in a worker thread, as the response
+is built, so a large request does not stall the event loop.
 """
 
 from __future__ import annotations

@@ -1,12 +1,16 @@
 """`dsv3 train-vl`: train the vision path on the synthetic VQA set (dsv3/vision/data.py), DeepSeek-VL2's staging
-(arXiv:2412.10302 §3.2) in miniature.
+(arXiv:2412.10302 §3.2) in miniature, after a stage VL2 does not need.
 
-Stage 1 (steps < --stage1-steps): the vision encoder and projector learn with the LM frozen (VL2's adaptor warm-up
-also trains the encoder here). Stage 2: LoRA factors on the LM's attention join them. The loss is the next-token
-cross-entropy on the answer tokens (and the end-of-sentence token after them) only: the prompt is given.
-Checkpoints (`checkpoint-N/`: the VL weights as `save_vl` writes them, optimizer.pt, trainer_state.json) are written
-atomically; --resume continues from the newest. metrics.jsonl logs the loss and, every --eval-every steps, the
-held-out accuracy per question type.
+Stage 0 (steps < --stage0-steps): the encoder's pre-training. VL2 starts from a pre-trained SigLIP; ours starts
+random, and a random encoder's image tokens differ too little between images for the frozen LM to give them any
+gradient (docs/vision.md §3: without this stage the held-out accuracy stayed at chance for 1800 steps). So the
+encoder + projector first learn with one linear head per question type over the flattened image tokens (the
+answer as a class); the heads are thrown away after it. Stage 1 (steps < --stage1-steps): the encoder and projector
+learn through the frozen LM. Stage 2: LoRA factors on every linear layer of the LM join them. Stages 1-2 take the
+next-token cross-entropy on the answer tokens (and the end-of-sentence token after them) only: the prompt is given.
+Checkpoints (`checkpoint-N/`: the VL weights as `save_vl` writes them, the heads, optimizer.pt, trainer_state.json)
+are written atomically; --resume continues from the newest. metrics.jsonl logs the loss and, every --eval-every
+steps of stages 1-2, the held-out accuracy per question type.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm import tqdm
 
 from ..atomic import directory
@@ -31,7 +37,9 @@ from .model import VisionLanguageModel, load_vl, save_vl
 from .preprocess import to_pixels
 from .prompt import expand_images
 
-LORA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+HEADS = "answer_heads.safetensors"
+LORA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
+                "down_proj"]
 
 
 def encode(tokenizer: Tokenizer, ex: data.VQAExample, config: VisionConfig) -> tuple[list[int], int]:
@@ -53,6 +61,23 @@ def batch(tokenizer: Tokenizer, examples: list[data.VQAExample], config: VisionC
         labels[b, len(row) - n - 1:len(row) - 1] = torch.tensor(row[-n:])  # position t predicts token t + 1
     pixels = torch.stack([to_pixels(ex.image, config.image_size) for ex in examples])
     return ids, labels, pixels
+
+
+class AnswerHeads(nn.Module):
+    """Stage 0: one linear classifier per question type over an image's tokens [tokens_per_image, D], each
+    RMS-normalised (their scale is the LM's embedding scale), flattened; classes are the type's answers."""
+
+    def __init__(self, tokens: int, dim: int) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict({t: nn.Linear(tokens * dim, len(data.ANSWERS[t])) for t in data.TYPES})
+
+    def loss(self, image_tokens: torch.Tensor, exs: list[data.VQAExample]) -> torch.Tensor:
+        """image_tokens [B, tokens_per_image, D] -> the mean cross-entropy of each example's answer under its
+        type's head."""
+        x = F.rms_norm(image_tokens, (image_tokens.shape[-1],)).flatten(1)
+        losses = [F.cross_entropy(self.heads[ex.qtype](x[b]), torch.tensor(data.ANSWERS[ex.qtype].index(ex.answer)))
+                  for b, ex in enumerate(exs)]
+        return torch.stack(losses).mean()
 
 
 def examples(split: str, start: int, n: int, seed: int, size: int) -> list[data.VQAExample]:
@@ -81,22 +106,25 @@ def accuracy(model: VisionLanguageModel, tokenizer: Tokenizer, n: int, seed: int
     return result
 
 
-def build(args) -> tuple[VisionLanguageModel, Tokenizer]:
-    """A fresh model (base LM in float32, LoRA on its attention, vision and projector random) or the newest
-    checkpoint's (resume)."""
+def build(args) -> tuple[VisionLanguageModel, AnswerHeads, Tokenizer]:
+    """A fresh model (base LM in float32, LoRA on its linear layers, vision, projector and stage-0 heads random) or
+    the newest checkpoint's (resume)."""
     base = Path(args.model)
     tokenizer = Tokenizer.from_pretrained(base)
     last = latest_checkpoint(Path(args.output)) if args.resume else None
     if last is not None:
-        return load_vl(last, dtype=torch.float32, merge=False), tokenizer
+        model = load_vl(last, dtype=torch.float32, merge=False)
+        heads = AnswerHeads(model.vision_config.tokens_per_image, model.language_model.config.hidden_size)
+        heads.load_state_dict(load_file(str(last / HEADS)))
+        return model, heads, tokenizer
     lm = load_pretrained(base, dtype=torch.float32)
-    config = VisionConfig(image_size=args.image_size, patch_size=args.patch_size, language_model=str(base.resolve()), lora_rank=args.lora_rank,
-                          lora_alpha=2.0 * args.lora_rank, lora_targets=LORA_TARGETS,
+    config = VisionConfig(image_size=args.image_size, patch_size=args.patch_size, language_model=str(base.resolve()),
+                          lora_rank=args.lora_rank, lora_alpha=2.0 * args.lora_rank, lora_targets=LORA_TARGETS,
                           image_token_id=lm.config.vocab_size)
     torch.manual_seed(args.seed)
     if args.lora_rank:
         apply_lora(lm, args.lora_rank, config.lora_alpha, LORA_TARGETS, include_mtp=False)
-    return VisionLanguageModel(lm, config), tokenizer
+    return VisionLanguageModel(lm, config), AnswerHeads(config.tokens_per_image, lm.config.hidden_size), tokenizer
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -104,8 +132,12 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def stage_of(step: int, args) -> int:
+    return 0 if step < args.stage0_steps else 1 if step < args.stage1_steps else 2
+
+
 def set_stage(model: VisionLanguageModel, stage: int) -> None:
-    """Stage 1: vision + projector train, the LM (and its LoRA) frozen; stage 2: the LoRA factors train too."""
+    """Stages 0-1: vision + projector train, the LM (and its LoRA) frozen; stage 2: the LoRA factors train too."""
     for p in model.language_model.parameters():
         p.requires_grad_(False)
     for m in lora_modules(model.language_model).values():
@@ -115,11 +147,11 @@ def set_stage(model: VisionLanguageModel, stage: int) -> None:
         p.requires_grad_(True)
 
 
-def optimizer_for(model: VisionLanguageModel, args) -> torch.optim.AdamW:
+def optimizer_for(model: VisionLanguageModel, heads: AnswerHeads, args) -> torch.optim.AdamW:
     vision = list(model.vision.parameters()) + list(model.projector.parameters())
     lora = [p for m in lora_modules(model.language_model).values() for p in (m.lora_A, m.lora_B)]
-    return torch.optim.AdamW([{"params": vision, "lr": args.lr}, {"params": lora, "lr": args.lora_lr}],
-                             weight_decay=0.01)
+    return torch.optim.AdamW([{"params": vision, "lr": args.lr}, {"params": lora, "lr": args.lora_lr},
+                              {"params": list(heads.parameters()), "lr": args.lr}], weight_decay=0.01)
 
 
 def lr_factor(step: int, total: int, warmup: int = 50) -> float:
@@ -129,23 +161,27 @@ def lr_factor(step: int, total: int, warmup: int = 50) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def save(out: Path, step: int, model: VisionLanguageModel, opt, tokenizer_dir: Path) -> None:
+def save(out: Path, step: int, model: VisionLanguageModel, heads: AnswerHeads, opt, tokenizer_dir: Path) -> None:
     with directory(out / f"checkpoint-{step}") as tmp:
         save_vl(model, tmp, tokenizer_dir)
+        save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(tmp / HEADS))
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
 
 
-def train_step(model, opt, tokenizer, args, step: int) -> float:
+def train_step(model, heads, opt, tokenizer, args, step: int) -> float:
     config = model.vision_config
     exs = examples("train", step * args.batch_size, args.batch_size, args.seed, config.image_size)
     ids, labels, pixels = batch(tokenizer, exs, config, tokenizer.pad_token_id)
-    logits = model(ids, pixels)
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    if stage_of(step, args) == 0:  # the encoder's pre-training: no LM forward
+        loss = heads.loss(model.image_embeddings(pixels), exs)
+    else:
+        logits = model(ids, pixels)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"] if p.grad is not None], 1.0)
-    for group, base_lr in zip(opt.param_groups, (args.lr, args.lora_lr)):
+    for group, base_lr in zip(opt.param_groups, (args.lr, args.lora_lr, args.lr)):
         group["lr"] = base_lr * lr_factor(step, args.steps)
     opt.step()
     return loss.item()
@@ -155,8 +191,8 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = build(args)
-    opt = optimizer_for(model, args)
+    model, heads, tokenizer = build(args)
+    opt = optimizer_for(model, heads, args)
     last = latest_checkpoint(out) if args.resume else None
     step = 0
     if last is not None:
@@ -167,11 +203,11 @@ def run(args) -> int:
     model.train()
     end = min(args.steps, args.until or args.steps)
     for step in tqdm(range(step, end), initial=step, total=args.steps, desc="train-vl"):
-        set_stage(model, 1 if step < args.stage1_steps else 2)
-        loss = train_step(model, opt, tokenizer, args, step)
-        record = {"step": step + 1, "stage": 1 if step < args.stage1_steps else 2, "loss": round(loss, 5),
-                  "seconds": round(time.time() - start, 1)}
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        stage = stage_of(step, args)
+        set_stage(model, stage)
+        loss = train_step(model, heads, opt, tokenizer, args, step)
+        record = {"step": step + 1, "stage": stage, "loss": round(loss, 5), "seconds": round(time.time() - start, 1)}
+        if stage and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             model.eval()
             record["heldout"] = accuracy(model, tokenizer, args.eval_size, args.seed)
             model.train()
@@ -179,7 +215,7 @@ def run(args) -> int:
         log.write(json.dumps(record) + "\n")
         log.flush()
         if (step + 1) % args.save_every == 0 or step + 1 == end:
-            save(out, step + 1, model, opt, Path(args.model))
+            save(out, step + 1, model, heads, opt, Path(args.model))
     return 0
 
 
@@ -192,11 +228,14 @@ def add_cli(subparsers) -> None:
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
     p.add_argument("--until", type=int, help="stop after this step (the schedule still spans --steps); a later "
                    "--resume with a larger --steps stretches the schedule from there")
-    p.add_argument("--stage1-steps", type=int, default=300, help="steps with the LM frozen (default 300)")
+    p.add_argument("--stage0-steps", type=int, default=1000,
+                   help="steps of the encoder's pre-training with answer heads, no LM (default 1000)")
+    p.add_argument("--stage1-steps", type=int, default=1100,
+                   help="steps before the LoRA factors train: stage 0 and then the LM frozen (default 1100)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
     p.add_argument("--lr", type=float, default=1e-3, help="vision + projector learning rate (default 1e-3)")
     p.add_argument("--lora-lr", type=float, default=2e-3, help="LoRA learning rate (default 2e-3)")
-    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on the LM's attention; 0 = LM frozen")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on the LM's linear layers; 0 = LM frozen")
     p.add_argument("--image-size", type=int, default=64, help="pixels per side (default 64)")
     p.add_argument("--patch-size", type=int, default=16, help="ViT patch side in pixels (default 16)")
     p.add_argument("--eval-every", type=int, default=100, help="held-out accuracy every N steps (default 100)")
