@@ -3,6 +3,7 @@ gloo processes forked from this one (tests/distributed_worker.py holds the jobs;
 and inherited, so a world size costs its checks, not W imports and loads)."""
 
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -343,50 +344,79 @@ def test_plan_counts_what_parallelize_holds(config, world):
 
 
 
-def test_two_rank_server_answers_as_one_process_and_dies_with_a_rank(tmp_path):
-    """`dsv3 serve` as 2 ranks (the environment torchrun sets, so that rank 1 can be killed alone): 8 concurrent
-    openai-SDK requests get one process's texts; killing rank 1 makes rank 0 exit 1 with a message in < 30 s."""
+PROMPTS = [f"Question {i}: what is" for i in range(8)]
+
+
+def sdk_answers(base_url: str) -> list[str]:
+    """The texts of 8 concurrent greedy completions through the openai SDK."""
     import concurrent.futures
+
+    import openai
+    from server_utils import KEY
+
+    client = openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=60)
+    name = client.models.list().data[0].id
+    ask = lambda p: client.completions.create(model=name, prompt=p, max_tokens=12, temperature=0).choices[0].text
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return list(pool.map(ask, PROMPTS))
+
+
+@pytest.fixture(scope="module")
+def single_process_answers() -> list[str]:
+    from server_utils import ServerThread, server_options
+    from dsv3.server.cli import build_app
+
+    single = ServerThread(build_app(server_options(dsv3.bundled_model_path())))
+    try:
+        return sdk_answers(single.base_url)
+    finally:
+        single.stop()
+
+
+def wait_until_serving(port: int, procs) -> None:
+    """Poll /v1/models until the server answers (90 s at most); fail at once if a process has exited."""
+    import time
+
+    import openai
+    from server_utils import KEY
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=5)
+    deadline = time.monotonic() + 90
+    while True:
+        assert all(p.poll() is None for p in procs), [p.stderr.read()[-2000:] for p in procs if p.poll() is not None]
+        try:
+            client.models.list()
+            return
+        except openai.APIConnectionError:
+            assert time.monotonic() < deadline, "the 2-rank server did not start in 90 s"
+            time.sleep(0.5)
+
+
+def serve_env(tmp_path) -> dict:
     import os
+
+    from server_utils import KEY
+
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1",
+            "DSV3_API_KEY": KEY}
+
+
+def test_two_rank_server_answers_as_one_process_and_dies_with_a_rank(tmp_path, single_process_answers):
+    """`dsv3 serve` as 2 ranks (the environment torchrun sets, so that rank 1 can be killed alone, as on another
+    node): 8 concurrent openai-SDK requests get one process's texts; killing rank 1 makes rank 0 exit 1 with a
+    message in < 30 s."""
     import subprocess
     import sys
     import time
-    import openai
-    from server_utils import KEY, ServerThread, server_options
-    from dsv3.server.cli import build_app
 
-    root = str(Path(__file__).resolve().parents[1])
     port, master = free_port(), free_port()
-    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(master), "WORLD_SIZE": "2", "DSV3_API_KEY": KEY}
+    env = {**serve_env(tmp_path), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master), "WORLD_SIZE": "2"}
     command = [sys.executable, "-m", "dsv3", "serve", "--port", str(port), "--device", "cpu"]
     ranks = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    prompts = [f"Question {i}: what is" for i in range(8)]
-
-    def answers(base_url: str) -> list[str]:
-        client = openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=60)
-        name = client.models.list().data[0].id
-        ask = lambda p: client.completions.create(model=name, prompt=p, max_tokens=12, temperature=0).choices[0].text
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            return list(pool.map(ask, prompts))
     try:
-        single = ServerThread(build_app(server_options(dsv3.bundled_model_path())))
-        try:
-            expected = answers(single.base_url)
-        finally:
-            single.stop()
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=5)
-        deadline = time.monotonic() + 90
-        while True:
-            assert all(r.poll() is None for r in ranks), [r.stderr.read()[-2000:] for r in ranks if r.poll()]
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                assert time.monotonic() < deadline, "the 2-rank server did not start in 90 s"
-                time.sleep(0.5)
-        assert answers(f"http://127.0.0.1:{port}/v1") == expected
+        wait_until_serving(port, ranks)
+        assert sdk_answers(f"http://127.0.0.1:{port}/v1") == single_process_answers
         ranks[1].kill()
         killed = time.monotonic()
         assert ranks[0].wait(timeout=30) == 1 and time.monotonic() - killed < 30
@@ -396,3 +426,45 @@ def test_two_rank_server_answers_as_one_process_and_dies_with_a_rank(tmp_path):
             if r.poll() is None:
                 r.kill()
                 r.wait()
+
+
+def _child_with_rank(parent: int, rank_: int) -> int:
+    """The pid of a child process of `parent` whose environment says RANK=rank_ (a torchrun worker)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and f"RANK={rank_}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"no torchrun worker with RANK={rank_}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
+def test_torchrun_serve_answers_as_one_process_and_goes_down_with_a_rank(tmp_path, single_process_answers):
+    """README's command itself, `torchrun --nproc-per-node 2 -m dsv3 serve`: the same 8 texts as one process; when
+    rank 1 is killed, torchrun takes the job down and exits non-zero within 30 s, naming the failed rank."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "dsv3", "serve", "--port", str(port), "--device", "cpu"]
+    job = subprocess.Popen(command, env=serve_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_serving(port, [job])
+        assert sdk_answers(f"http://127.0.0.1:{port}/v1") == single_process_answers
+        os.kill(_child_with_rank(job.pid, 1), signal.SIGKILL)
+        killed = time.monotonic()
+        assert job.wait(timeout=30) != 0 and time.monotonic() - killed < 30
+        summary = job.stderr.read()  # torchrun's failure summary names the rank and how it ended
+        assert re.search(r"\brank\s*:\s*1\b", summary) and "SIGKILL" in summary, summary[-1500:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
