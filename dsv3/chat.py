@@ -148,7 +148,7 @@ def run(args: argparse.Namespace, read: Callable[[str], str] = input, out: TextI
     if init() > 1:  # torchrun: each rank holds its share of the model; rank 0 has the terminal
         read, out, args.device = console.shared_read(read), console.rank0_output(out), distributed_device()
         sampling["seed"] = console.shared_seed(args.seed)
-    model = load_pretrained(path, device=args.device).eval()
+    model = load_pretrained(path, device=args.device, keep_fp8=args.keep_fp8).eval()
     tokenizer = Tokenizer.from_pretrained(path)
     repl(ChatSession(model, tokenizer, system=args.system, compile=args.compile, **sampling), read, out)
     return 0
@@ -168,6 +168,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--device", type=device, default="auto",
                    help="torch device: auto (default: cuda when available, else cpu), cpu, cuda:1 ...")
+    p.add_argument("--keep-fp8", action="store_true", help="keep an FP8 checkpoint's weights in FP8 (DeepSeek-V3's release) instead of dequantising them; under "
+                   "torchrun each rank reads its FP8 slices")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA graphs on a GPU) and, on CPU, the prompt's prefill: "
                         "faster replies after a one-off compile of one to three minutes")

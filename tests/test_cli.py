@@ -242,3 +242,38 @@ def test_finetune_max_steps_stops_there_with_a_checkpoint(tmp_path, capsys):
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert (state["epoch"], state["step"]) == (1, 2) and (out / "adapter_model.safetensors").is_file()
     assert "held-out loss" in capsys.readouterr().out
+
+
+def test_keep_fp8_flag_keeps_a_deepseek_fp8_checkpoint_in_fp8(tmp_path):
+    """`--keep-fp8` (serve, chat, eval mmlu) reaches load_pretrained: on a checkpoint in DeepSeek-V3's FP8 release
+    format the served model holds FP8Linear layers with it and plain linears without it; eval mmlu runs with it."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from server_utils import server_options
+    from test_checkpoint import quantize_fp8_blocks
+
+    from dsv3.checkpoint import hub_state_dict
+    from dsv3.quant import FP8Linear
+    from dsv3.server.cli import build_app
+
+    tensors = hub_state_dict(dsv3.load_pretrained(BUNDLED, dtype=torch.bfloat16))
+    for key in list(tensors):  # as DeepSeek ships V3: the projections in e4m3 with 128x128 block scales
+        if key.endswith("proj.weight") and not any(s in key for s in ("mlp.gate.", "eh_proj")):
+            tensors[key], tensors[key + "_scale_inv"] = quantize_fp8_blocks(tensors[key].float())
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    config = json.loads((BUNDLED / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(BUNDLED / name, tmp_path / name)
+
+    def fp8_layers(**options) -> int:
+        model = build_app(server_options(tmp_path, **options)).state.dsv3.engine.model
+        return sum(isinstance(m, FP8Linear) for m in model.modules())
+
+    assert fp8_layers(keep_fp8=True) > 0 and fp8_layers() == 0
+    result = run_dsv3(["eval", "mmlu", "--model", str(tmp_path), "--limit", "1", "--keep-fp8", "--output",
+                       str(tmp_path / "mmlu")], tmp_path)
+    assert result.returncode == 0, result.stderr

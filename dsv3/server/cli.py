@@ -34,7 +34,7 @@ DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000,
                 revision=None,
                 rate_limit=100.0, rate_burst=None, ssl_certfile=None, ssl_keyfile=None, plugin=[], max_batch=8,
                 max_seq_len=2048, max_waiting=256, max_prefill_tokens=2048, block_size=16, prefix_cache_mb=64.0,
-                device="auto", dtype=None, threads=None, quantize=None, adapter=None, compile=None,
+                device="auto", dtype=None, threads=None, quantize=None, keep_fp8=False, adapter=None, compile=None,
                 compile_max_batch=8, log_level="info")
 # request limits and trust boundaries (docs/security.md); allowed_hosts None: loopback names when bound to loopback
 DEFAULTS.update(max_body_bytes=4 << 20, max_prompts=256, max_request_tokens=1 << 17, max_logprob_values=1 << 16,
@@ -159,7 +159,8 @@ def build_app(options: dict):
 
         if options["quantize"] or options["adapter"] or is_vl_model(path):
             raise SystemExit("dsv3 serve: --quantize, --adapter and vision-language models are not supported under "
-                             "torchrun (the split model is a plain text model of plain linears)")
+                             "torchrun (quantize the checkpoint first with `dsv3 quantize`: quantized checkpoints "
+                             "and --keep-fp8 load split)")
         where, options["compile"] = str(distributed_device()), False
     if options["threads"]:
         torch.set_num_threads(options["threads"])
@@ -167,7 +168,8 @@ def build_app(options: dict):
     default = torch.float32 if torch.device(where).type == "cpu" else None
     dtype = getattr(torch, options["dtype"]) if options["dtype"] else default
     vision, image_limits = _vision(path, options, dtype, where)
-    model = vision.language_model if vision else load_pretrained(path, dtype=dtype, device=where)
+    model = vision.language_model if vision else load_pretrained(path, dtype=dtype, device=where,
+                                                                 keep_fp8=bool(options["keep_fp8"]))
     if options["quantize"]:  # int4: group 128, widths 128 does not divide zero-padded (dsv3.quant)
         from ..quant import QuantizationError, quantize
 
@@ -365,6 +367,9 @@ def add_cli(subparsers) -> None:
                    "the client (repeatable; default: none, the header is ignored)")
     p.add_argument("--allowed-hosts", action="append", help="Host header name accepted (repeatable; '*' = any; "
                    "default: localhost, 127.0.0.1, ::1 when bound to loopback, else any)")
+    p.add_argument("--keep-fp8", action="store_true", default=None, help="keep an FP8 checkpoint's weights in FP8 "
+                   "(DeepSeek-V3's release: half the bytes of bf16; fused kernel on sm90 GPUs) instead of dequantising "
+                   "them; under torchrun each rank reads its FP8 slices")
     p.add_argument("--shared-prefix-cache", action="store_true", default=None, help="one prefix cache for all API "
                    "keys (single tenant); by default each key's prompts are cached apart")
     p.set_defaults(func=serve)
