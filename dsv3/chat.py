@@ -168,8 +168,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--device", type=device, default="auto",
                    help="torch device: auto (default: cuda when available, else cpu), cpu, cuda:1 ...")
-    p.add_argument("--keep-fp8", action="store_true", help="keep an FP8 checkpoint's weights in FP8 (DeepSeek-V3's release) instead of dequantising them; under "
-                   "torchrun each rank reads its FP8 slices")
+    p.add_argument("--keep-fp8", action="store_true", help="keep an FP8 checkpoint's weights in FP8 (DeepSeek-V3's "
+                   "release) instead of dequantising them; under torchrun each rank reads its FP8 slices")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA graphs on a GPU) and, on CPU, the prompt's prefill: "
                         "faster replies after a one-off compile of one to three minutes")

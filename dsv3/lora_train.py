@@ -227,11 +227,10 @@ class LoRATrainer:
                 record = {"epoch": epoch + 1, "step": step, "train_loss": total / count,
                           "eval_loss": self.evaluate(batch_size)}
                 history.append(record)
-                if data_parallel.is_main():
+                if data_parallel.is_main():  # under torchrun rank 0 reports and writes, the others wait
                     bar.write(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}"
                               + (f", held-out loss {record['eval_loss']:.4f}" if record["eval_loss"] is not None
                                  else ""))
-                if data_parallel.is_main():  # under torchrun rank 0 writes, the others wait
                     self._save_checkpoint(epoch + 1, step, history)
                 data_parallel.barrier()
         bar.close()
@@ -335,15 +334,15 @@ def run(args: argparse.Namespace) -> int:
                               eval_fraction=args.eval_fraction, seed=args.seed, progress=not args.no_progress)
     except (DataError, ValueError) as e:
         raise SystemExit(f"dsv3 finetune: {e}") from None
-    print_ = print if data_parallel.is_main() else (lambda *a, **k: None)
     n_train = sum(p.numel() for p in trainer.params)
     n_all = sum(p.numel() for p in trainer.model.parameters())
-    print_(f"dsv3 finetune: {len(trainer.train_examples)} training / {len(trainer.eval_examples)} held-out examples, "
-          f"{n_train:,} trainable parameters ({100 * n_train / n_all:.2f}% of {n_all:,})")
+    data_parallel.say(f"dsv3 finetune: {len(trainer.train_examples)} training / {len(trainer.eval_examples)} "
+                      f"held-out examples, {n_train:,} trainable parameters ({100 * n_train / n_all:.2f}% of "
+                      f"{n_all:,})")
     history = trainer.train(args.epochs, args.batch_size, resume=args.resume, max_steps=args.max_steps)
     last = [r for r in history if "train_loss" in r]
-    print_(f"dsv3 finetune: adapter written to {args.output}"
-          + (f" (held-out loss {last[-1]['eval_loss']:.4f})" if last and last[-1]["eval_loss"] is not None else ""))
+    data_parallel.say(f"dsv3 finetune: adapter written to {args.output}"
+                      + (f" (held-out loss {last[-1]['eval_loss']:.4f})" if last and last[-1]["eval_loss"] is not None else ""))
     return 0
 
 

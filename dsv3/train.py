@@ -469,9 +469,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.eval_fraction > 0:
         tokens, eval_tokens = data.split_holdout(tokens, args.eval_fraction, cfg.seq_len)
     n_params = model.num_parameters(include_mtp=True)
-    say = print if data_parallel.is_main() else (lambda *a, **k: None)
-    say(f"dsv3 train: {n_params / 1e6:.2f}M parameters, {len(tokens):,} training tokens"
-          + (f", {len(eval_tokens):,} held-out tokens" if eval_tokens is not None else ""))
+    data_parallel.say(f"dsv3 train: {n_params / 1e6:.2f}M parameters, {len(tokens):,} training tokens"
+                      + (f", {len(eval_tokens):,} held-out tokens" if eval_tokens is not None else ""))
     tok_files = [tok_dir / n for n in ("tokenizer.json", "tokenizer_config.json") if (tok_dir / n).is_file()]
     try:
         history = train(model, cfg, tokens, eval_tokens, resume=args.resume, stop_at=args.stop_at,
@@ -481,7 +480,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     final = checkpoints(out)[-1]
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
-    say(f"dsv3 train: checkpoint {final}" + (f", eval loss {evals[-1]:.4f}" if evals else ""))
+    data_parallel.say(f"dsv3 train: checkpoint {final}" + (f", eval loss {evals[-1]:.4f}" if evals else ""))
     return 0
 
 

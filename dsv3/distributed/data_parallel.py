@@ -18,7 +18,7 @@ from torch import nn
 
 from .init import active, rank, world_size
 
-__all__ = ["barrier", "is_main", "rank", "share", "sum_gradients", "sum_tensors", "world_size"]
+__all__ = ["barrier", "is_main", "rank", "say", "share", "sum_gradients", "sum_tensors", "world_size"]
 
 
 def share(batch: torch.Tensor) -> torch.Tensor:
@@ -66,6 +66,12 @@ def sum_tensors(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def is_main() -> bool:
     """Rank 0, the one that writes checkpoints, logs and prints (also True without a process group)."""
     return rank() == 0
+
+
+def say(*args, **kwargs) -> None:
+    """print, on rank 0 only (every rank of a data-parallel run would print the same line)."""
+    if is_main():
+        print(*args, **kwargs)
 
 
 def barrier() -> None:

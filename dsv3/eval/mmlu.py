@@ -194,8 +194,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="in-process model dtype")
     p.add_argument("--device", type=device, default="auto",
                    help="in-process model device: auto (default: cuda when available, else cpu), cpu, cuda:1 ...")
-    p.add_argument("--keep-fp8", action="store_true", help="keep an FP8 checkpoint's weights in FP8 (DeepSeek-V3's release) instead of dequantising them; under "
-                   "torchrun each rank reads its FP8 slices")
+    p.add_argument("--keep-fp8", action="store_true", help="keep an FP8 checkpoint's weights in FP8 (DeepSeek-V3's "
+                   "release) instead of dequantising them; under torchrun each rank reads its FP8 slices")
     p.add_argument("--adapter", metavar="DIR", default=None,
                    help="LoRA adapter (PEFT format, e.g. from dsv3 finetune) merged into the in-process model")
     p.set_defaults(func=_main)
