@@ -128,6 +128,8 @@ def test_save_load_round_trip_merges_lora(tmp_path):
     ({"image_size": 24}, "vision.downsample: expected a divisor"),
     ({"hidden_size": 33}, "vision.hidden_size: expected a multiple of num_attention_heads"),
     ({"lora_targets": "o_proj"}, "vision.lora_targets: expected a list"),
+    ({"conv_stem": [8, 0]}, "vision.conv_stem: expected a list of positive channel counts"),
+    ({"conv_stem": [4, 4, 4, 4]}, "vision.conv_stem: expected at most as many stride-2 convolutions as patch_size=8"),
 ])
 def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -162,6 +164,22 @@ def test_vision_tower_matches_transformers_siglip(vl):
     maps = vl.vision.forward_with_attention(pixels)[1]
     assert len(maps) == c.num_hidden_layers and maps[0].shape == (2, c.num_attention_heads, 16, 16)
     torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, c.num_attention_heads, 16))
+
+
+@torch.no_grad()
+def test_conv_stem_keeps_the_patch_grid():
+    """A hybrid ViT: two stride-2 convolutions then a stride-2 patch projection make the same 4 x 4 grid of tokens
+    as SigLIP's one stride-8 convolution, and every patch's token depends on its own pixels."""
+    vision = VisionLanguageModel(Transformer(ModelConfig.tiny(vocab_size=VOCAB)), tiny_vision(conv_stem=[4, 8])).vision
+    assert vision.embeddings.patch_embedding.kernel_size == (2, 2)
+    assert [m.out_channels for m in vision.embeddings.stem if isinstance(m, torch.nn.Conv2d)] == [4, 8]
+    pixels = torch.randn(2, 3, 32, 32)
+    x = vision.embeddings(pixels)
+    assert x.shape == (2, 16, 32)
+    changed = pixels.clone()
+    changed[:, :, 24:, 24:] += 1.0  # the bottom-right patch's pixels
+    moved = (vision.embeddings(changed) - x).abs().amax(dim=(0, 2))
+    assert moved[15] > 0 and moved[:15].max() == 0
 
 
 @torch.no_grad()
@@ -208,11 +226,38 @@ def test_training_batch_labels_only_the_answer():
     assert loss.ndim == 0 and loss.item() > 0
 
 
-def test_train_vl_cli_errors(tmp_path):
+def test_train_vl_cli_errors(tmp_path, capsys):
     from dsv3.cli import main
 
     with pytest.raises(SystemExit, match="--steps: expected a positive integer, got 0"):
         main(["train-vl", "--output", str(tmp_path), "--steps", "0"])
+    with pytest.raises(SystemExit):
+        main(["train-vl", "--output", str(tmp_path), "--conv-stem", "32,x"])
+    assert "--conv-stem: expected comma-separated channel counts, got '32,x'" in capsys.readouterr().err
+
+
+def test_train_vl_stages_checkpoints_and_resume(tmp_path):
+    """Every stage runs from the command line: stage 0 logs the heads' probe accuracy, stages 1-2 the model's; the
+    examples follow on across the two batch sizes; a resumed run continues at the checkpoint's step."""
+    import json
+    from types import SimpleNamespace
+
+    from dsv3.cli import main
+    from dsv3.vision.train import example_range
+
+    args = SimpleNamespace(stage0_steps=3, stage0_batch_size=4, batch_size=2)
+    assert [example_range(s, args) for s in range(5)] == [(0, 4), (4, 4), (8, 4), (12, 2), (14, 2)]
+    flags = ["train-vl", "--output", str(tmp_path), "--stage0-steps", "2", "--stage1-steps", "3", "--batch-size", "2",
+             "--stage0-batch-size", "4", "--conv-stem", "16", "--lora-rank", "2", "--eval-every", "2",
+             "--eval-size", "5", "--save-every", "2", "--resume"]
+    assert main(flags + ["--steps", "4"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert main(flags + ["--steps", "5"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["stage"]) for r in records] == [(1, 0), (2, 0), (3, 1), (4, 2), (5, 2)]
+    assert set(records[1]["probe"]) == set(records[3]["heldout"]) - {"overall"}
+    saved = load_vl(tmp_path / "checkpoint-5", dtype=torch.float32, merge=False)
+    assert saved.vision_config.conv_stem == [16] and saved.vision_config.lora_rank == 2
 
 
 @torch.no_grad()

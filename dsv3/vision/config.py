@@ -15,7 +15,9 @@ from pathlib import Path
 @dataclass
 class VisionConfig:
     image_size: int = 64            # pixels per side after resize-pad
-    patch_size: int = 8             # ViT patch (VL2's SigLIP: 14 at 384 px)
+    patch_size: int = 8             # ViT patch (VL2's SigLIP: 14 at 384 px): the total stride of the embedding
+    conv_stem: list[int] = field(default_factory=list)  # channels of stride-2 3x3 convolutions before the patch
+                                    # projection (a hybrid ViT, encoder.py); empty = SigLIP's one-convolution embedding
     num_channels: int = 3
     hidden_size: int = 128          # ViT width
     num_hidden_layers: int = 4
@@ -60,6 +62,12 @@ class VisionConfig:
                 bad(name, "expected a positive integer")
         if self.image_size % self.patch_size:
             bad("image_size", f"expected a multiple of patch_size={self.patch_size}")
+        if not isinstance(self.conv_stem, list) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.conv_stem):
+            bad("conv_stem", "expected a list of positive channel counts")
+        if self.patch_size % 2 ** len(self.conv_stem):
+            bad("conv_stem", f"expected at most as many stride-2 convolutions as patch_size={self.patch_size} "
+                f"has factors of 2")
         if self.grid % self.downsample:
             bad("downsample", f"expected a divisor of image_size/patch_size={self.grid}")
         if self.hidden_size % self.num_attention_heads:

@@ -1,8 +1,14 @@
-"""The vision tower: a ViT laid out as SigLIP (the encoder of DeepSeek-VL2, arXiv:2412.10302 §2), so its state dict
-loads unchanged into transformers' `SiglipVisionModel` (5.x) (tests/test_vision.py checks the parity).
+"""The vision tower: a ViT laid out as SigLIP (the encoder of DeepSeek-VL2, arXiv:2412.10302 §2), so with no
+convolutional stem its state dict loads unchanged into transformers' `SiglipVisionModel` (5.x) (tests/test_vision.py
+checks the parity).
 
-pixels [B, C, H, W] -> patch embedding (a stride-P convolution) [B, N, Dv] + learned positions -> pre-norm blocks
-(x += attn(LN(x)); x += MLP(LN(x))) -> post LayerNorm [B, N, Dv], N = (H/P)(W/P).
+pixels [B, C, H, W] -> [conv stem] -> patch embedding (total stride P) [B, N, Dv] + learned positions -> pre-norm
+blocks (x += attn(LN(x)); x += MLP(LN(x))) -> post LayerNorm [B, N, Dv], N = (H/P)(W/P).
+
+The optional stem is the hybrid ViT of Dosovitskiy et al. (arXiv:2010.11929 §3.1, "Hybrid Architecture"): a few
+stride-2 3x3 convolutions before the patch projection, which Xiao et al. (arXiv:2106.14881) found make ViTs train
+faster and less fragile. VL2 needs none, its SigLIP is pre-trained; a ViT trained from scratch on our small
+synthetic set read no printed word without it (docs/vision.md §3).
 """
 
 from __future__ import annotations
@@ -19,12 +25,18 @@ class VisionEmbeddings(nn.Module):
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size,
-                                         stride=config.patch_size)
+        stem, channels = [], config.num_channels
+        for width in config.conv_stem:  # each: [B, c, H, W] -> [B, width, H/2, W/2]
+            stem += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.GELU()]
+            channels = width
+        self.stem = nn.Sequential(*stem)
+        rest = config.patch_size // 2 ** len(config.conv_stem)  # the stride left for the patch projection
+        self.patch_embedding = nn.Conv2d(channels, config.hidden_size, rest, stride=rest)
         self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, N, Dv]
-        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        x = self.stem(pixels.to(self.patch_embedding.weight.dtype))
+        x = self.patch_embedding(x).flatten(2).transpose(1, 2)
         return x + self.position_embedding.weight
 
 

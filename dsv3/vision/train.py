@@ -10,7 +10,8 @@ learn through the frozen LM. Stage 2: LoRA factors on every linear layer of the 
 next-token cross-entropy on the answer tokens (and the end-of-sentence token after them) only: the prompt is given.
 Checkpoints (`checkpoint-N/`: the VL weights as `save_vl` writes them, the heads, optimizer.pt, trainer_state.json)
 are written atomically; --resume continues from the newest. metrics.jsonl logs the loss and, every --eval-every
-steps of stages 1-2, the held-out accuracy per question type.
+steps the held-out accuracy per question type (stage 0: of the answer heads, "probe"; stages 1-2: of the model's
+greedy answers, "heldout").
 """
 
 from __future__ import annotations
@@ -71,12 +72,15 @@ class AnswerHeads(nn.Module):
         super().__init__()
         self.heads = nn.ModuleDict({t: nn.Linear(tokens * dim, len(data.ANSWERS[t])) for t in data.TYPES})
 
-    def loss(self, image_tokens: torch.Tensor, exs: list[data.VQAExample]) -> torch.Tensor:
-        """image_tokens [B, tokens_per_image, D] -> the mean cross-entropy of each example's answer under its
-        type's head."""
+    def logits(self, image_tokens: torch.Tensor, exs: list[data.VQAExample]) -> list[torch.Tensor]:
+        """image_tokens [B, tokens_per_image, D] -> per example its type's head's logits [n_answers]."""
         x = F.rms_norm(image_tokens, (image_tokens.shape[-1],)).flatten(1)
-        losses = [F.cross_entropy(self.heads[ex.qtype](x[b]), torch.tensor(data.ANSWERS[ex.qtype].index(ex.answer)))
-                  for b, ex in enumerate(exs)]
+        return [self.heads[ex.qtype](x[b]) for b, ex in enumerate(exs)]
+
+    def loss(self, image_tokens: torch.Tensor, exs: list[data.VQAExample]) -> torch.Tensor:
+        """The mean cross-entropy of each example's answer under its type's head."""
+        losses = [F.cross_entropy(z, torch.tensor(data.ANSWERS[ex.qtype].index(ex.answer)))
+                  for z, ex in zip(self.logits(image_tokens, exs), exs)]
         return torch.stack(losses).mean()
 
 
@@ -106,6 +110,17 @@ def accuracy(model: VisionLanguageModel, tokenizer: Tokenizer, n: int, seed: int
     return result
 
 
+@torch.no_grad()
+def probe_accuracy(model: VisionLanguageModel, heads: AnswerHeads, n: int, seed: int) -> dict[str, float]:
+    """Stage 0's measure: the answer heads' held-out accuracy per question type (what the image tokens carry)."""
+    exs = examples("heldout", 0, n, seed, model.vision_config.image_size)
+    pixels = torch.stack([to_pixels(ex.image, model.vision_config.image_size) for ex in exs])
+    right = [int(z.argmax()) == data.ANSWERS[ex.qtype].index(ex.answer)
+             for z, ex in zip(heads.logits(model.image_embeddings(pixels), exs), exs)]
+    return {t: round(sum(r for r, ex in zip(right, exs) if ex.qtype == t) / max(1, sum(ex.qtype == t for ex in exs)), 3)
+            for t in data.TYPES}
+
+
 def build(args) -> tuple[VisionLanguageModel, AnswerHeads, Tokenizer]:
     """A fresh model (base LM in float32, LoRA on its linear layers, vision, projector and stage-0 heads random) or
     the newest checkpoint's (resume)."""
@@ -118,7 +133,8 @@ def build(args) -> tuple[VisionLanguageModel, AnswerHeads, Tokenizer]:
         heads.load_state_dict(load_file(str(last / HEADS)))
         return model, heads, tokenizer
     lm = load_pretrained(base, dtype=torch.float32)
-    config = VisionConfig(image_size=args.image_size, patch_size=args.patch_size, language_model=str(base.resolve()),
+    config = VisionConfig(image_size=args.image_size, patch_size=args.patch_size, conv_stem=args.conv_stem,
+                          language_model=str(base.resolve()),
                           lora_rank=args.lora_rank, lora_alpha=2.0 * args.lora_rank, lora_targets=LORA_TARGETS,
                           image_token_id=lm.config.vocab_size)
     torch.manual_seed(args.seed)
@@ -169,9 +185,18 @@ def save(out: Path, step: int, model: VisionLanguageModel, heads: AnswerHeads, o
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
 
 
+def example_range(step: int, args) -> tuple[int, int]:
+    """(index of the step's first training example, batch size): stage 0 takes --stage0-batch-size examples a step,
+    stages 1-2 --batch-size; every example is seen once."""
+    if step < args.stage0_steps:
+        return step * args.stage0_batch_size, args.stage0_batch_size
+    return args.stage0_steps * args.stage0_batch_size + (step - args.stage0_steps) * args.batch_size, args.batch_size
+
+
 def train_step(model, heads, opt, tokenizer, args, step: int) -> float:
     config = model.vision_config
-    exs = examples("train", step * args.batch_size, args.batch_size, args.seed, config.image_size)
+    start, size = example_range(step, args)
+    exs = examples("train", start, size, args.seed, config.image_size)
     ids, labels, pixels = batch(tokenizer, exs, config, tokenizer.pad_token_id)
     if stage_of(step, args) == 0:  # the encoder's pre-training: no LM forward
         loss = heads.loss(model.image_embeddings(pixels), exs)
@@ -207,9 +232,12 @@ def run(args) -> int:
         set_stage(model, stage)
         loss = train_step(model, heads, opt, tokenizer, args, step)
         record = {"step": step + 1, "stage": stage, "loss": round(loss, 5), "seconds": round(time.time() - start, 1)}
-        if stage and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             model.eval()
-            record["heldout"] = accuracy(model, tokenizer, args.eval_size, args.seed)
+            if stage:
+                record["heldout"] = accuracy(model, tokenizer, args.eval_size, args.seed)
+            else:
+                record["probe"] = probe_accuracy(model, heads, args.eval_size, args.seed)
             model.train()
             tqdm.write(json.dumps(record))
         log.write(json.dumps(record) + "\n")
@@ -232,12 +260,17 @@ def add_cli(subparsers) -> None:
                    help="steps of the encoder's pre-training with answer heads, no LM (default 1000)")
     p.add_argument("--stage1-steps", type=int, default=1100,
                    help="steps before the LoRA factors train: stage 0 and then the LM frozen (default 1100)")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step of stages 1-2 (default 32)")
+    p.add_argument("--stage0-batch-size", type=int, default=64,
+                   help="examples per step of stage 0, which runs no LM and so costs less each (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="vision + projector learning rate (default 1e-3)")
     p.add_argument("--lora-lr", type=float, default=2e-3, help="LoRA learning rate (default 2e-3)")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on the LM's linear layers; 0 = LM frozen")
     p.add_argument("--image-size", type=int, default=64, help="pixels per side (default 64)")
     p.add_argument("--patch-size", type=int, default=16, help="ViT patch side in pixels (default 16)")
+    p.add_argument("--conv-stem", type=_channels, default=[32, 64], metavar="C1,C2,...",
+                   help="channels of the stride-2 convolutions before the patch projection (default 32,64; "
+                   "'' for SigLIP's plain patch embedding)")
     p.add_argument("--eval-every", type=int, default=100, help="held-out accuracy every N steps (default 100)")
     p.add_argument("--eval-size", type=int, default=200, help="held-out examples per evaluation (default 200)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100)")
@@ -247,8 +280,18 @@ def add_cli(subparsers) -> None:
     p.set_defaults(func=_main)
 
 
+def _channels(text: str) -> list[int]:
+    try:
+        channels = [int(c) for c in text.split(",")] if text.strip() else []
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated channel counts, got {text!r}") from None
+    if any(c <= 0 for c in channels):
+        raise argparse.ArgumentTypeError(f"expected positive channel counts, got {text!r}")
+    return channels
+
+
 def _main(args: argparse.Namespace) -> int:
-    for flag in ("steps", "batch_size", "eval_every", "eval_size", "save_every", "threads"):
+    for flag in ("steps", "batch_size", "stage0_batch_size", "eval_every", "eval_size", "save_every", "threads"):
         if getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag.replace('_', '-')}: expected a positive integer, got {getattr(args, flag)}")
     if args.model is None:
