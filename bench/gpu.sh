@@ -58,8 +58,9 @@ if ((dry)); then
     exit $status
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader || true
-# the test files holding GPU or inductor-codegen checks (collecting all of tests/ would import the server stack)
-stage tests python -m pytest -m "gpu or inductor_codegen" -q -p no:cacheprovider \
+# the test files holding GPU or inductor-codegen checks (collecting all of tests/ would import the server stack),
+# in this one process: pyproject's addopts (pytest-xdist workers) are dropped, one GPU runs one test at a time
+stage tests python -m pytest -o addopts= -p no:xdist -m "gpu or inductor_codegen" -q -p no:cacheprovider \
     $(grep -l -e "mark.gpu" -e "mark.inductor_codegen" tests/test_*.py)
 stage quant bash bench/gpu_quant.sh $( ((quick)) && echo --budget 0)  # --quick: eager rows and matvecs only
 stage decode python bench/decode.py "${pass[@]}"
