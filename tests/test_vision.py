@@ -279,17 +279,19 @@ def test_generate_with_images_equals_greedy_full_forwards(vl):
 
 
 def test_bundled_vl_model_loads_and_sees():
-    """The shipped VL model: its config, and held-out accuracy well above what the blank image gets (docs/vision.md:
-    74.7% against 23.9% on 1000 examples; 100 here)."""
+    """The shipped VL model: its config, and held-out accuracy at the issue's 90% target, far above what the blank
+    image gets (docs/vision.md: 97.0% against 22.7% on 1000 examples; 100 here, where it scores 98% and 24%)."""
     import dsv3
+    from dsv3.vision import data
     from dsv3.vision.train import accuracy
 
     path = dsv3.bundled_model_path("vl")
     model = load_vl(path, dtype=torch.float32)
     tokenizer = dsv3.Tokenizer.from_pretrained(path)
     assert model.vision_config.language_model == ".." and model.vision_config.tokens_per_image == 6
+    assert model.vision_config.conv_stem == [32, 64]
     seen, blind = accuracy(model, tokenizer, 100, seed=0), accuracy(model, tokenizer, 100, seed=0, blank=True)
-    assert seen["overall"] >= 0.65 and blind["overall"] <= 0.35
-    assert seen["colour"] >= 0.9 and seen["count"] >= 0.9 and seen["position"] >= 0.8
+    assert seen["overall"] >= 0.9 and blind["overall"] <= 0.35
+    assert all(seen[t] >= 0.85 for t in data.TYPES), seen
     with pytest.raises(ValueError, match="kind must be 'text' or 'vl'"):
         dsv3.bundled_model_path("audio")

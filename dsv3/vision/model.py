@@ -93,14 +93,16 @@ def _vl_tensors(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous() for k, v in tensors.items()}
 
 
-def save_vl(model: VisionLanguageModel, path: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """Write config.json, model.safetensors (vision, projector, LoRA factors; float32) and the tokenizer files."""
+def save_vl(model: VisionLanguageModel, path: str | Path, tokenizer_dir: str | Path | None = None,
+            dtype: torch.dtype = torch.float32) -> Path:
+    """Write config.json, model.safetensors (vision, projector, LoRA factors in `dtype`: float32 for training
+    checkpoints, bfloat16 for the bundle, half the bytes) and the tokenizer files. load_vl reads either."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = {"architectures": ["DsV3VisionLanguageModel"], "model_type": "dsv3_vl",
               "vision": model.vision_config.to_dict()}
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(_vl_tensors(model), str(path / WEIGHTS))
+    save_file({k: v.to(dtype) for k, v in _vl_tensors(model).items()}, str(path / WEIGHTS))
     for name in TOKENIZER_FILES if tokenizer_dir else ():
         shutil.copyfile(Path(tokenizer_dir) / name, path / name)
     return path
