@@ -299,7 +299,7 @@ def main() -> None:
 
     shapes = {"768x256 (dense MLP up)": (768, 256), "64x256 (routed expert up)": (64, 256)}
     cross = crossover(shapes)
-    print("\nkernel vs dense path by rows, µs (median), bf16 activations; bf16 = nn.Linear:")
+    print("\nkernel vs dense path by rows, µs (median), bf16 activations; each cell kernel|dense|nn.Linear (bf16):")
     print(f"{'shape':<27} {'scheme':<9}" + "".join(f"{m:>18}" for m in sorted({c['rows'] for c in cross})))
     for (shape, scheme) in dict.fromkeys((c["shape"], c["scheme"]) for c in cross):
         cells = [c for c in cross if c["shape"] == shape and c["scheme"] == scheme]

@@ -7,6 +7,8 @@ GPU kernels (int4/int8 on CUDA, FP8 `scaled_mm` on sm90) are tested in tests/tes
 import copy
 import json
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,8 +116,8 @@ def test_int4_cpu_kernel_matches_reference(group_size, in_dim, dtype):
     ref = q.forward_reference(x)
     q.impl = "kernel"
     assert rel(q(x), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
-    q.impl = "auto"  # 150 rows > DENSE_ABOVE_ROWS: dequantised once from the CPU layout, one dense matmul
-    assert q.dense_above_rows < 150 and torch.equal(q(x), q.forward_dense(x))
+    q.impl, q.dense_above_rows = "auto", 100  # 150 rows > 100: dequantised once from the CPU layout, one matmul
+    assert torch.equal(q(x), q.forward_dense(x)) and torch.equal(q(x[0, :20]), q.forward_kernel(x[0, :20]))
     assert rel(q(x), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
     # the state dict (and so every checkpoint) sees the portable layout, exactly, and dequantize leaves the layout
     fresh = Int4Linear.from_linear(lin, group_size=group_size)
@@ -348,3 +350,20 @@ def test_int4_stores_no_padded_columns_and_loads_old_padded_files_too():
         fresh = Int4Linear(96, 32, group_size=128, dtype=torch.float32)
         fresh.load_state_dict(stored)
         torch.testing.assert_close(fresh(x), q(x), rtol=0, atol=0)
+
+
+def test_dense_above_rows_takes_the_most_specific_measured_crossover(monkeypatch):
+    """The crossover is chosen when a layer is placed: by CPU kernel level and compute dtype where measured."""
+    from dsv3.quant import base
+
+    table = {"cpu": 64, "cpu/avx2": 8, "cpu/avx2/float32": 0, "cuda": 16}
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(base, "cpu_capability", lambda: "avx2")
+    assert base.dense_above_rows(table, cpu, torch.float32) == 0
+    assert base.dense_above_rows(table, cpu, torch.bfloat16) == 8
+    assert base.dense_above_rows(table, torch.device("cuda"), torch.bfloat16) == 16
+    assert base.dense_above_rows(table, torch.device("meta"), torch.bfloat16) == sys.maxsize
+    monkeypatch.setattr(base, "cpu_capability", lambda: "avx512")
+    assert base.dense_above_rows(table, cpu, torch.float32) == 64
+    q = Int8Linear.from_linear(linear(16, 32, torch.float32))  # placed under the patched level
+    assert q.dense_above_rows == Int8Linear.DENSE_ABOVE_ROWS["cpu"]

@@ -29,6 +29,21 @@ from torch import nn
 Impl = Literal["auto", "reference", "kernel"]
 
 
+def cpu_capability() -> str:
+    """torch's CPU kernel level, lower-case: "avx512", "avx2", "default" (ARM and others)... The fused low-bit
+    matmuls and bf16 matmuls are vectorised differently per level, so their crossovers differ (DENSE_ABOVE_ROWS)."""
+    return torch.backends.cpu.get_cpu_capability().lower()
+
+
+def dense_above_rows(table: dict[str, int], device: torch.device, dtype: torch.dtype) -> int:
+    """The most specific entry of a DENSE_ABOVE_ROWS table for this placement (sys.maxsize when none)."""
+    keys = [device.type]
+    if device.type == "cpu":
+        level = f"cpu/{cpu_capability()}"
+        keys = [f"{level}/{str(dtype).removeprefix('torch.')}", level, *keys]
+    return next((table[k] for k in keys if k in table), sys.maxsize)
+
+
 class QuantizationError(ValueError):
     """A layer that cannot be quantized as asked, or a quantized checkpoint that does not fit: names the layer."""
 
@@ -38,7 +53,9 @@ class QuantizedLinear(nn.Module):
     `forward_kernel`; `scheme` names the format ("int8", "int4", "fp8")."""
 
     scheme = ""
-    # Device type -> rows above which "auto" runs `forward_dense` rather than the kernel (absent: never).
+    # Placement -> rows above which "auto" runs `forward_dense` rather than the kernel (absent: never). Keys, the
+    # most specific first: "cpu/<capability>/<dtype>", "cpu/<capability>", the device type ("cpu", "cuda"), where
+    # <capability> is torch's CPU kernel level (`cpu_capability`) and <dtype> the compute dtype ("bfloat16").
     # Subclasses set their measured crossovers (bench/quant.py prints kernel against dense path by rows).
     DENSE_ABOVE_ROWS: dict[str, int] = {}
 
@@ -104,7 +121,7 @@ class QuantizedLinear(nn.Module):
         dense path takes over; lay the tensors out for the kernel. Called after every placement."""
         device = next(iter(self.buffers())).device
         self.kernel_ready = device.type != "meta" and self.kernel_supported(device, self.dtype)
-        self.dense_above_rows = self.DENSE_ABOVE_ROWS.get(device.type, sys.maxsize)
+        self.dense_above_rows = dense_above_rows(self.DENSE_ABOVE_ROWS, device, self.dtype)
         if self.kernel_ready:
             self._prepare_kernel()
 

@@ -114,7 +114,10 @@ class Int4Linear(QuantizedLinear):
     # CPU, bf16, one thread (2-core Xeon, torch 2.13): the kernel costs ~5 us per row on a 768x256 matrix and
     # ~0.45 us per row on the bundled model's 64x256 experts; unpacking + dequantising once + a dense matmul costs
     # ~430 us and ~80 us: level at ~90 and ~170 rows. Whole-model 256-token prefill was fastest switching at 128.
-    DENSE_ABOVE_ROWS = {"cpu": 128}
+    # AVX2 (2-core AMD EPYC, g32, 768x256, 1 / 16 / 128 rows, us): bf16 kernel 45 / 283 / 2177 against dense
+    # 1262 / 6428 / 40856 (unpacking and the bf16 matmul are slow without AVX-512): the kernel at every row count;
+    # fp32 kernel 516 / 9031 / 56052 against dense 763 / 1154 / 1416: the dense path from 2 rows.
+    DENSE_ABOVE_ROWS = {"cpu": 128, "cpu/avx2/bfloat16": sys.maxsize, "cpu/avx2/float32": 1}
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, group_size: int = 128, **_) -> "Int4Linear":

@@ -17,6 +17,8 @@ so the dense matmul reads one converted copy of the weight and the scale is one 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -35,10 +37,13 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Int8Linear(QuantizedLinear):
     scheme = "int8"
-    # CPU, bf16, one thread (2-core Xeon, torch 2.13): the kernel costs ~6 us per row on a 768x256 matrix and
-    # ~0.5 us per row on the bundled model's 64x256 experts, against ~30 us + 0.3 us per row for cast + dense
+    # CPU, bf16, one thread (2-core Xeon, AVX-512, torch 2.13): the kernel costs ~6 us per row on a 768x256 matrix
+    # and ~0.5 us per row on the bundled model's 64x256 experts, against ~30 us + 0.3 us per row for cast + dense
     # matmul; whole-model 256-token prefill was fastest with the switch at 64 rows (1.20x bf16; 8 rows: 1.25x).
-    DENSE_ABOVE_ROWS = {"cpu": 64, "cuda": 16}
+    # AVX2 (2-core AMD EPYC, torch 2.13, 768x256, 1 / 16 / 128 rows, us): bf16 kernel 38 / 190 / 1336 against dense
+    # 159 / 882 / 8042 (a bf16 matmul without AVX-512 runs ~10x slower than fp32): the kernel at every row count;
+    # fp32 kernel 245 / 3594 / 43091 against dense 69 / 233 / 806: the dense path at every row count.
+    DENSE_ABOVE_ROWS = {"cpu": 64, "cpu/avx2/bfloat16": sys.maxsize, "cpu/avx2/float32": 0, "cuda": 16}
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16,
                  bias: torch.Tensor | None = None, device: torch.device | str | None = None) -> None:
