@@ -166,6 +166,33 @@ def test_private_addresses_refused_when_remote_allowed(server, client, image_url
         server.app.state.dsv3.image_limits.allow_remote = False
 
 
+def test_remote_fetches_are_capped_server_wide_and_share_one_deadline(server):
+    """With every fetch slot taken, a request with a remote image gets a 429 at once (no thread waits on a slow host)
+    while data: images are still served; a request's remote images share one deadline."""
+    from dsv3.server.images import ImageLimits, fetch_remote
+    from dsv3.vision.preprocess import ImageError
+
+    limits = server.app.state.dsv3.image_limits
+    body = {"model": MODEL_NAME, "max_tokens": 2, "messages": ask([image_part("https://example.com/cat.png")])}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    limits.allow_remote = True
+    taken = [limits.fetch_slots.acquire(blocking=False) for _ in range(limits.max_remote_fetches)]
+    try:
+        reply = httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert reply.status_code == 429 and reply.headers["retry-after"] == "1"
+        assert "requests are fetching remote images already (--max-remote-fetches)" in reply.json()["error"]["message"]
+        inline = {**body, "messages": ask([image_part(url(PNG))])}
+        assert httpx.post(server.url + "/v1/chat/completions", json=inline, headers=headers, timeout=60).is_success
+    finally:
+        limits.allow_remote = False
+        for _ in taken:
+            limits.fetch_slots.release()
+    with pytest.raises(ImageError, match="remote images took longer than 10 s in all"):
+        fetch_remote("https://example.com/cat.png", ImageLimits(allow_remote=True), deadline=0.0)
+    with pytest.raises(ValueError, match="max_remote_fetches must be an integer >= 1"):
+        ImageLimits(max_remote_fetches=0)
+
+
 @pytest.mark.parametrize("content, reason", [
     ([image_part(url(PNG))] * 3, r"content\[2\]: more than 2 images"),
     ([{"type": "image_url"}], r"content\[0\]: invalid image: expected image_url.url"),
@@ -189,6 +216,8 @@ def expect_400(server, client, messages, pattern):
 def test_serve_flags_are_checked(vl_dir):
     with pytest.raises(SystemExit, match="--max-images must be an integer >= 1"):
         build_app(options(vl_dir, max_images=0))
+    with pytest.raises(SystemExit, match="--max-remote-fetches must be an integer >= 1, got 0"):
+        build_app(options(vl_dir, max_remote_fetches=0))
     with pytest.raises(SystemExit, match="--quantize: not supported for a vision-language model"):
         build_app(options(vl_dir, quantize="int8"))
 

@@ -40,7 +40,8 @@ DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000,
 DEFAULTS.update(max_body_bytes=4 << 20, max_prompts=256, max_request_tokens=1 << 17, max_logprob_values=1 << 16,
                 forwarded_allow_ips=[], allowed_hosts=None, shared_prefix_cache=False)
 # image parts, for a vision-language model (docs/vision.md §4)
-DEFAULTS.update(allow_remote_images=False, max_images=4, max_image_bytes=8 << 20, max_image_pixels=16 << 20)
+DEFAULTS.update(allow_remote_images=False, max_images=4, max_image_bytes=8 << 20, max_image_pixels=16 << 20,
+                max_remote_fetches=8)
 # running under an orchestrator (docs/deploy.md)
 DEFAULTS.update(workers=1, log_format="text", drain_timeout=25.0)
 WORKERS_REFUSED = ("one dsv3 serve process runs one engine, which batches every request on the device itself; "
@@ -130,7 +131,8 @@ def _vision(path: Path, options: dict, dtype, where):
             raise SystemExit(f"--{flag}: not supported for a vision-language model ({path})")
     try:
         limits = ImageLimits(options["max_images"], options["max_image_bytes"], options["max_image_pixels"],
-                             bool(options["allow_remote_images"]))
+                             bool(options["allow_remote_images"]),
+                             max_remote_fetches=options["max_remote_fetches"])
     except ValueError as error:  # ImageLimits names the field first
         field, _, rest = str(error).partition(" ")
         raise SystemExit(f"dsv3 serve: --{field.replace('_', '-')} {rest}") from None
@@ -358,6 +360,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--max-images", type=int, help="image parts per request (default 4)")
     p.add_argument("--max-image-bytes", type=int, help="encoded bytes per image (default 8 MiB)")
     p.add_argument("--max-image-pixels", type=int, help="width x height per image, from its header (default 16M)")
+    p.add_argument("--max-remote-fetches", type=int, help="requests fetching remote images at once, server-wide; "
+                   "the next gets a 429 (default 8; with --allow-remote-images)")
     p.add_argument("--max-body-bytes", type=int, help="request body cap, 413 beyond it (default 4 MiB)")
     p.add_argument("--max-prompts", type=int, help="prompts in one completions request (default 256)")
     p.add_argument("--max-request-tokens", type=int, help="prompt tokens in one request (default 131072)")

@@ -5,7 +5,9 @@ URL (PNG, JPEG or WebP, base64) is decoded after its length is checked; a remote
 --allow-remote-images, and then fetched by `fetch_remote`: every host name is resolved and each address must be
 public (no loopback, private, link-local, multicast or reserved address: no server-side request forgery), the
 connection goes to the address that was checked (no DNS rebinding between check and connect), redirects are
-followed a few times (each checked again), and the body is read up to --max-image-bytes within a timeout. The header's
+followed a few times (each checked again), and the body is read up to --max-image-bytes. All of a request's remote
+images share one deadline (fetch_timeout), and at most --max-remote-fetches requests fetch at once across the server
+(the next gets a 429): slow hosts named by hostile clients cannot tie up the server's worker threads. The header's
 width x height is checked against --max-image-pixels before any pixel is decoded (decompression bombs). Every bad
 image is a 400 naming the part (`messages[i].content[j]`) and the reason.
 """
@@ -16,15 +18,16 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 import torch
 
 from ..vision.preprocess import ImageError, decode_data_url, decode_image
 from ..vision.prompt import IMAGE_PARTS, expand_images
-from .errors import bad_request
+from .errors import APIError, bad_request
 
 REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -35,14 +38,17 @@ class ImageLimits:
     max_image_bytes: int = 8 << 20    # encoded bytes per image
     max_image_pixels: int = 16 << 20  # width x height per image, from the header
     allow_remote: bool = False        # fetch http(s) URLs (public addresses only)
-    fetch_timeout: float = 10.0       # seconds for one remote image, redirects included
+    fetch_timeout: float = 10.0       # seconds for all of one request's remote images, redirects included
     max_redirects: int = 3
+    max_remote_fetches: int = 8       # requests fetching remote images at once, server-wide
+    fetch_slots: threading.BoundedSemaphore = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("max_images", "max_image_bytes", "max_image_pixels"):
+        for name in ("max_images", "max_image_bytes", "max_image_pixels", "max_remote_fetches"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.fetch_slots = threading.BoundedSemaphore(self.max_remote_fetches)
 
 
 def _public_address(host: str, port: int) -> str:
@@ -107,10 +113,12 @@ def _get(url: str, limits: ImageLimits, deadline: float) -> tuple[int, str | Non
         conn.close()
 
 
-def fetch_remote(url: str, limits: ImageLimits) -> bytes:
-    """GET an image over http(s) from public addresses only, following at most max_redirects redirects."""
-    deadline = time.monotonic() + limits.fetch_timeout
+def fetch_remote(url: str, limits: ImageLimits, deadline: float) -> bytes:
+    """GET an image over http(s) from public addresses only, following at most max_redirects redirects, by
+    `deadline` (time.monotonic(); the request's, shared by its images)."""
     for _ in range(limits.max_redirects + 1):
+        if time.monotonic() > deadline:
+            raise ImageError(f"the request's remote images took longer than {limits.fetch_timeout:g} s in all")
         status, location, body = _get(url, limits, deadline)
         if status in REDIRECTS and location:
             url = urljoin(url, location)
@@ -126,8 +134,8 @@ def part_url(part: dict) -> object:
     return value.get("url") if isinstance(value, dict) else value
 
 
-def read_image(part: dict, limits: ImageLimits):
-    """An image part -> a decoded RGB Pillow image; ImageError says what is wrong."""
+def read_image(part: dict, limits: ImageLimits, deadline: float):
+    """An image part -> a decoded RGB Pillow image; ImageError says what is wrong. deadline: for a remote URL."""
     url = part_url(part)
     if not isinstance(url, str) or not url:
         raise ImageError("expected image_url.url to be a data: or http(s) URL string")
@@ -137,7 +145,7 @@ def read_image(part: dict, limits: ImageLimits):
         if not limits.allow_remote:
             raise ImageError("remote image URLs are refused by this server (start it with --allow-remote-images); "
                              "send the image inline as a data: URL")
-        data = fetch_remote(url, limits)
+        data = fetch_remote(url, limits, deadline)
     else:
         raise ImageError(f"unsupported URL scheme {urlsplit(url).scheme!r}; expected data: or http(s)")
     if len(data) > limits.max_image_bytes:
@@ -145,8 +153,28 @@ def read_image(part: dict, limits: ImageLimits):
     return decode_image(data, limits.max_image_pixels)
 
 
+def is_remote(part: dict) -> bool:
+    url = part_url(part)
+    return isinstance(url, str) and urlsplit(url).scheme in ("http", "https")
+
+
 def flatten(messages, vision, limits: ImageLimits) -> tuple[list[dict], list]:
-    """Request messages (role already mapped) -> (messages with text content and `<image>` marks, the images)."""
+    """Request messages (role already mapped) -> (messages with text content and `<image>` marks, the images).
+    A request with remote images holds one of the server's fetch slots while it reads them (429 when none is free)."""
+    remote = limits.allow_remote and any(is_remote(part) for _, content in messages if isinstance(content, list)
+                                         for part in content if isinstance(part, dict))
+    if remote and not limits.fetch_slots.acquire(blocking=False):
+        raise APIError(429, f"{limits.max_remote_fetches} requests are fetching remote images already "
+                       "(--max-remote-fetches); retry shortly, or send the image inline as a data: URL",
+                       param="messages", headers={"Retry-After": "1"})
+    try:
+        return _flatten(messages, vision, limits, time.monotonic() + limits.fetch_timeout)
+    finally:
+        if remote:
+            limits.fetch_slots.release()
+
+
+def _flatten(messages, vision, limits: ImageLimits, deadline: float) -> tuple[list[dict], list]:
     token = vision.vision_config.image_token
     plain, images = [], []
     for i, (role, content) in enumerate(messages):
@@ -165,7 +193,7 @@ def flatten(messages, vision, limits: ImageLimits) -> tuple[list[dict], list]:
                     raise bad_request(f"{where}: more than {limits.max_images} images in one request "
                                       "(--max-images)", "messages")
                 try:
-                    images.append(read_image(part, limits))
+                    images.append(read_image(part, limits, deadline))
                 except ImageError as error:
                     raise bad_request(f"{where}: invalid image: {error}", "messages", "invalid_image") from None
                 pieces.append(token)
