@@ -90,6 +90,31 @@ def test_sdk_image_part_matches_in_process_chat(vl_dir, client):
     assert reply.usage.prompt_tokens == len(text_only) + image_tokens  # image tokens count in prompt_tokens
 
 
+def test_bundled_vl_model_answers_through_the_sdk_as_in_process():
+    """The issue's acceptance: `dsv3 serve` on the shipped VL model gives dsv3.generate's answers (through
+    vision.chat, the same prompt the server builds), here on ten held-out VQA examples, two of each type."""
+    import dsv3
+    from dsv3.vision import data
+
+    path = dsv3.bundled_model_path("vl")
+    vl, tokenizer = load_vl(path, dtype=torch.float32), Tokenizer.from_pretrained(path)
+    srv = ServerThread(build_app(options(path)))
+    try:
+        sdk = openai.OpenAI(base_url=srv.base_url, api_key=KEY, max_retries=0)
+        right = 0
+        for ex in (data.example(i, "heldout") for i in range(10)):
+            buf = io.BytesIO()
+            ex.image.save(buf, format="PNG")
+            messages = ask([image_part(url(buf.getvalue()))], ex.question)
+            served = sdk.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=4, temperature=0)
+            answer = served.choices[0].message.content
+            assert answer == chat(vl, tokenizer, messages, max_new_tokens=4), ex.question
+            right += answer == ex.answer
+        assert right >= 8
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("fmt, mime, kind", [("JPEG", "image/jpeg", "image_url"), ("WEBP", "image/webp", "image_url"),
                                              ("PNG", "image/png", "input_image")])
 def test_formats_and_input_image_parts(client, fmt, mime, kind):
