@@ -73,6 +73,27 @@ def test_moe_paths_on_stacked_quantized_experts_match_the_reference(scheme, kwar
     torch.testing.assert_close(fused_gather(x, weights, indices, *moe.stacks.tensors), expected, **TOL[dtype])
 
 
+@pytest.mark.parametrize("scheme,kwargs", SCHEMES)
+def test_unstacked_quantized_experts_on_a_cpu_run_pairs_through_their_modules(scheme, kwargs, monkeypatch):
+    """On a CPU quantized experts keep their own kernels (no stacks): "auto" runs a few (token, expert) pairs
+    through the expert modules, many pairs and training through the loop; all equal the reference."""
+    moe = quantized_moe(scheme, kwargs, torch.bfloat16)
+    called = []
+    for name in ("routed_loop", "routed_pairs"):
+        original = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, _n=name, _f=original: called.append(_n) or _f(*a))
+    for rows in (1, 2, 6):  # 3, 6 and 18 pairs; few_pairs is 16
+        x = torch.randn(rows, 96, dtype=torch.bfloat16)
+        with torch.no_grad():
+            weights, indices, _ = moe.gate(x)
+            torch.testing.assert_close(moe.routed(x, weights, indices), moe.routed_reference(x, weights, indices),
+                                       **TOL[torch.bfloat16])
+    assert called == ["routed_pairs", "routed_pairs", "routed_loop"]
+    called.clear()
+    moe.routed(x[:1], weights[:1], indices[:1])  # gradients enabled: the loop
+    assert called == ["routed_loop"]
+
+
 def test_unquantized_or_mixed_experts_keep_the_plain_stacks_or_the_loop():
     torch.manual_seed(0)
     model = dsv3.Transformer(dsv3.ModelConfig.tiny()).eval()
