@@ -49,13 +49,7 @@ def answers(model, tokenizer, examples: list[data.VQAExample], blank: bool = Fal
 
 
 def per_type(examples, predicted) -> dict[str, float]:
-    hits, counts = defaultdict(int), defaultdict(int)
-    for ex, p in zip(examples, predicted):
-        hits[ex.qtype] += p == ex.answer
-        counts[ex.qtype] += 1
-    result = {t: hits[t] / counts[t] for t in data.TYPES}
-    result["overall"] = sum(hits.values()) / len(examples)
-    return result
+    return data.accuracy_by_type(examples, [p == ex.answer for ex, p in zip(examples, predicted)])
 
 
 def main() -> None:

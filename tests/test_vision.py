@@ -208,6 +208,17 @@ def test_vqa_examples_are_seeded_balanced_and_split():
         data.example(0, "test")
 
 
+def test_accuracy_by_type_counts_each_type_and_overall():
+    from dsv3.vision import data
+
+    exs = [data.example(i) for i in range(7)]  # types in turn: colour, shape, count, position, word, colour, shape
+    score = data.accuracy_by_type(exs, [True, False, True, True, False, False, True])
+    assert score == {"colour": 0.5, "shape": 0.5, "count": 1.0, "position": 1.0, "word": 0.0, "overall": 4 / 7}
+    assert data.accuracy_by_type([], []) == {**{t: 0.0 for t in data.TYPES}, "overall": 0.0}
+    with pytest.raises(ValueError):
+        data.accuracy_by_type(exs, [True])
+
+
 def test_training_batch_labels_only_the_answer():
     from dsv3 import Tokenizer, bundled_model_path
     from dsv3.vision import data
@@ -243,6 +254,7 @@ def test_train_vl_stages_checkpoints_and_resume(tmp_path):
     from types import SimpleNamespace
 
     from dsv3.cli import main
+    from dsv3.vision import data
     from dsv3.vision.train import example_range
 
     args = SimpleNamespace(stage0_steps=3, stage0_batch_size=4, batch_size=2)
@@ -255,7 +267,7 @@ def test_train_vl_stages_checkpoints_and_resume(tmp_path):
     assert main(flags + ["--steps", "5"]) == 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["stage"]) for r in records] == [(1, 0), (2, 0), (3, 1), (4, 2), (5, 2)]
-    assert set(records[1]["probe"]) == set(records[3]["heldout"]) - {"overall"}
+    assert set(records[1]["probe"]) == set(records[3]["heldout"]) == {*data.TYPES, "overall"}
     saved = load_vl(tmp_path / "checkpoint-5", dtype=torch.float32, merge=False)
     assert saved.vision_config.conv_stem == [16] and saved.vision_config.lora_rank == 2
 

@@ -134,3 +134,14 @@ def majority_answers(n: int, seed: int = 0, size: int = 64) -> dict[str, str]:
         ex = example(i, "train", seed, size)
         counts[ex.qtype][ex.answer] += 1
     return {t: c.most_common(1)[0][0] for t, c in counts.items()}
+
+
+def accuracy_by_type(examples: list[VQAExample], right: list[bool]) -> dict[str, float]:
+    """The share of examples answered right per question type, and "overall" (0 for a type with no example)."""
+    hits, counts = Counter(), Counter()
+    for ex, ok in zip(examples, right, strict=True):
+        hits[ex.qtype] += bool(ok)
+        counts[ex.qtype] += 1
+    result = {t: hits[t] / max(counts[t], 1) for t in TYPES}
+    result["overall"] = sum(hits.values()) / max(len(examples), 1)
+    return result

@@ -88,37 +88,39 @@ def examples(split: str, start: int, n: int, seed: int, size: int) -> list[data.
     return [data.example(i, split, seed, size) for i in range(start, start + n)]
 
 
+def heldout(n: int, seed: int, size: int, batch_size: int = 50):
+    """The first n held-out examples, in lists of at most batch_size."""
+    for start in range(0, n, batch_size):
+        yield examples("heldout", start, min(batch_size, n - start), seed, size)
+
+
 @torch.no_grad()
 def accuracy(model: VisionLanguageModel, tokenizer: Tokenizer, n: int, seed: int, batch_size: int = 50,
              blank: bool = False) -> dict[str, float]:
     """Held-out exact match per question type: greedy decoding gives the answer and then end-of-sentence iff every
     answer position's argmax is right (teacher forcing = greedy for a correct prefix). blank: grey images."""
     config = model.vision_config
-    hits = {t: [0, 0] for t in data.TYPES}
-    for start in range(0, n, batch_size):
-        exs = examples("heldout", start, min(batch_size, n - start), seed, config.image_size)
+    seen, right = [], []
+    for exs in heldout(n, seed, config.image_size, batch_size):
         ids, labels, pixels = batch(tokenizer, exs, config, tokenizer.pad_token_id)
         if blank:
             pixels = torch.zeros_like(pixels)
         pred = model(ids, pixels).argmax(-1)
-        right = ((pred == labels) | (labels == -100)).all(dim=1)
-        for ex, ok in zip(exs, right.tolist()):
-            hits[ex.qtype][0] += ok
-            hits[ex.qtype][1] += 1
-    result = {t: h / max(c, 1) for t, (h, c) in hits.items()}
-    result["overall"] = sum(h for h, _ in hits.values()) / max(sum(c for _, c in hits.values()), 1)
-    return result
+        seen += exs
+        right += ((pred == labels) | (labels == -100)).all(dim=1).tolist()
+    return data.accuracy_by_type(seen, right)
 
 
 @torch.no_grad()
-def probe_accuracy(model: VisionLanguageModel, heads: AnswerHeads, n: int, seed: int) -> dict[str, float]:
+def probe_accuracy(model: VisionLanguageModel, heads: AnswerHeads, n: int, seed: int,
+                   batch_size: int = 50) -> dict[str, float]:
     """Stage 0's measure: the answer heads' held-out accuracy per question type (what the image tokens carry)."""
-    exs = examples("heldout", 0, n, seed, model.vision_config.image_size)
-    pixels = torch.stack([to_pixels(ex.image, model.vision_config.image_size) for ex in exs])
-    right = [int(z.argmax()) == data.ANSWERS[ex.qtype].index(ex.answer)
-             for z, ex in zip(heads.logits(model.image_embeddings(pixels), exs), exs)]
-    return {t: round(sum(r for r, ex in zip(right, exs) if ex.qtype == t) / max(1, sum(ex.qtype == t for ex in exs)), 3)
-            for t in data.TYPES}
+    seen, right = [], []
+    for exs in heldout(n, seed, model.vision_config.image_size, batch_size):
+        logits = heads.logits(model.image_embeddings(model.pixels([ex.image for ex in exs])), exs)
+        seen += exs
+        right += [int(z.argmax()) == data.ANSWERS[ex.qtype].index(ex.answer) for z, ex in zip(logits, exs)]
+    return data.accuracy_by_type(seen, right)
 
 
 def build(args) -> tuple[VisionLanguageModel, AnswerHeads, Tokenizer]:
