@@ -86,10 +86,15 @@ class _PinnedHTTP(http.client.HTTPConnection):
         self.sock = socket.create_connection((self.address, self.port), self.timeout)
 
 
+def _check_deadline(limits: ImageLimits, deadline: float) -> None:
+    if time.monotonic() > deadline:
+        raise ImageError(f"the request's remote images took longer than {limits.fetch_timeout:g} s in all")
+
+
 def _get(url: str, limits: ImageLimits, deadline: float) -> tuple[int, str | None, bytes]:
     """One GET of url at a checked address -> (status, Location, body up to max_image_bytes)."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if not is_remote(url) or not parts.hostname:
         raise ImageError(f"expected an http(s) URL, got {url[:60]!r}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     address = _public_address(parts.hostname, port)
@@ -104,8 +109,7 @@ def _get(url: str, limits: ImageLimits, deadline: float) -> tuple[int, str | Non
             body += chunk
             if len(body) > limits.max_image_bytes:
                 raise ImageError(f"remote image larger than {limits.max_image_bytes} bytes (--max-image-bytes)")
-            if time.monotonic() > deadline:
-                raise ImageError(f"remote image took longer than {limits.fetch_timeout:g} s")
+            _check_deadline(limits, deadline)
         return response.status, response.getheader("Location"), body
     except (OSError, http.client.HTTPException) as error:
         raise ImageError(f"fetching the image failed ({type(error).__name__})") from None
@@ -117,8 +121,7 @@ def fetch_remote(url: str, limits: ImageLimits, deadline: float) -> bytes:
     """GET an image over http(s) from public addresses only, following at most max_redirects redirects, by
     `deadline` (time.monotonic(); the request's, shared by its images)."""
     for _ in range(limits.max_redirects + 1):
-        if time.monotonic() > deadline:
-            raise ImageError(f"the request's remote images took longer than {limits.fetch_timeout:g} s in all")
+        _check_deadline(limits, deadline)
         status, location, body = _get(url, limits, deadline)
         if status in REDIRECTS and location:
             url = urljoin(url, location)
@@ -141,7 +144,7 @@ def read_image(part: dict, limits: ImageLimits, deadline: float):
         raise ImageError("expected image_url.url to be a data: or http(s) URL string")
     if url.startswith("data:"):
         data = decode_data_url(url, limits.max_image_bytes)
-    elif urlsplit(url).scheme in ("http", "https"):
+    elif is_remote(url):
         if not limits.allow_remote:
             raise ImageError("remote image URLs are refused by this server (start it with --allow-remote-images); "
                              "send the image inline as a data: URL")
@@ -153,16 +156,16 @@ def read_image(part: dict, limits: ImageLimits, deadline: float):
     return decode_image(data, limits.max_image_pixels)
 
 
-def is_remote(part: dict) -> bool:
-    url = part_url(part)
+def is_remote(url: object) -> bool:
+    """Whether url is an http(s) URL (fetched only with --allow-remote-images)."""
     return isinstance(url, str) and urlsplit(url).scheme in ("http", "https")
 
 
 def flatten(messages, vision, limits: ImageLimits) -> tuple[list[dict], list]:
     """Request messages (role already mapped) -> (messages with text content and `<image>` marks, the images).
     A request with remote images holds one of the server's fetch slots while it reads them (429 when none is free)."""
-    remote = limits.allow_remote and any(is_remote(part) for _, content in messages if isinstance(content, list)
-                                         for part in content if isinstance(part, dict))
+    parts = [part for _, content in messages if isinstance(content, list) for part in content if isinstance(part, dict)]
+    remote = limits.allow_remote and any(is_remote(part_url(part)) for part in parts)
     if remote and not limits.fetch_slots.acquire(blocking=False):
         raise APIError(429, f"{limits.max_remote_fetches} requests are fetching remote images already "
                        "(--max-remote-fetches); retry shortly, or send the image inline as a data: URL",
