@@ -4,8 +4,8 @@
     python bench/quant.py --model DIR --no-mmlu   # another checkpoint with tokenizer files; skip MMLU
 
 Rows: bf16 (the baseline), int8 (per channel), int4 g32 and g128 (input widths that 128 does not divide are
-zero-padded, and the padding is counted), fp8 (DeepSeek's 128x128 blocks; no fused FP8 kernel on a CPU, so its
-forward dequantises each weight: the "reference" path).
+zero-padded, and the padding is counted), fp8 (DeepSeek's 128x128 blocks; no fused FP8 kernel on a CPU: its
+forward reads the fp8 bytes by moving bits, dsv3.hub.e4m3_to_half_scaled, and runs a float32 matmul).
 - bytes: the quantized layers (packed weights + scales) against the same layers in bf16, and the whole model
   (embedding, lm_head, router and norms stay bf16/fp32 in every row; the MTP layer counts too).
 - perplexity: exp(mean NLL) over the first --tokens tokens of data/corpus/valid.txt, in --seq-len windows.

@@ -31,17 +31,80 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: the message names the keys, shapes or file at fault."""
 
 
+def e4m3_to_half_scaled(weight: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn [...] -> float16 [...] holding the values · 2^-8, exactly, by moving bits (CPU fast path).
+
+    torch's CPU build converts float8 one element at a time (~5 ns each on AVX2: 1.1 ms for a 768x256 weight, 20x
+    the bf16 matvec it feeds). e4m3's sign, 4 exponent and 3 mantissa bits are a float16's sign, low 4 exponent and
+    top 3 mantissa bits: the exponent biases differ by 15 - 7 = 8 and subnormals agree (0.m · 2^(1 - bias) in both),
+    so the float16 holds the value · 2^-8, and torch's vectorised half -> float cast reads it exactly, subnormals
+    included (a float32 target would make e4m3 subnormals float32 subnormals, which `torch.set_flush_denormal(True)`
+    zeroes). The NaN codes S.1111.111 read as ±1.875 (e4m3fn has no infinities): `e4m3_nan_codes` finds them.
+    """
+    return (weight.view(torch.int8).to(torch.int16)  # sign-extended: bit 7 -> bits 7..15
+            .bitwise_left_shift_(7).bitwise_and_(_HALF_SIGN_EXP_MANT).view(torch.float16))
+
+
+_HALF_SIGN_EXP_MANT = 0xBF80 - 0x10000  # as an int16: the sign bit, and e4m3's 7 bits moved to half's bits 7-13
+_E4M3_TO_HALF_SCALE = 2.0 ** 8
+
+
+def e4m3_nan_codes(weight: torch.Tensor) -> bool:
+    """Whether a float8_e4m3fn tensor holds a NaN code (what e4m3_to_half_scaled cannot carry): 0x7F, the largest
+    byte read as int8, or 0xFF, the largest read as uint8 (two vectorised max reductions; a comparison of every byte
+    with a mask costs 100x more on a CPU)."""
+    if weight.numel() == 0:
+        return False
+    return int(weight.view(torch.int8).max()) == 0x7F or int(weight.view(torch.uint8).max()) == 0xFF
+
+
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
                    block: int = FP8_BLOCK) -> torch.Tensor:
     """W[i, j] = fp8[i, j] · scale_inv[i // 128, j // 128] (a multiply, despite the name; DeepSeek's README_WEIGHTS).
 
-    weight: [out, in] float8_e4m3fn; scale_inv: [ceil(out/128), ceil(in/128)] float32.
+    weight: [out, in] float8_e4m3fn; scale_inv: [ceil(out/128), ceil(in/128)] float32. The product is taken in
+    float32, then cast to dtype: eager on a CPU through `dequantize_fp8_rows` (7-10x faster, the same bits); on other
+    devices, inside a compiled graph and for weights the bit read cannot carry (NaN codes, scales that overflow) as
+    `dequantize_fp8_reference`, the definition.
     """
     out_dim, in_dim = weight.shape
     expected = (-(-out_dim // block), -(-in_dim // block))
     if tuple(scale_inv.shape) != expected:
         raise CheckpointError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} "
                               f"for a [{out_dim}, {in_dim}] weight in {block}x{block} blocks")
+    if not weight.is_cpu or torch.compiler.is_compiling():  # inductor writes its own cast; no data-dependent checks
+        return dequantize_fp8_reference(weight, scale_inv, dtype, block)
+    rows = fp8_row_scales(scale_inv, out_dim, block)
+    if not rows.isfinite().all() or e4m3_nan_codes(weight):
+        return dequantize_fp8_reference(weight, scale_inv, dtype, block)
+    return dequantize_fp8_rows(weight, rows, dtype, block)
+
+
+def fp8_row_scales(scale_inv: torch.Tensor, out_dim: int, block: int = FP8_BLOCK) -> torch.Tensor:
+    """scale_inv [ceil(out/128), in blocks] -> float32 [out, in blocks], each row's block scales · 2^8 (the factor
+    e4m3_to_half_scaled leaves out; exact, a power of two, unless it overflows to inf)."""
+    return scale_inv.float().repeat_interleave(block, 0)[:out_dim] * _E4M3_TO_HALF_SCALE
+
+
+def dequantize_fp8_rows(weight: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype,
+                        block: int = FP8_BLOCK) -> torch.Tensor:
+    """dequantize_fp8 for a CPU weight without NaN codes, given `fp8_row_scales` (finite): the values · 2^-8 from
+    e4m3_to_half_scaled times the scales · 2^8 are the reference's real products, rounded once, so the same bits;
+    each block's scale multiplies its 128 columns through a [out, blocks, 128] view, not a weight-sized copy."""
+    in_dim = weight.shape[1]
+    w = e4m3_to_half_scaled(weight).float()  # [out, in]
+    full = in_dim // block * block
+    if full:
+        w[:, :full].unflatten(1, (-1, block)).mul_(rows[:, :full // block, None])
+    if full < in_dim:  # the last, partial block of columns
+        w[:, full:].mul_(rows[:, -1:])
+    return w.to(dtype)
+
+
+def dequantize_fp8_reference(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                             block: int = FP8_BLOCK) -> torch.Tensor:
+    """The definition, as DeepSeek's `weight_dequant`: torch's float8 cast times the block scales, in float32."""
+    out_dim, in_dim = weight.shape
     scale = scale_inv.float().repeat_interleave(block, 0)[:out_dim].repeat_interleave(block, 1)[:, :in_dim]
     return (weight.float() * scale).to(dtype)
 

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 import dsv3
 from dsv3.checkpoint import CheckpointError, dequantize_fp8, hub_state_dict
+from dsv3.hub import dequantize_fp8_reference, e4m3_nan_codes, e4m3_to_half_scaled
 
 FP8_MAX = 448.0  # largest float8_e4m3fn
 
@@ -33,6 +34,33 @@ def test_dequantize_non_aligned_blocks():
     assert (deq - w).norm() / w.norm() < 0.04  # e4m3 keeps 3 mantissa bits: ~2-3% rms error
     with pytest.raises(CheckpointError, match=r"expected \(3, 2\)"):
         dequantize_fp8(q, scale[:2], torch.float32)
+
+
+@pytest.mark.parametrize("flush_denormal", [False, True])
+def test_e4m3_bit_read_is_torchs_cast_for_every_code(flush_denormal):
+    """The CPU fast read (bits moved into a float16) against torch's float8 cast, all 256 codes: subnormals included,
+    also with flush-to-zero on (a float32 target would lose them there); the NaN codes are the ones it flags."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    nan = codes.float().isnan()
+    if flush_denormal and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        fast = e4m3_to_half_scaled(codes).float() * 2.0 ** 8
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(fast[~nan], codes.float()[~nan]) and nan.sum() == 2
+    assert e4m3_nan_codes(codes) and not e4m3_nan_codes(codes[~nan])
+    assert e4m3_nan_codes(codes[0x7F:0x80]) and e4m3_nan_codes(codes[0xFF:])
+
+
+def test_fp8_dequantisation_falls_back_to_the_definition_where_the_bit_read_cannot_go():
+    q, scale = quantize_fp8_blocks(torch.randn(130, 260))
+    for weight, scale_inv in ((q, scale * 2.0 ** 127),  # scales · 2^8 would overflow float32
+                              (q.view(torch.uint8).index_fill(1, torch.tensor([5]), 0xFF).view(q.dtype), scale)):
+        expected = dequantize_fp8_reference(weight, scale_inv, torch.float32)
+        torch.testing.assert_close(dequantize_fp8(weight, scale_inv, torch.float32), expected, rtol=0, atol=0,
+                                   equal_nan=True)
+    assert expected[:, 5].isnan().all()  # the NaN codes read as NaN
 
 
 def tiny_model() -> dsv3.Transformer:

@@ -127,6 +127,37 @@ def test_int4_cpu_kernel_matches_reference(group_size, in_dim, dtype):
     assert torch.equal(q.dequantize(torch.float32), fresh.dequantize(torch.float32)) and q.layout == "cpu"
 
 
+@pytest.mark.parametrize("out_dim, in_dim", [(256, 384), (200, 72)])  # whole 128-blocks; partial ones only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_cpu_path_matches_reference(out_dim, in_dim, dtype):
+    """On a CPU FP8Linear's kernel is the bit-moving dequantisation + a float32 matmul: the reference's function up to
+    the reference's own rounding of the weight to bf16, at any number of rows."""
+    q = FP8Linear.from_linear(linear(out_dim, in_dim, dtype))
+    assert q.kernel_ready and q.row_scales.shape == (out_dim, -(-in_dim // FP8_BLOCK))
+    exact = q.dequantize(torch.float32)
+    x = torch.randn(70, in_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for m in (1, 3, 70):
+        y = q(x[:m])
+        assert y.dtype == dtype and torch.equal(y, q.forward_kernel(x[:m]))
+        assert rel(y, x[:m].float() @ exact.t()) < (1e-6 if dtype == torch.float32 else 4e-3)  # bf16 output
+        assert rel(y, q.forward_reference(x[:m])) < (1e-6 if dtype == torch.float32 else 8e-3)
+    nan_weight = q.weight.view(torch.uint8).clone()
+    nan_weight[0, 0] = 0x7F
+    q.load_state_dict({"weight": nan_weight.view(torch.float8_e4m3fn), "weight_scale_inv": q.weight_scale_inv})
+    assert not q.kernel_ready and q(x[:1])[0, 0].isnan()  # a NaN code: the reference path, which carries it
+
+
+def test_fp8_cpu_path_compiles_to_the_eager_output():
+    """The bit-moving read inside an inductor graph (as generate(compile=True) and the engine's compiled step take
+    it): the same output as eager at 1 and 3 rows."""
+    q = FP8Linear.from_linear(linear(256, 200, torch.bfloat16))
+    compiled = torch.compile(q)
+    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        for m in (1, 3):
+            assert torch.equal(compiled(x[:m]), q(x[:m]))
+
+
 def test_fp8_activation_padding_has_the_layout_cublas_wants():
     """cuBLAS's blockwise fp8 GEMM rejects M = 1 (scale_a strides) and M = 2, 6 (no algorithm), runs M = 16, 32,
     128 (H200): every M is padded to a multiple of 16 with zero rows and scale_a is column-major at the padded M."""
@@ -156,15 +187,15 @@ def emulated_scaled_mm(xq, wq_t, scale_a, _a_kind, scale_b, _b_kind, output_dtyp
 
 
 def test_fp8_kernel_math_matches_reference_within_e4m3_rounding(monkeypatch):
-    """FP8Linear.forward_kernel's own logic (padding, scale layouts, slicing) with scaled_mm emulated on CPU."""
+    """FP8Linear's CUDA GEMM logic (padding, scale layouts, slicing) with scaled_mm emulated on CPU."""
     q = FP8Linear.from_linear(linear(256, 640, torch.bfloat16))  # K/128 = 5: scale_b rows padded to 8
-    q._prepare_kernel()
+    q._prepare_scaled_mm()
     assert q.scale_b.shape == (8, 2) and q.scale_b.stride() == (1, 8)
     monkeypatch.setattr(torch.nn.functional, "scaled_mm", emulated_scaled_mm)
     x = (torch.randn(37, 640, generator=torch.Generator().manual_seed(0)) * 2).to(torch.bfloat16)
     w = q.dequantize(torch.float32)
     for m in (1, 2, 3, 6, 16, 17, 37):
-        y = q.forward_kernel(x[:m])
+        y = q.forward_scaled_mm(x[:m])
         _, scale_a = quantize_activations(x[:m])
         ref = x[:m].float() @ w.t()
         assert y.shape == (m, 256) and y.dtype == torch.bfloat16

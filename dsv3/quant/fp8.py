@@ -9,7 +9,13 @@ Kernel (CUDA sm90, in and out multiples of 128): activations are quantized onlin
 token per 128 channels, DeepSeek's `act_quant`) and `torch.nn.functional.scaled_mm` runs the e4m3 GEMM with
 BlockWise1x128 × BlockWise128x128 scaling (cuBLAS ≥ 12.9), accumulating in fp32 as DeepSeek's `fp8_gemm` does.
 It differs from the reference by the activation rounding (~3% relative per element, e4m3 has 3 mantissa bits).
-Elsewhere the reference path dequantises (DeepSeek's default `gemm_impl = "bf16"`).
+On a CPU (no float8 GEMM there) the "kernel" is a dequantise-and-matmul made cheap: `dequantize_fp8_rows` reads the
+fp8 bytes by moving bits (torch's own float8 cast runs element by element: 1.1 ms for a 768x256 weight on AVX2, 20x
+that weight's bf16 matvec), and the matmul runs in float32 on the float32 weight that makes (on AVX2 a bf16 matmul is
+~10x slower than fp32's above a few rows, dsv3/quant/int8.py), the output cast back to the activations' dtype. It
+differs from the reference only by the reference's rounding of the weight to bf16. Where no cheap read is possible
+(NaN codes in the weight, scales that overflow; checked once, when placed) the reference path runs instead, as it
+does elsewhere (DeepSeek's default `gemm_impl = "bf16"`).
 
 Rows (M) the cuBLAS blockwise kernel accepts, measured on an H200 (torch 2.11, four weight shapes):
     M = 1       "scale_a must have strides (1, 1); got [1, 16]"   (a 1-row scale_a is not column-major)
@@ -26,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..hub import FP8_BLOCK, dequantize_fp8
+from ..hub import FP8_BLOCK, dequantize_fp8, dequantize_fp8_rows, e4m3_nan_codes, fp8_row_scales
 from .base import QuantizedLinear
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
@@ -74,7 +80,9 @@ class FP8Linear(QuantizedLinear):
                                                    device=device))
         self.register_buffer("weight_scale_inv", torch.ones(-(-out_features // FP8_BLOCK),
                                                             -(-in_features // FP8_BLOCK), device=device))
-        self.scale_b = None  # the kernel's [K/128 padded to 4, out/128] column-major weight scales (_prepare_kernel)
+        # set by _prepare_kernel for the device placed on (plain attributes, rebuilt at every placement):
+        self.scale_b = None  # CUDA: the GEMM's [K/128 padded to 4, out/128] column-major weight scales
+        self.row_scales = None  # CPU: fp8_row_scales [out, K blocks] for dequantize_fp8_rows
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, **_) -> "FP8Linear":
@@ -88,17 +96,35 @@ class FP8Linear(QuantizedLinear):
         return dequantize_fp8(self.weight, self.weight_scale_inv, dtype)
 
     def kernel_supported(self, device: torch.device, dtype: torch.dtype) -> bool:
+        if device.type == "cpu":
+            return dtype in (torch.bfloat16, torch.float16, torch.float32)
         return (device.type == "cuda" and dtype == torch.bfloat16 and hasattr(F, "scaled_mm")
                 and torch.cuda.get_device_capability(device) == (9, 0)
                 and self.in_features % FP8_BLOCK == 0 and self.out_features % FP8_BLOCK == 0)
 
     def _prepare_kernel(self) -> None:
-        k_blocks = self.in_features // FP8_BLOCK
-        padded = -(-k_blocks // 4) * 4  # cuBLAS wants the 128x128 scale rows padded to a multiple of 4
-        # [padded, out/128], column-major; a plain attribute, rebuilt at every placement
-        self.scale_b = F.pad(self.weight_scale_inv, (0, padded - k_blocks)).t()
+        self.scale_b = self.row_scales = None
+        if self.weight.device.type != "cpu":
+            self._prepare_scaled_mm()
+            return
+        rows = fp8_row_scales(self.weight_scale_inv, self.out_features)
+        if rows.isfinite().all() and not e4m3_nan_codes(self.weight):
+            self.row_scales = rows
+        else:  # the bit-moving read cannot carry these: the reference path
+            self.kernel_ready = False
 
     def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self.row_scales is not None:  # CPU: x2d [N, in] @ the float32 weight [out, in]ᵀ, cast back
+            return F.linear(x2d.float(), dequantize_fp8_rows(self.weight, self.row_scales, torch.float32)).to(x2d.dtype)
+        return self.forward_scaled_mm(x2d)
+
+    def _prepare_scaled_mm(self) -> None:
+        k_blocks = self.in_features // FP8_BLOCK
+        padded = -(-k_blocks // 4) * 4  # cuBLAS wants the 128x128 scale rows padded to a multiple of 4
+        self.scale_b = F.pad(self.weight_scale_inv, (0, padded - k_blocks)).t()  # [padded, out/128], column-major
+
+    def forward_scaled_mm(self, x2d: torch.Tensor) -> torch.Tensor:
+        """CUDA sm90: x2d [M, K] bf16 -> [M, out] through cuBLAS's blockwise-scaled e4m3 GEMM (module docstring)."""
         xq, scale_a = quantize_activations(x2d)
         y = F.scaled_mm(xq, self.weight.t(), scale_a, F.ScalingType.BlockWise1x128, self.scale_b,
                         F.ScalingType.BlockWise128x128, output_dtype=x2d.dtype)  # [M_pad, out]
