@@ -89,6 +89,24 @@ def test_model_to_dtype_keeps_packed_formats(tiny):
         assert model(IDS).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("cls, kwargs", [(Int8Linear, {}), (Int4Linear, {"group_size": 32}), (FP8Linear, {})])
+def test_effective_weight_is_kept_until_the_packed_tensors_change(cls, kwargs):
+    """Absorbed MLA reads kv_b_proj's dense weight every layer, every token: made once, then the same tensor, and made
+    again after a reload, an in-place change of the packed tensors, or a new compute dtype."""
+    q = cls.from_linear(linear(64, 128, torch.bfloat16), **kwargs)
+    first = q.effective_weight()
+    assert torch.equal(first, q.dequantize(torch.bfloat16)) and q.effective_weight() is first
+    other = cls.from_linear(linear(64, 128, torch.bfloat16, seed=1), **kwargs)
+    q.load_state_dict(other.state_dict())
+    assert torch.equal(q.effective_weight(), other.dequantize(torch.bfloat16))
+    packed = next(t for t in q._buffers.values() if t is not None and t.dtype != torch.bfloat16)
+    before = q.effective_weight()
+    packed.view(torch.uint8)[0, 0] ^= 0x11  # a different code, changed in place
+    after = q.effective_weight()
+    assert after is not before and torch.equal(after, q.dequantize(torch.bfloat16)) and not torch.equal(after, before)
+    assert q.to(torch.float32).effective_weight().dtype == torch.float32
+
+
 def test_gradients_reach_the_input_through_the_reference_path():
     for q in (Int8Linear.from_linear(linear(32, 64)), Int4Linear.from_linear(linear(32, 64), group_size=32)):
         x = torch.randn(2, 64, requires_grad=True)

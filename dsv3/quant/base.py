@@ -67,6 +67,7 @@ class QuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.kernel_ready = False  # set by _place(): the fused kernel runs here for `dtype` inputs
         self.dense_above_rows = sys.maxsize  # set by _place() from DENSE_ABOVE_ROWS for the layer's device
+        self._dense: tuple | None = None  # (_packed_state(), dense weight) kept by effective_weight()
 
     # ----------------------------------------------------------------- subclass interface
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
@@ -91,8 +92,29 @@ class QuantizedLinear(nn.Module):
     # ----------------------------------------------------------------- shared
     def effective_weight(self) -> torch.Tensor:
         """Dense [out, in] weight in the layer's compute dtype; absorbed MLA folds kv_b_proj's with it
-        (dsv3.layers.linear_weight), as DeepSeek's inference code dequantises wkv_b for the absorbed form."""
-        return self.dequantize(self.dtype)
+        (dsv3.layers.linear_weight), as DeepSeek's inference code dequantises wkv_b for the absorbed form.
+
+        Kept once made, as vLLM keeps W_UK and W_UV dense after loading: absorbed decoding asks for it in every layer
+        at every token, and dequantising cost more than the rest of the layer (int4 kv_b_proj on the bundled model:
+        264 µs a layer against 30 for reading bf16's, 1.6 ms of a ~13 ms step; docs/results.md). The copy holds
+        only the layers asked (kv_b_proj: 0.15% of V3's parameters) and is dropped when the layer is placed or
+        reloaded, or its packed tensors are replaced or changed in place. Inside a compiled graph it is not kept:
+        the graph dequantises (inductor fuses that into the consumer).
+        """
+        if torch.compiler.is_compiling():
+            return self.dequantize(self.dtype)
+        cached = self._dense
+        if cached is not None and cached[0] == self._packed_state():
+            return cached[1]
+        dense = self.dequantize(self.dtype)
+        self._dense = (self._packed_state(), dense)  # after: dequantize may change the layout (int4 on CUDA)
+        return dense
+
+    def _packed_state(self) -> tuple:
+        """What the packed tensors are now (compute dtype, storage, in-place version): the key of `_dense`. Tensors
+        made under torch.inference_mode() track no version, so for them only a new storage is seen."""
+        return self.dtype, tuple((t.data_ptr(), None if t.is_inference() else t._version)
+                                 for t in self._buffers.values() if t is not None)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -120,6 +142,7 @@ class QuantizedLinear(nn.Module):
         """Decide, for the device the tensors are on now, whether the kernel runs and above how many rows the
         dense path takes over; lay the tensors out for the kernel. Called after every placement."""
         device = next(iter(self.buffers())).device
+        self._dense = None
         self.kernel_ready = device.type != "meta" and self.kernel_supported(device, self.dtype)
         self.dense_above_rows = dense_above_rows(self.DENSE_ABOVE_ROWS, device, self.dtype)
         if self.kernel_ready:
