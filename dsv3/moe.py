@@ -24,10 +24,12 @@ MoEPath = Literal["auto", "loop", "gather", "grouped"]
 RoutedPath = Literal["loop", "pairs", "gather", "grouped"]
 
 # The routed path `MoE.routed` takes under "auto" in eager mode, by (device is a CPU, torch._grouped_mm runs for
-# this dtype and device, N·K <= MoE.few_pairs); measured in docs/performance.md §B6:
-# - CPU (2 cores, bundled model): grouped at every N (199 us at N = 1 against 217 for pairs, 388 for the loop and
-#   462 for gathered + bmm; 552 us at N = 32 against 2545 for the loop); reading expert ids on the host is free there,
-#   so without _grouped_mm the copy-free pairs for a few pairs, the loop above.
+# this dtype and device, N·K <= MoE.cpu_few_pairs on a CPU, MoE.few_pairs on a GPU); measured in
+# docs/performance.md §B6:
+# - CPU (2 cores, bundled model, K = 4): reading expert ids on the host is free there, so the copy-free pairs for a
+#   few pairs, grouped above (2-core AVX2 EPYC, fp32, us: 581 against 795 for grouped at N = 1, 870 against 899 at
+#   N = 2, 1859 against 1282 at N = 4; 552 us for grouped at N = 32 against 2545 for the loop on a 2-core Xeon, where
+#   pairs lost at N = 1 before they summed the K outputs in one matmul); without _grouped_mm the loop above.
 # - GPU (H200, V2-Lite-shaped layer, bf16): gathered weights up to 16 pairs (195 against 341 us at N = 1), grouped
 #   above (650 against 371 us at N = 8); no path there reads a tensor back to the host except the loop.
 # Training (gradients must reach the expert modules) takes the loop whatever the table says. Experts without stacks
@@ -37,7 +39,7 @@ RoutedPath = Literal["loop", "pairs", "gather", "grouped"]
 # table instead.
 AUTO_PATHS: dict[tuple[bool, bool, bool], RoutedPath] = {
     # (cpu,  grouped, few)
-    (True, True, True): "grouped", (True, True, False): "grouped",
+    (True, True, True): "pairs", (True, True, False): "grouped",
     (True, False, True): "pairs", (True, False, False): "loop",
     (False, True, True): "gather", (False, True, False): "grouped",
     (False, False, True): "gather", (False, False, False): "loop",
@@ -183,7 +185,8 @@ class MoE(nn.Module):
         self.last_load: torch.Tensor | None = None
         self.last_balance_loss: torch.Tensor | None = None
         self.path: MoEPath = "auto"
-        self.few_pairs = 16  # N·K up to this is "few" in AUTO_PATHS (decoding)
+        self.few_pairs = 16  # N·K up to this is "few" in AUTO_PATHS on a GPU, and for unstacked experts on a CPU
+        self.cpu_few_pairs = 8  # ... and for stacked experts on a CPU: pairs win at one token, tie at two (K = 4)
         # the routed experts' stacked weights; dsv3.quant installs its own kind for quantized experts
         self.stacks = ExpertStacks()
         self.register_load_state_dict_post_hook(_drop_stacks)
@@ -238,7 +241,8 @@ class MoE(nn.Module):
             raise ValueError(f"MoE.path='grouped': torch._grouped_mm is unavailable for {x.dtype} on {x.device}")
         if self.path != "auto":
             return self.path
-        return self.stacks.auto_paths[x.device.type == "cpu", grouped, indices.numel() <= self.few_pairs]
+        cpu = x.device.type == "cpu"
+        return self.stacks.auto_paths[cpu, grouped, indices.numel() <= (self.cpu_few_pairs if cpu else self.few_pairs)]
 
     def routed_loop(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sort the N·K (token, expert) pairs by expert, one module call per used expert (gradients flow to the

@@ -237,9 +237,9 @@ def test_compiled_router_leaves_no_library_topk():
     assert "topk" not in _compiled_router(ROUTINGS[0])[2]
 
 
-def test_auto_picks_grouped_on_cpu_and_copy_free_paths_without_it(monkeypatch):
-    """CPU: grouped matmuls at every batch size (the fastest path there, and copy-free); without them (fp64 here,
-    or a torch without _grouped_mm) the paths that read expert ids on the host; training: the module loop."""
+def test_auto_picks_pairs_then_grouped_on_cpu_and_copy_free_paths_without_it(monkeypatch):
+    """CPU: the copy-free pairs for a few pairs (N·K <= cpu_few_pairs), grouped matmuls above; without them (fp64
+    here, or a torch without _grouped_mm) the loop above; training: the module loop."""
     moe = _moe()
     called = []
     for name in ("routed_loop", "routed_pairs", "routed_gather", "routed_grouped"):
@@ -248,7 +248,7 @@ def test_auto_picks_grouped_on_cpu_and_copy_free_paths_without_it(monkeypatch):
     with torch.inference_mode():
         for n in (1, 2, 20, 200):
             moe.routed(*_route(moe, n))
-        assert called == ["routed_grouped"] * 4
+        assert called == ["routed_pairs", "routed_pairs", "routed_grouped", "routed_grouped"]  # K = 2: 2, 4, 40 pairs
         called.clear()
         moe.double()
         for n in (1, 2, 20, 200):
