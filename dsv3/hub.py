@@ -73,18 +73,21 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.d
     if tuple(scale_inv.shape) != expected:
         raise CheckpointError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} "
                               f"for a [{out_dim}, {in_dim}] weight in {block}x{block} blocks")
-    if not weight.is_cpu or torch.compiler.is_compiling():  # inductor writes its own cast; no data-dependent checks
-        return dequantize_fp8_reference(weight, scale_inv, dtype, block)
-    rows = fp8_row_scales(scale_inv, out_dim, block)
-    if not rows.isfinite().all() or e4m3_nan_codes(weight):
+    # inductor writes its own cast, and a compiled graph takes no data-dependent checks
+    rows = None if torch.compiler.is_compiling() else fp8_row_scales(weight, scale_inv, block)
+    if rows is None:
         return dequantize_fp8_reference(weight, scale_inv, dtype, block)
     return dequantize_fp8_rows(weight, rows, dtype, block)
 
 
-def fp8_row_scales(scale_inv: torch.Tensor, out_dim: int, block: int = FP8_BLOCK) -> torch.Tensor:
-    """scale_inv [ceil(out/128), in blocks] -> float32 [out, in blocks], each row's block scales · 2^8 (the factor
-    e4m3_to_half_scaled leaves out; exact, a power of two, unless it overflows to inf)."""
-    return scale_inv.float().repeat_interleave(block, 0)[:out_dim] * _E4M3_TO_HALF_SCALE
+def fp8_row_scales(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor | None:
+    """What `dequantize_fp8_rows` needs: float32 [out, in blocks], each row's block scales · 2^8 (the factor
+    e4m3_to_half_scaled leaves out; exact, a power of two), or None where the bit read cannot go: a weight off the
+    CPU, NaN codes, or scales · 2^8 that overflow."""
+    if not weight.is_cpu or e4m3_nan_codes(weight):
+        return None
+    rows = scale_inv.float().repeat_interleave(block, 0)[:weight.shape[0]] * _E4M3_TO_HALF_SCALE
+    return rows if rows.isfinite().all() else None
 
 
 def dequantize_fp8_rows(weight: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype,

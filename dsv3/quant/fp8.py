@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..hub import FP8_BLOCK, dequantize_fp8, dequantize_fp8_rows, e4m3_nan_codes, fp8_row_scales
+from ..hub import FP8_BLOCK, dequantize_fp8, dequantize_fp8_rows, fp8_row_scales
 from .base import QuantizedLinear
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
@@ -107,11 +107,8 @@ class FP8Linear(QuantizedLinear):
         if self.weight.device.type != "cpu":
             self._prepare_scaled_mm()
             return
-        rows = fp8_row_scales(self.weight_scale_inv, self.out_features)
-        if rows.isfinite().all() and not e4m3_nan_codes(self.weight):
-            self.row_scales = rows
-        else:  # the bit-moving read cannot carry these: the reference path
-            self.kernel_ready = False
+        self.row_scales = fp8_row_scales(self.weight, self.weight_scale_inv)
+        self.kernel_ready = self.row_scales is not None  # else the bit read cannot carry them: the reference path
 
     def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.row_scales is not None:  # CPU: x2d [N, in] @ the float32 weight [out, in]ᵀ, cast back
