@@ -155,12 +155,20 @@ class MLA(nn.Module):
         return out[..., :self.d_v] if padded else out
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
-        """Scores against the latent: (W_UKᵀ q_nope)·c + q_pe·k_pe; output W_UV (Σ p c): [B, T, H, d_v]."""
+        """Scores against the latent: (W_UKᵀ q_nope)·c + q_pe·k_pe; output W_UV (Σ p c): [B, T, H, d_v].
+
+        Every head attends to the same latent c_kv and rope key k_pe (MQA), so a sequence's T·H (token, head)
+        queries stack into one [T·H, d_c] matrix, and scores and output are one batched matmul over B each (FlashMLA
+        lays the heads out as query rows the same way); the per-head absorptions are batched over H. Plain matmuls
+        rather than einsums: an einsum pays for parsing and permuting on every call, ~5% of an eager CPU decode step
+        on the bundled model (docs/results.md)."""
+        B, T, H, _ = q_nope.shape
         w_uk, w_uv = self.absorbed_weights(q_nope.dtype)  # [H, d_n, d_c], [H, d_v, d_c]
-        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # [B, T, H, d_c]
-        scores = (torch.einsum("bthc,bsc->bhts", q_lat, c_kv)
-                  + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)) * self.softmax_scale
-        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        q_lat = (q_nope.flatten(0, 1).transpose(0, 1) @ w_uk).transpose(0, 1)  # [H, B·T, d_n] @ W_UK -> [B·T, H, d_c]
+        q_lat, q_pe = q_lat.reshape(B, T * H, -1), q_pe.reshape(B, T * H, -1)  # [B, T·H, d_c], [B, T·H, d_r]
+        scores = (q_lat @ c_kv.mT + q_pe @ k_pe.mT) * self.softmax_scale  # [B, T·H, S]
+        scores = scores.view(B, T, H, -1).masked_fill(~mask[:, :, None], float("-inf"))  # mask: [B, T, 1, S]
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_nope.dtype)  # softmax in fp32 (official)
-        o_lat = torch.einsum("bhts,bsc->bthc", probs, c_kv)  # [B, T, H, d_c]
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv.to(o_lat.dtype))
+        o_lat = probs.view(B, T * H, -1) @ c_kv  # Σ_s p_s c_s: [B, T·H, d_c]
+        out = o_lat.view(B * T, H, -1).transpose(0, 1) @ w_uv.to(o_lat.dtype).mT  # [H, B·T, d_c] @ W_UVᵀ
+        return out.transpose(0, 1).reshape(B, T, H, -1)  # [H, B·T, d_v] -> [B, T, H, d_v]
