@@ -29,13 +29,22 @@ class KVCache:
         self.pe = torch.zeros(layers, batch_size, max_seq_len, config.qk_rope_head_dim, dtype=dtype, device=device)
         self.ik = (torch.zeros(layers, batch_size, max_seq_len, config.index_head_dim, dtype=dtype, device=device)
                    if config.uses_dsa else None)
+        self._make_index_ids()
 
     @classmethod
     def _from_views(cls, kv: torch.Tensor, pe: torch.Tensor, max_seq_len: int,
                     ik: torch.Tensor | None = None) -> "KVCache":
         cache = cls.__new__(cls)
         cache.kv, cache.pe, cache.max_seq_len, cache.ik = kv, pe, max_seq_len, ik
+        cache._make_index_ids()
         return cache
+
+    def _make_index_ids(self) -> None:
+        """The layer ids [L] and batch rows [B, 1] `_index` picks from, made once rather than at every write (three
+        fewer ops per layer and step: ~2% of an eager CPU decode step on the bundled model)."""
+        layers, batch = self.kv.shape[:2]
+        self.layer_ids = torch.arange(layers, device=self.kv.device)
+        self.row_ids = torch.arange(batch, device=self.kv.device)[:, None]
 
     @property
     def batch_size(self) -> int:
@@ -67,15 +76,14 @@ class KVCache:
         self.pe.index_put_(index, pe.to(self.pe.dtype))
         return self.kv[layer, :, :length], self.pe[layer, :, :length]
 
-    @staticmethod
-    def _index(layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(layer, row, position) index tensors for writing [B, T] entries into an [L, B, S, d] buffer.
+    def _index(self, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(layer, row, position) index tensors for writing [B, T] entries into an [L, B, S, d] buffer; they
+        broadcast to [B, T].
 
         One index_put_ on the whole buffer, not on its layer view `buf[layer]`: torch.compile turns a write into
         a view of a graph input into a copy of the entire buffer, every layer and step (~6 MB per decode step on
         the bundled model); a write into the input itself is done in place."""
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
-        return torch.full_like(positions, layer), rows, positions
+        return self.layer_ids[layer], self.row_ids[:positions.shape[0]], positions
 
     def update_index(self, layer: int, positions: torch.Tensor, k: torch.Tensor, length: int) -> torch.Tensor:
         """Write the indexer keys k: [B, T, index_head_dim] at positions: [B, T]; return the first `length` slots."""
