@@ -437,3 +437,16 @@ def test_compiled_prefill_is_one_unbroken_graph_for_every_prompt_length(model):
         assert len(_debug_get_cache_entry_list(_prefill.__code__)) == 1
         explanation = torch._dynamo.explain(_prefill)(model, ids, model.new_cache(2, 30))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_static_cache_marks_every_tensor_the_step_reads(model):
+    """A CUDA graph replay copies in each graph input whose address is not static: the cache's buffers and its
+    constant index tensors (layer ids, batch rows; a row view has its own) are all marked. The mark is only an
+    attribute here, so this runs on CPU."""
+    cache = model.new_cache(3, 8)
+    view = cache.rows(slice(0, 2))
+    assert view.row_ids.shape == (2, 1) and torch.equal(view.layer_ids, cache.layer_ids)
+    dsv3.fast.mark_static_cache(view, guard=False)
+    for t in (view.kv, view.pe, view.layer_ids, view.row_ids):
+        assert getattr(t, "_dynamo_static_input_type", None) == "unguarded"
+    assert getattr(cache.row_ids, "_dynamo_static_input_type", None) is None

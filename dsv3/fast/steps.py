@@ -89,8 +89,9 @@ def mark_static_cache(cache, guard: bool = True) -> None:
     """For compiled steps on CUDA: CUDA graphs may keep a graph input's address, and the cache is updated in place
     at the same address every step, so its buffers are marked static. Unmarked, a graph that writes into them is
     not captured ("skipping cudagraphs due to mutated inputs"). guard=False: no guard on the tensors' identity, for
-    several caches (the engine's row views, one per batch size) that share one compiled graph."""
-    for buffer in (cache.kv, cache.pe, cache.ik):
+    several caches (the engine's row views, one per batch size) that share one compiled graph. The cache's index
+    tensors (`layer_ids`, `row_ids`: constant) are marked too, so that a graph replay does not copy them in."""
+    for buffer in (cache.kv, cache.pe, cache.ik, cache.layer_ids, cache.row_ids):
         if buffer is not None:
             torch._dynamo.mark_static_address(buffer, guard=guard)
 
