@@ -1,7 +1,7 @@
 """dsv3 against llama.cpp on the CPU (issue 21): prefill tokens/s and decode ms/token of the bundled model, one
 thread, the same token ids, llama.cpp running a GGUF that llama.cpp's own converter made from the bundled checkpoint.
 
-    pip install llama-cpp-python gguf          # builds llama.cpp from source (minutes); bench-only dependencies
+    pip install -e ".[bench]"                  # llama-cpp-python + gguf: builds llama.cpp from source (minutes)
     python bench/cpu_peers.py [--prompt-len 256] [--new-tokens 64] [--repeat 9] [--types f32] [--compile]
 
 Each round runs every engine once (prefill, then --new-tokens greedy tokens) in turn, so a change in the machine's

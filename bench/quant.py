@@ -15,7 +15,7 @@ forward reads the fp8 bytes by moving bits, dsv3.hub.e4m3_to_half_scaled, and ru
   alike), --rounds rounds (default 15), median and min, and each as a ratio against bf16 (median of the per-round
   ratios, and min against min): decode ms per generated token at batch 1, greedy, after a 64-token prompt,
   (t(N tokens) - t(1 token)) / (N-1); prefill tokens/s of a --prompt-tokens prompt (one forward, last logits).
-- torchao rows (when `import torchao` works; `pip install .[bench]`): its int8 weight-only and int4 g32 weight-only
+- torchao rows (when `import torchao` works; `pip install -e ".[bench]"`): its int8 weight-only and int4 g32 weight-only
   (`IntxWeightOnlyConfig`: torchao 0.18's Int4WeightOnlyConfig has no CPU packing) on the same model, speed only.
   kv_b_proj stays bf16 there (absorbed MLA reads its weight as a matrix) and the MoE runs its per-expert loop.
 - host overhead: one 1-row forward of a 64x64 layer (compute negligible) against nn.Linear's, as a ratio.
