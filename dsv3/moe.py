@@ -162,6 +162,34 @@ class Gate(nn.Module):
         """Indices [..., k] of the k largest of scores [..., E], in any order (the K outputs are summed)."""
         return scores.topk(k, dim=-1, sorted=False).indices
 
+    def route_on_host(self, x: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+        """`forward`'s routing of a few tokens x: [N, D] worked out in Python: (weights [N, K] float32, the K expert
+        ids of each token). For decoding on a CPU, where `forward`'s ~15 small tensor ops cost ~10 µs each and
+        reading N·E affinities to the host costs nothing (MoE.forward, docs/results.md: ~5% of an eager step).
+        The same choices and weights as `forward` up to float32 rounding: sums and the normalisation are taken in
+        double precision, so a near-tie within float32 rounding may go the other way."""
+        rows = self.scores(x).tolist()  # s: [N][E]
+        bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias.tolist()
+        n_experts = len(rows[0])
+        size = n_experts // self.n_group
+        weights, chosen = [], []
+        for s in rows:
+            choice = s if bias is None else [a + b for a, b in zip(s, bias)]
+            candidates = range(n_experts)
+            if self.topk_method != "greedy" and self.n_group > 1:  # keep the best topk_group groups
+                groups = [choice[g * size:(g + 1) * size] for g in range(self.n_group)]
+                score = [sum(sorted(grp)[-2:]) if self.topk_method == "noaux_tc" else max(grp) for grp in groups]
+                kept = sorted(range(self.n_group), key=score.__getitem__, reverse=True)[:self.topk_group]
+                candidates = [g * size + j for g in kept for j in range(size)]
+            top = sorted(candidates, key=choice.__getitem__, reverse=True)[:self.top_k]
+            w = [s[e] for e in top]  # the unbiased affinities
+            if self.norm_topk_prob:
+                total = sum(w) + 1e-20
+                w = [v / total for v in w]
+            weights.append([v * self.route_scale for v in w])
+            chosen.append(top)
+        return torch.tensor(weights, dtype=torch.float32, device=x.device), chosen
+
 
 class MoE(nn.Module):
     """y = Σ_shared FFN(x) + Σ_k g_k FFN_{i_k}(x) (eq. 12). Experts are stored one module each, as the hub does.
@@ -203,13 +231,30 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, D]
         B, T, D = x.shape
         flat = x.reshape(-1, D)
-        weights, indices, s = self.gate(flat)
-        y = self.routed(flat, weights, indices, decode_step=T == 1)
+        stacks = self.pairs_on_host(flat)
+        if stacks is not None:  # a few tokens on a CPU: the router in Python, then the pairs path
+            weights, experts = self.gate.route_on_host(flat)
+            y = self.routed_pairs(flat, weights, experts, *stacks)
+        else:
+            weights, indices, s = self.gate(flat)
+            y = self.routed(flat, weights, indices, decode_step=T == 1)
+            if self.training:
+                self._record_balance(s.view(B, T, -1), indices.view(B, T, -1))
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        if self.training:
-            self._record_balance(s.view(B, T, -1), indices.view(B, T, -1))
         return y.view(B, T, D)
+
+    def pairs_on_host(self, x: torch.Tensor) -> tuple | None:
+        """Where `routed` would take the pairs path for x: [N, D] on a CPU (eager, no gradient): the stacks it takes
+        ((gate_up, down), or () for the expert modules), so that the router can run on the host too; else None."""
+        if (not x.is_cpu or self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or self.path not in ("auto", "pairs")):
+            return None
+        pairs = x.shape[0] * self.top_k
+        stacks = self.stacks.get(self.experts)
+        if stacks is None:
+            return () if self.path == "pairs" or pairs <= self.few_pairs else None
+        return stacks if self.choose_path(x, pairs, False) == "pairs" else None
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, *,
                decode_step: bool = False) -> torch.Tensor:
@@ -225,7 +270,7 @@ class MoE(nn.Module):
                                         and indices.numel() <= self.few_pairs):
                 return self.routed_pairs(x, weights, indices)
             return self.routed_loop(x, weights, indices)
-        path = self.choose_path(x, indices, decode_step)
+        path = self.choose_path(x, indices.numel(), decode_step)
         if path == "grouped":
             return self.routed_grouped(x, weights, indices, *self.stacks.dense(x.dtype))
         if path == "gather":
@@ -234,15 +279,15 @@ class MoE(nn.Module):
             return self.routed_pairs(x, weights, indices, *stacks)
         return self.routed_loop(x, weights, indices)
 
-    def choose_path(self, x: torch.Tensor, indices: torch.Tensor, decode_step: bool) -> RoutedPath:
-        """`self.path`, checked, or the AUTO_PATHS entry for these N·K pairs (decode_step: unused in eager)."""
+    def choose_path(self, x: torch.Tensor, pairs: int, decode_step: bool) -> RoutedPath:
+        """`self.path`, checked, or the AUTO_PATHS entry for N·K = `pairs` (decode_step: unused in eager)."""
         grouped = grouped_mm_runs(x)
         if self.path == "grouped" and not grouped:
             raise ValueError(f"MoE.path='grouped': torch._grouped_mm is unavailable for {x.dtype} on {x.device}")
         if self.path != "auto":
             return self.path
         cpu = x.device.type == "cpu"
-        return self.stacks.auto_paths[cpu, grouped, indices.numel() <= (self.cpu_few_pairs if cpu else self.few_pairs)]
+        return self.stacks.auto_paths[cpu, grouped, pairs <= (self.cpu_few_pairs if cpu else self.few_pairs)]
 
     def routed_loop(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sort the N·K (token, expert) pairs by expert, one module call per used expert (gradients flow to the
@@ -265,9 +310,10 @@ class MoE(nn.Module):
         """A few tokens on CPU (decoding, speculative verification): read the N·K expert ids on the host (free
         without a device) and multiply each token by views of its experts' stacks (gate_up [E, 2I, D], down
         [E, D, I]), copying no weights; without stacks, by the expert modules themselves (quantized experts on a
-        CPU, whose fused low-bit kernels take the row: ~40% less time than the loop's sort and scatter at N = 1)."""
+        CPU, whose fused low-bit kernels take the row: ~40% less time than the loop's sort and scatter at N = 1).
+        indices: [N, K] ids, or the lists of them `Gate.route_on_host` gives."""
         rows, weights = [], weights.to(x.dtype)
-        for t, experts in enumerate(indices.tolist()):
+        for t, experts in enumerate(indices if isinstance(indices, list) else indices.tolist()):
             xt, ys = x[t:t + 1], []
             for e in experts:
                 if gate_up is None:

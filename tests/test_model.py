@@ -82,6 +82,51 @@ def test_grouped_dispatch_equals_per_token_reference(overrides):
         torch.testing.assert_close(moe.routed(x, weights, indices), moe.routed_reference(x, weights, indices))
 
 
+@pytest.mark.parametrize("overrides", [
+    dict(),  # noaux_tc with groups
+    dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False),
+    dict(scoring_func="softmax", topk_method="group_limited_greedy", n_routed_experts=8, n_group=4, topk_group=2),
+])
+def test_router_on_the_host_chooses_and_weighs_as_the_tensor_router(overrides):
+    """Gate.route_on_host (decoding on a CPU) against Gate.forward: the same experts for every token, the same
+    weights up to float32 rounding (with a non-zero correction bias: it selects, never weighs)."""
+    gate = tiny_model(**overrides).model.layers[-1].mlp.gate
+    x = torch.randn(200, gate.weight.shape[1], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        weights, indices, _ = gate(x)
+        for n in (1, 3, 200):
+            host_weights, experts = gate.route_on_host(x[:n])
+            assert host_weights.dtype == torch.float32 and host_weights.shape == (n, gate.top_k)
+            for t in range(n):
+                order = indices[t].argsort()
+                assert sorted(experts[t]) == indices[t, order].tolist()
+                by_id = torch.tensor(experts[t]).argsort()
+                torch.testing.assert_close(host_weights[t, by_id], weights[t, order], rtol=1e-6, atol=1e-7)
+
+
+def test_moe_routes_a_few_cpu_tokens_on_the_host_only_when_decoding():
+    """One or two tokens on a CPU with nothing to train: the router runs on the host before the pairs path, and the
+    layer's output equals the per-token reference; with gradients on, in training, or for many tokens: the
+    tensor router (training also records the load it needs)."""
+    moe = tiny_model().model.layers[-1].mlp
+    calls = []
+    route = moe.gate.route_on_host
+    moe.gate.route_on_host = lambda x: calls.append(x.shape[0]) or route(x)
+    x = torch.randn(1, 2, moe.gate.weight.shape[1])
+    with torch.inference_mode():
+        weights, indices, _ = moe.gate(x[0])
+        expected = moe.routed_reference(x[0], weights, indices)
+        shared = moe.shared_experts(x[0])
+        torch.testing.assert_close(moe(x)[0], expected + shared, rtol=1e-5, atol=1e-6)
+        assert calls == [2]
+        moe(torch.randn(1, 40, x.shape[-1]))  # 160 pairs: grouped
+    assert calls == [2]
+    moe(x)  # gradients on
+    moe.train()
+    moe(x)
+    assert calls == [2] and moe.last_load is not None
+
+
 def test_router_bias_selects_but_does_not_weight():
     """noaux_tc: a huge bias on expert 0 makes every token pick it, yet its weight is the unbiased affinity."""
     model = tiny_model(n_group=1, topk_group=1)
