@@ -245,10 +245,10 @@ class MoE(nn.Module):
         return y.view(B, T, D)
 
     def pairs_on_host(self, x: torch.Tensor) -> tuple | None:
-        """Where `routed` would take the pairs path for x: [N, D] on a CPU (eager, no gradient): the stacks it takes
-        ((gate_up, down), or () for the expert modules), so that the router can run on the host too; else None."""
-        if (not x.is_cpu or self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or self.path not in ("auto", "pairs")):
+        """Where `routed` would take the pairs path for x: [N, D] on a CPU (no gradient, not training): the stacks it
+        takes ((gate_up, down), or () for the expert modules), so that the router can run on the host too; else None.
+        (Compiled graphs route with tensors: dsv3/fast/moe.py.)"""
+        if not x.is_cpu or self.training or torch.is_grad_enabled() or self.path not in ("auto", "pairs"):
             return None
         pairs = x.shape[0] * self.top_k
         stacks = self.stacks.get(self.experts)

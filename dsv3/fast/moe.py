@@ -97,6 +97,10 @@ class CompiledMoE:
     """For `dsv3.moe.MoE`: inside a compiled graph, the path from COMPILED_PATHS (or `path` when set) with the
     formulations above. The stacks are read as built by the eager warm-up (`prepare`): no checks in the graph."""
 
+    def pairs_on_host(self, x: torch.Tensor) -> tuple | None:
+        """Inside a graph the router runs as tensors (reading its choices on the host would break the graph)."""
+        return None if torch.compiler.is_compiling() else super().pairs_on_host(x)
+
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, *,
                decode_step: bool = False) -> torch.Tensor:
         if not torch.compiler.is_compiling():
