@@ -248,29 +248,19 @@ class MoE(nn.Module):
         """Where `routed` would take the pairs path for x: [N, D] on a CPU (no gradient, not training): the stacks it
         takes ((gate_up, down), or () for the expert modules), so that the router can run on the host too; else None.
         (Compiled graphs route with tensors: dsv3/fast/moe.py.)"""
-        if not x.is_cpu or self.training or torch.is_grad_enabled() or self.path not in ("auto", "pairs"):
-            return None
         pairs = x.shape[0] * self.top_k
-        stacks = self.stacks.get(self.experts)
-        if stacks is None:
-            return () if self.path == "pairs" or pairs <= self.few_pairs else None
-        return stacks if self.choose_path(x, pairs, False) == "pairs" else None
+        if (not x.is_cpu or self.training or torch.is_grad_enabled() or self.path not in ("auto", "pairs")
+                or (self.path == "auto" and pairs > max(self.few_pairs, self.cpu_few_pairs))):  # never "few" then
+            return None
+        path, stacks = self.plan(x, pairs, decode_step=False)
+        return stacks if path == "pairs" else None
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, *,
                decode_step: bool = False) -> torch.Tensor:
         """x: [N, D], weights/indices: [N, K] -> Σ_k w_k FFN_{i_k}(x): [N, D], by `self.path`, or under "auto"
         by AUTO_PATHS. decode_step: the N rows are one new token per sequence (T = 1), not prompt tokens (eager
         paths do not need to know; compiled graphs choose by it, dsv3/fast/moe.py)."""
-        stacks = None if self.path == "loop" else self.stacks.get(self.experts)
-        if stacks is None:  # training, or experts that do not stack here (quantized ones on a CPU keep their kernels)
-            if self.path not in ("auto", "loop", "pairs"):
-                raise ValueError(f"MoE.path={self.path!r} needs stacked experts (plain nn.Linear, or quantized ones on a "
-                                 "GPU) and no gradient to them")
-            if self.path == "pairs" or (self.path == "auto" and x.is_cpu and not torch.is_grad_enabled()
-                                        and indices.numel() <= self.few_pairs):
-                return self.routed_pairs(x, weights, indices)
-            return self.routed_loop(x, weights, indices)
-        path = self.choose_path(x, indices.numel(), decode_step)
+        path, stacks = self.plan(x, indices.numel(), decode_step)
         if path == "grouped":
             return self.routed_grouped(x, weights, indices, *self.stacks.dense(x.dtype))
         if path == "gather":
@@ -278,6 +268,19 @@ class MoE(nn.Module):
         if path == "pairs":
             return self.routed_pairs(x, weights, indices, *stacks)
         return self.routed_loop(x, weights, indices)
+
+    def plan(self, x: torch.Tensor, pairs: int, decode_step: bool) -> tuple[RoutedPath, tuple]:
+        """The path `routed` runs for x: [N, D] and N·K = `pairs`, and the stacks it runs on (() for the expert
+        modules: training, or experts that do not stack here, as quantized ones on a CPU keep their kernels)."""
+        stacks = None if self.path == "loop" else self.stacks.get(self.experts)
+        if stacks is None:
+            if self.path not in ("auto", "loop", "pairs"):
+                raise ValueError(f"MoE.path={self.path!r} needs stacked experts (plain nn.Linear, or quantized ones on a "
+                                 "GPU) and no gradient to them")
+            few = self.path == "pairs" or (self.path == "auto" and x.is_cpu and not torch.is_grad_enabled()
+                                           and pairs <= self.few_pairs)
+            return ("pairs" if few else "loop"), ()
+        return self.choose_path(x, pairs, decode_step), stacks
 
     def choose_path(self, x: torch.Tensor, pairs: int, decode_step: bool) -> RoutedPath:
         """`self.path`, checked, or the AUTO_PATHS entry for N·K = `pairs` (decode_step: unused in eager)."""
