@@ -11,18 +11,34 @@ class RMSNorm(nn.Module):
     """y = w · x / sqrt(mean(x²) + eps), normalised in float32 (HF and V3.2 do this; bf16 loses ~1e-3).
 
     The weight multiplies after the cast back to the input dtype, as transformers does, so bf16 results match it.
+    Written as ‖x‖ (one `vector_norm` reduction) and x · rsqrt(‖x‖²/dim + eps) (one `addcmul`, one `rsqrt`) rather
+    than `F.rms_norm`, which a CPU runs as a composite of ~14 ops (pow, mean, add, rsqrt, casts...): in an eager
+    CPU decode step each op costs ~8 µs, and this form made the bundled model's step ~5% faster (docs/results.md).
+    Equal to `F.rms_norm` up to float32 rounding (tests/test_model.py).
     """
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
-        self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    @property
+    def eps(self) -> float:
+        return self._eps
+
+    @eps.setter
+    def eps(self, eps: float) -> None:
+        # kept as a float32 CPU scalar tensor, which addcmul takes beside tensors on any device. Not a buffer:
+        # `.to(dtype)` would round it, and it is no state; device="cpu" under a meta-device construction too.
+        self._eps, self.eps_tensor = eps, torch.tensor(eps, dtype=torch.float32, device="cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., dim]
-        if x.dtype == self.weight.dtype == torch.float32:  # nothing to cast: the weight goes into the fused op
-            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
-        # F.rms_norm without a weight: x / sqrt(mean(x²) + eps) in one fused op (fewer launches per decode step)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        xf = x if x.dtype == torch.float32 else x.float()
+        norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)  # ‖x‖: [..., 1]
+        y = xf * torch.addcmul(self.eps_tensor, norm, norm, value=1 / x.shape[-1]).rsqrt_()  # x / sqrt(mean(x²) + eps)
+        if x.dtype == self.weight.dtype == torch.float32:
+            return y * self.weight
+        return self.weight * y.to(x.dtype)
 
 
 class MLP(nn.Module):
