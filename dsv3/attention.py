@@ -134,8 +134,8 @@ class MLA(nn.Module):
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, d_n, d_c] and W_UV [H, d_v, d_c], the two halves of kv_b_proj per head (paper-V2 §2.1.2)."""
-        w = linear_weight(self.kv_b_proj).view(self.n_heads, self.d_nope + self.d_v, self.kv_lora_rank)
-        return w[:, :self.d_nope].to(dtype), w[:, self.d_nope:].to(dtype)
+        w = linear_weight(self.kv_b_proj).to(dtype).view(self.n_heads, self.d_nope + self.d_v, self.kv_lora_rank)
+        return w.split([self.d_nope, self.d_v], dim=1)
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
         """Expand keys/values per head, then softmax(q·k·scale) v: [B, T, H, d_v].
@@ -170,5 +170,5 @@ class MLA(nn.Module):
         scores = scores.view(B, T, H, -1).masked_fill(~mask[:, :, None], float("-inf"))  # mask: [B, T, 1, S]
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_nope.dtype)  # softmax in fp32 (official)
         o_lat = probs.view(B, T * H, -1) @ c_kv  # Σ_s p_s c_s: [B, T·H, d_c]
-        out = o_lat.view(B * T, H, -1).transpose(0, 1) @ w_uv.to(o_lat.dtype).mT  # [H, B·T, d_c] @ W_UVᵀ
+        out = o_lat.view(B * T, H, -1).transpose(0, 1) @ w_uv.mT  # [H, B·T, d_c] @ W_UVᵀ
         return out.transpose(0, 1).reshape(B, T, H, -1)  # [H, B·T, d_v] -> [B, T, H, d_v]
