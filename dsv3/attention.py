@@ -97,7 +97,7 @@ class MLA(nn.Module):
     def latent(self, x: torch.Tensor, ctx: Attend, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, T, D] -> the normed latent c_kv [B, S, d_c] and the roped shared key k_pe [B, S, d_r] attention
         runs over, in x's dtype: the T new tokens (no cache), or the first S cache slots after writing them."""
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.d_rope], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split_with_sizes([self.kv_lora_rank, self.d_rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [B, T, d_c]
         k_pe = self.rotate(k_pe, ctx.cos, ctx.sin)  # [B, T, d_r]
         if ctx.cache is not None:
@@ -110,7 +110,7 @@ class MLA(nn.Module):
         x_q, cos, sin, mask = x, ctx.cos, ctx.sin, ctx.mask
         if ctx.keep:  # the query side: the last `keep` positions
             x_q, cos, sin, mask = x[:, -ctx.keep:], cos[:, -ctx.keep:], sin[:, -ctx.keep:], mask[:, -ctx.keep:]
-        q_nope, q_pe = self.query(x_q).split([self.d_nope, self.d_rope], dim=-1)
+        q_nope, q_pe = self.query(x_q).split_with_sizes([self.d_nope, self.d_rope], dim=-1)
         q_pe = self.rotate(q_pe, cos, sin)
         c_kv, k_pe = self.latent(x, ctx, layer)
         return self.o_proj(self.attend(q_nope, q_pe, c_kv, k_pe, mask, ctx).flatten(2))
@@ -129,13 +129,13 @@ class MLA(nn.Module):
         """MHA mode's per-head keys and values: k = [W_UK c ; k_pe] [B, S, H, d_n+d_r], v = W_UV c [B, S, H, d_v]."""
         B, S, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.d_nope + self.d_v)
-        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
+        k_nope, v = kv.split_with_sizes([self.d_nope, self.d_v], dim=-1)
         return torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)), dim=-1), v
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, d_n, d_c] and W_UV [H, d_v, d_c], the two halves of kv_b_proj per head (paper-V2 §2.1.2)."""
         w = linear_weight(self.kv_b_proj).to(dtype).view(self.n_heads, self.d_nope + self.d_v, self.kv_lora_rank)
-        return w.split([self.d_nope, self.d_v], dim=1)
+        return w.split_with_sizes([self.d_nope, self.d_v], dim=1)
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
         """Expand keys/values per head, then softmax(q·k·scale) v: [B, T, H, d_v].

@@ -328,8 +328,8 @@ class MoE(nn.Module):
                 ys = torch.cat([self.experts[e](xt) for e in experts])
             else:
                 gate, up = torch.cat([F.linear(xt, gate_up[e]) for e in experts]).chunk(2, dim=-1)  # [K, I] each
-                hidden = (F.silu(gate) * up).split(1)  # K rows [1, I]
-                ys = torch.cat([F.linear(h, down[e]) for h, e in zip(hidden, experts)])  # [K, D]
+                hidden = (F.silu(gate) * up).unbind(0)  # K rows [I]
+                ys = torch.stack([F.linear(h, down[e]) for h, e in zip(hidden, experts)])  # [K, D]
             rows.append(weights[t:t + 1] @ ys)  # [1, K] @ [K, D]: the weighted sum in one op
         return rows[0] if len(rows) == 1 else torch.cat(rows)
 
