@@ -320,8 +320,6 @@ class MoE(nn.Module):
         they can: their gate/up rows side by side take one SiLU and one product, and one [1, K] @ [K, D] matmul
         weighs and sums their outputs (docs/results.md)."""
         rows, weights = [], weights.to(x.dtype)
-        if isinstance(gate_up, torch.Tensor):  # every expert's view in one op, not one select per pair
-            gate_up, down = gate_up.unbind(0), down.unbind(0)
         for t, experts in enumerate(indices if isinstance(indices, list) else indices.tolist()):
             xt = x[t:t + 1]
             if gate_up is None:
