@@ -247,3 +247,16 @@ def test_rmsnorm_equals_the_fused_op(dtype):
     torch.testing.assert_close(norm(x), norm.weight * F.rms_norm(x.float(), (96,), eps=0.5).to(dtype), **tol)
     with torch.device("meta"):  # built on meta (checkpoint loading): eps stays a CPU scalar the forward can use
         assert RMSNorm(8).eps_tensor.device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_on_a_gpu_takes_its_cpu_scalar_eps(dtype):
+    """On CUDA the norm's eps stays a CPU scalar tensor (module.cuda() does not move it), which addcmul accepts."""
+    from dsv3.layers import RMSNorm
+    norm = RMSNorm(256, eps=1e-5).cuda().to(dtype)
+    x = torch.randn(4, 3, 256, device="cuda", dtype=dtype)
+    ref = norm.weight * torch.nn.functional.rms_norm(x.float(), (256,), eps=1e-5).to(dtype)
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 8e-3}
+    torch.testing.assert_close(norm(x), ref, **tol)
