@@ -183,6 +183,8 @@ def main() -> None:
     p.add_argument("--profile", type=Path, metavar="DIR", help="write torch.profiler kernel tables (and Chrome "
                    "traces) of one compiled decode step at batch 1 and at the largest --batches size, and of the "
                    "prefill, into DIR")
+    p.add_argument("--triton-down", action="store_true", help="compiled steps run the routed experts' down "
+                   "projection as dsv3/fast/triton_moe.py's Triton kernel instead of inductor's (CompiledMoE)")
     p.add_argument("--quick", action="store_true", help="for a short GPU lease: no transformers rows, "
                    "batches 1 and 64 eager, batch 1 compiled, no grouped-MoE row, no compiled prefill, profile of the "
                    "batch-1 step only")
@@ -202,6 +204,10 @@ def main() -> None:
     with torch.device(device):
         ours = dsv3.Transformer(config)
     ours = ours.to(dtype).eval()
+    if args.triton_down:
+        from dsv3.fast.triton_moe import routed_down
+        for moe in (m for m in dsv3.fast.prepare(ours).modules() if isinstance(m, dsv3.moe.MoE)):
+            moe.routed_down_kernel = routed_down
     elem = torch.finfo(dtype).bits // 8
     run = timer(device)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (dry run)"

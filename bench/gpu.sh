@@ -11,7 +11,8 @@
 #      compiled with CUDA graphs (their default on a GPU), or eager with --quick (starts in seconds),
 #   5. bench/distributed.py --backend nccl --worlds 1: the model in a one-rank NCCL group against the plain path,
 #      and what its collectives would cost per step,
-#   6. bench/gpu_ceilings.py: the card's copy bandwidth and bf16 matmul rate, SDPA and MoE kernel choices.
+#   6. bench/gpu_ceilings.py: the card's copy bandwidth and bf16 matmul rate, SDPA and MoE kernel choices, and the
+#      routed down projection as inductor compiles it against the Triton kernel (dsv3/fast/triton_moe.py).
 # Each stage's output is saved to DIR/<stage>.txt and the decode step's kernel timeline to DIR/prof/ (with
 # --profile); the stages share one inductor cache, so kernels compiled by one are reused by the next.
 #

@@ -1,14 +1,18 @@
 """The GPU's own ceilings and the kernel choices behind dsv3's GPU paths, in one short run (bench/gpu.sh runs it
 before bench/decode.py; about 20 s on an H200).
 
-    python bench/gpu_ceilings.py [--quick]      # --quick: the two ceilings only
+    python bench/gpu_ceilings.py [--quick]      # --quick: the two ceilings and the routed down projection
 
 - copy bandwidth (2 GiB device-to-device, bytes read + written) and bf16 matmul rate (8192^3): the figures
   bench/decode.py's floors take (--bandwidth, --peak);
 - SDPA at MLA's prefill shape (16 heads, 2048 tokens, q/k head dim 192, v 128, causal) with each backend, and
   with v padded to 192 (what the CPU path does for its flash kernel);
 - one V2-Lite-shaped MoE layer, eager, routed through gathered weights and through grouped matmuls at N tokens
-  (MoE.few_pairs and the MoE path tables are set from this).
+  (MoE.few_pairs and the MoE path tables are set from this);
+- the routed experts' down projection at decode (V2-Lite: 64 experts of [2048, 1408], top-6, bf16) as inductor
+  compiles `gathered_down` (what a compiled decode step runs) against the Triton kernel `routed_down`
+  (dsv3/fast/triton_moe.py), in µs and in TB/s of the distinct experts' weights read: the figure that decides
+  whether `CompiledMoE.routed_down_kernel` becomes the default (issue 21 measured 1.4 TB/s for inductor's).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def median_ms(fn, reps: int = 20) -> float:
 
 
 def main() -> None:
-    quick = "--quick" in sys.argv[1:]  # the two ceilings only
+    quick = "--quick" in sys.argv[1:]  # the two ceilings and the routed down projection
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu_ceilings.py needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}", flush=True)
@@ -56,6 +60,7 @@ def main() -> None:
     if not quick:
         attention_backends()
         moe_paths()
+    routed_down_kernels()
 
 
 def attention_backends() -> None:
@@ -92,6 +97,29 @@ def moe_paths() -> None:
                 times[path] = median_ms(lambda: moe.routed(tokens, weights, indices)) * 1e3
             print(f"MoE layer, eager, N={n} ({n * moe.top_k} pairs): gathered weights {times['gather']:.0f} us, "
                   f"grouped matmuls {times['grouped']:.0f} us", flush=True)
+
+def routed_down_kernels() -> None:
+    from dsv3.fast.moe import gathered_down
+    from dsv3.fast.triton_moe import routed_down
+
+    E, D, I, K = 64, 2048, 1408, 6
+    g = torch.Generator("cuda").manual_seed(0)
+    down = torch.randn(E, D, I, device="cuda", generator=g).div(40).bfloat16()
+    inductor = torch.compile(gathered_down, options={"coordinate_descent_tuning": True})  # as the decode step's
+    with torch.inference_mode():
+        for n in (1, 8, 64):
+            h = torch.randn(n, K, I, device="cuda", generator=g).bfloat16()
+            weights = torch.rand(n, K, device="cuda", generator=g)
+            indices = torch.randint(0, E, (n, K), device="cuda", generator=g)
+            read = indices.unique().numel() * D * I * down.element_size()
+            ref = gathered_down(h, weights, indices, down).float()
+            cells = []
+            for name, fn in (("inductor", inductor), ("triton kernel", routed_down)):
+                us = median_ms(lambda fn=fn: fn(h, weights, indices, down), reps=50) * 1e3
+                err = ((fn(h, weights, indices, down).float() - ref).norm() / ref.norm()).item()
+                cells.append(f"{name} {us:.1f} us = {read / us / 1e6:.2f} TB/s (rel. error {err:.1e})")
+            print(f"routed down projection, N={n} ({read / 1e6:.1f} MB of experts): " + ", ".join(cells), flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -11,9 +11,10 @@ class RMSNorm(nn.Module):
     """y = w · x / sqrt(mean(x²) + eps), normalised in float32 (HF and V3.2 do this; bf16 loses ~1e-3).
 
     The weight multiplies after the cast back to the input dtype, as transformers does, so bf16 results match it.
-    Written as ‖x‖ (one `vector_norm` reduction) and x · rsqrt(‖x‖²/dim + eps) (one `addcmul`, one `rsqrt`) rather
-    than `F.rms_norm`, which a CPU runs as a composite of ~14 ops (pow, mean, add, rsqrt, casts...): in an eager
-    CPU decode step each op costs ~8 µs, and this form made the bundled model's step ~5% faster (docs/results.md).
+    Written as ‖x‖ (one `vector_norm` reduction) and x · rsqrt(‖x‖²/dim + eps) (one `addcmul`, one `rsqrt`)
+    rather than `F.rms_norm`, which a CPU runs as a composite of ~14 ops (pow, mean, add, rsqrt, casts...): in an
+    eager CPU decode step each op costs ~8 µs, and this form made the bundled model's step ~5% faster
+    (docs/results.md).
     Equal to `F.rms_norm` up to float32 rounding (tests/test_model.py).
     """
 

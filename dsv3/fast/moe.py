@@ -61,9 +61,10 @@ def argmax_top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def fused_gather(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor,
-                 down: torch.Tensor) -> torch.Tensor:
+                 down: torch.Tensor, down_kernel=None) -> torch.Tensor:
     """x: [N, D], weights/indices: [N, K], gate_up: [E, 2I, D], down: [E, D, I] -> Σ_k w_k FFN_{i_k}(x): [N, D],
-    in fp32 products as one multiply-and-sum per projection."""
+    in fp32 products as one multiply-and-sum per projection. down_kernel: what computes the down projection and the
+    weighted sum from the hiddens [N, K, I] (default `gathered_down`; dsv3/fast/triton_moe.py's `routed_down`)."""
     N, K = indices.shape
     flat = indices.flatten()  # [N·K]
     w = gate_up[flat].view(N, K, *gate_up.shape[1:]).float()  # [N, K, 2I, D]
@@ -71,9 +72,16 @@ def fused_gather(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, 
     # gate and up as two reductions over the same [N, K, I] rows (inductor runs them in one loop), so that the
     # hidden (rounded where bmm's input is) has their shape and is stored as they finish (`stored`)
     gate, up = (w[:, :, :I] * xs).sum(-1), (w[:, :, I:] * xs).sum(-1)  # [N, K, I] each
-    h = stored((F.silu(gate) * up).to(x.dtype)).float()
-    y = (down[flat].view(N, K, *down.shape[1:]).float() * h[:, :, None, :]).sum(-1).to(x.dtype)  # [N, K, D]
-    return (y * weights[:, :, None].to(x.dtype)).sum(dim=1)
+    h = stored((F.silu(gate) * up).to(x.dtype))
+    return (down_kernel or gathered_down)(h, weights, indices, down)
+
+
+def gathered_down(h: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """fused_gather's down projection: h [N, K, I], weights/indices [N, K], down [E, D, I] -> Σ_k w_k down_k h_k
+    [N, D], as a multiply-and-sum over the gathered weights (each expert's output rounded to h's dtype)."""
+    N, K = indices.shape
+    y = (down[indices.flatten()].view(N, K, *down.shape[1:]).float() * h.float()[:, :, None, :]).sum(-1)  # [N, K, D]
+    return (y.to(h.dtype) * weights[:, :, None].to(h.dtype)).sum(dim=1)
 
 
 def every_expert(experts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -95,7 +103,12 @@ class ArgmaxGate:
 
 class CompiledMoE:
     """For `dsv3.moe.MoE`: inside a compiled graph, the path from COMPILED_PATHS (or `path` when set) with the
-    formulations above. The stacks are read as built by the eager warm-up (`prepare`): no checks in the graph."""
+    formulations above. The stacks are read as built by the eager warm-up (`prepare`): no checks in the graph.
+
+    `routed_down_kernel`: None (inductor compiles the gathered down projection), or, set on a module,
+    `dsv3.fast.triton_moe.routed_down` to run it on a GPU as one hand-written Triton kernel."""
+
+    routed_down_kernel = None
 
     def pairs_on_host(self, x: torch.Tensor) -> tuple | None:
         """Inside a graph the router runs as tensors (reading its choices on the host would break the graph)."""
@@ -114,7 +127,7 @@ class CompiledMoE:
             path = COMPILED_PATHS[cpu, grouped, decode_step if cpu else grouped and indices.numel() <= self.few_pairs]
         if path == "grouped":
             return self.routed_grouped(x, weights, indices, *self.stacks.dense(x.dtype))
-        return fused_gather(x, weights, indices, *stacks)
+        return fused_gather(x, weights, indices, *stacks, down_kernel=self.routed_down_kernel if x.is_cuda else None)
 
     def grouped_mm(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         if a.is_cpu and torch.compiler.is_compiling():
