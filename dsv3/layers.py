@@ -15,7 +15,8 @@ class RMSNorm(nn.Module):
     rather than `F.rms_norm`, which a CPU runs as a composite of ~14 ops (pow, mean, add, rsqrt, casts...): in an
     eager CPU decode step each op costs ~8 µs, and this form made the bundled model's step ~5% faster
     (docs/results.md).
-    Equal to `F.rms_norm` up to float32 rounding (tests/test_model.py).
+    Equal to `rms_norm_reference` (`F.rms_norm`) up to float32 rounding (tests/test_model.py); compiled graphs use
+    that (dsv3/fast/layers.py), which inductor fuses into one kernel anyway.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -40,6 +41,13 @@ class RMSNorm(nn.Module):
         if x.dtype == self.weight.dtype == torch.float32:
             return y * self.weight
         return self.weight * y.to(x.dtype)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm through `F.rms_norm`, normalising in float32 with the weight after the cast back: x: [..., dim]."""
+    if x.dtype == weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 class MLP(nn.Module):

@@ -89,6 +89,36 @@ def test_prepare_changes_nothing_eager():
     assert all(type(layer.self_attn) is dsv3.dsa.SparseMLA for layer in [*model.model.layers, *model.mtp])
 
 
+def test_prepared_graphs_normalise_with_the_fused_op_and_take_no_cpu_scalar():
+    """Eager RMSNorm keeps its eps as a CPU scalar tensor; traced, that would be a CPU input of the graph, for which
+    inductor captures no CUDA graph. After `prepare` a graph normalises through F.rms_norm instead: no such input,
+    and the graph's logits equal eager's."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.tiny()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    inputs = []
+
+    def backend(gm, example_inputs):  # records the graph's inputs, then runs it as traced
+        inputs.extend(t for t in example_inputs if isinstance(t, torch.Tensor))
+        return gm
+
+    def cpu_scalars(fn, x):
+        inputs.clear()
+        torch._dynamo.reset()
+        with torch.inference_mode():
+            out = torch.compile(fn, backend=backend)(x)
+        assert inputs, "no graph was traced"
+        return out, [t for t in inputs if t.dim() == 0 and t.is_floating_point()]
+
+    hidden = torch.randn(1, 5, model.config.hidden_size)
+    assert cpu_scalars(model.model.norm, hidden)[1]  # the check can fail: unprepared, eps is an input
+    out, scalars = cpu_scalars(dsv3.fast.prepare(model), ids)
+    assert not scalars
+    with torch.inference_mode():
+        torch.testing.assert_close(out, model(ids))
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("n", [1, 40])
 def test_grouped_gather_back_equals_the_scatter_add(n):
     """routed_grouped's two ways back to token order (CUDA: 8-bit sort keys, row gather + sum; CPU: index_add_)."""

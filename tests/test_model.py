@@ -224,10 +224,10 @@ def test_attend_length_must_cover_the_new_tokens():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rmsnorm_equals_the_fused_op(dtype):
-    """RMSNorm's norm-and-addcmul form against F.rms_norm (weight after the cast back, as transformers does), with a
-    non-trivial weight and eps, a row of zeros (gradient w·rsqrt(eps), no NaN from ‖x‖ = 0), and a changed eps."""
-    from dsv3.layers import RMSNorm
-    F = torch.nn.functional
+    """RMSNorm's norm-and-addcmul form against F.rms_norm (`rms_norm_reference`: weight after the cast back, as
+    transformers does), with a non-trivial weight and eps, a row of zeros (gradient w·rsqrt(eps), no NaN from
+    ‖x‖ = 0), and a changed eps."""
+    from dsv3.layers import RMSNorm, rms_norm_reference
     torch.manual_seed(0)
     norm = RMSNorm(96, eps=1e-5).to(dtype)
     with torch.no_grad():
@@ -235,7 +235,7 @@ def test_rmsnorm_equals_the_fused_op(dtype):
     x = torch.randn(3, 5, 96, dtype=dtype) * 4
     x[0, 0] = 0
     x.requires_grad_(True)
-    ref = norm.weight * F.rms_norm(x.float(), (96,), eps=1e-5).to(dtype)
+    ref = rms_norm_reference(x, norm.weight, 1e-5)
     y = norm(x)
     tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 8e-3}  # bf16: 1 ulp
     torch.testing.assert_close(y, ref, **tol)
@@ -244,7 +244,7 @@ def test_rmsnorm_equals_the_fused_op(dtype):
     assert torch.isfinite(g).all()
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4 if dtype == torch.float32 else 8e-3)
     norm.eps = 0.5  # a changed eps reaches the forward
-    torch.testing.assert_close(norm(x), norm.weight * F.rms_norm(x.float(), (96,), eps=0.5).to(dtype), **tol)
+    torch.testing.assert_close(norm(x), rms_norm_reference(x, norm.weight, 0.5), **tol)
     with torch.device("meta"):  # built on meta (checkpoint loading): eps stays a CPU scalar the forward can use
         assert RMSNorm(8).eps_tensor.device.type == "cpu"
 

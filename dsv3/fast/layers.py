@@ -1,12 +1,15 @@
-"""Compiled-graph forms of the small building blocks: the SwiGLU hidden stored once, RoPE in real arithmetic.
+"""Compiled-graph forms of the small building blocks: the SwiGLU hidden stored once, RoPE in real arithmetic,
+RMSNorm through `F.rms_norm`.
 
-Mixins that `dsv3.fast.prepare` adds to the model's MLP and MLA classes. Eager, each override is its base method.
+Mixins that `dsv3.fast.prepare` adds to the model's MLP, MLA and RMSNorm classes. Eager, each override is its base
+method.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..layers import rms_norm_reference
 from ..rope import apply_rope_reference
 
 
@@ -41,3 +44,14 @@ class RealRope:
         if torch.compiler.is_compiling():
             return apply_rope_reference(x, cos, sin, self.interleave)
         return super().rotate(x, cos, sin)
+
+
+class FusedRMSNorm:
+    """For `dsv3.layers.RMSNorm`: compiled graphs normalise through `rms_norm_reference` (`F.rms_norm`), which
+    inductor fuses into one kernel. The eager form's few-op arithmetic saves nothing there, and its eps, a CPU scalar
+    tensor, would be a CPU input of the graph, for which inductor does not capture CUDA graphs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return rms_norm_reference(x, self.weight, self.eps)
+        return super().forward(x)

@@ -1,8 +1,8 @@
 """Compiled decode and prefill steps, applied from the outside (as gpt-fast compiles `decode_one_token`).
 
-`prepare(model)` swaps the classes of the model's MLP, MLA, Gate and MoE modules for subclasses with the compiled
-forms of dsv3/fast/layers.py and moe.py (eager, they compute exactly what the base classes do) and builds the
-MoE's expert stacks, which compiled graphs read but cannot build. `generate(compile=True)` and
+`prepare(model)` swaps the classes of the model's MLP, MLA, RMSNorm, Gate and MoE modules for subclasses with the
+compiled forms of dsv3/fast/layers.py and moe.py (eager, they compute exactly what the base classes do) and builds
+the MoE's expert stacks, which compiled graphs read but cannot build. `generate(compile=True)` and
 `Engine(compile=True)` call it; so does anyone who runs `torch.compile(model)` themselves.
 """
 
@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from ..attention import MLA
-from ..layers import MLP
+from ..layers import MLP, RMSNorm
 from ..moe import Gate, MoE
-from .layers import RealRope, StoredHidden
+from .layers import FusedRMSNorm, RealRope, StoredHidden
 from .moe import ArgmaxGate, CompiledMoE
 
-MIXINS = ((MLP, StoredHidden), (MLA, RealRope), (Gate, ArgmaxGate), (MoE, CompiledMoE))
+MIXINS = ((MLP, StoredHidden), (MLA, RealRope), (RMSNorm, FusedRMSNorm), (Gate, ArgmaxGate), (MoE, CompiledMoE))
 
 
 @functools.cache
