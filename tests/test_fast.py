@@ -140,7 +140,8 @@ def test_compiled_cpu_paths_equal_the_reference(monkeypatch):
     matmuls through the opaque dsv3::cpu_grouped_mm (fp32 ones cannot be traced, torch 2.13), also unbroken."""
     moe = dsv3.fast.prepare(_moe())
     called = []
-    monkeypatch.setattr(dsv3.fast.moe, "fused_gather", lambda *a, _f=fused_gather: called.append("gather") or _f(*a))
+    monkeypatch.setattr(dsv3.fast.moe, "fused_gather",
+                        lambda *a, _f=fused_gather, **k: called.append("gather") or _f(*a, **k))
     original = moe.routed_grouped
     monkeypatch.setattr(moe, "routed_grouped", lambda *a, **k: called.append("grouped") or original(*a, **k))
     for decode_step, path in ((True, "gather"), (False, "grouped")):
