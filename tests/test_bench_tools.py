@@ -36,6 +36,30 @@ def test_paired_rounds_alternate_and_split_prefill_from_decode():
     assert res["head"]["tokens"] == [9]
 
 
+class FakeStepper:
+    """--per-step's worker: a prefill, then one step at a time, each taking `step` seconds; logs who ran when."""
+
+    def __init__(self, name, step, log):
+        self.name, self.step, self.log, self.n = name, step, log, 0
+
+    def time(self, what):
+        self.log.append((self.name, what))
+        self.n = 0 if what == "prefill" else self.n + 1
+        return {"cpu": self.step, "token": self.n}
+
+
+def test_per_step_turns_alternate_every_step_and_pair_the_steps():
+    log = []
+    workers = {"base": FakeStepper("base", 0.015, log), "head": FakeStepper("head", 0.012, log)}
+    res = ab.per_step(workers, rounds=2, n=3)
+    assert log == [("base", "prefill"), ("head", "prefill"), ("base", "step"), ("head", "step"), ("head", "step"),
+                   ("base", "step"), ("base", "step"), ("head", "step"),  # round 1; round 2 starts the other way
+                   ("base", "prefill"), ("head", "prefill"), ("head", "step"), ("base", "step"), ("base", "step"),
+                   ("head", "step"), ("head", "step"), ("base", "step")]
+    assert res["base"]["decode"] == [0.015] * 6 and res["head"]["decode"] == [0.012] * 6
+    assert res["base"]["tokens"] == res["head"]["tokens"] == [0, 1, 2, 3]  # the last round's prefill and steps
+
+
 def test_unknown_base_is_one_clear_line():
     out = subprocess.run([sys.executable, str(BENCH / "ab.py"), "--base", "no-such-revision-xyz"],
                          capture_output=True, text=True)
