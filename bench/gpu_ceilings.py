@@ -98,6 +98,7 @@ def moe_paths() -> None:
             print(f"MoE layer, eager, N={n} ({n * moe.top_k} pairs): gathered weights {times['gather']:.0f} us, "
                   f"grouped matmuls {times['grouped']:.0f} us", flush=True)
 
+
 def routed_down_kernels() -> None:
     from dsv3.fast.moe import gathered_down
     from dsv3.fast.triton_moe import routed_down

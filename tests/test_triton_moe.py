@@ -77,7 +77,8 @@ def test_compiled_graph_runs_the_kernel_with_the_eager_result():
     gate_up = torch.randn(16, 2 * 256, 512, device="cuda", generator=g).div(20).bfloat16()
     down = torch.randn(16, 512, 256, device="cuda", generator=g).div(16).bfloat16()
     x = torch.randn(4, 512, device="cuda", generator=g).bfloat16()
-    weights, indices = torch.rand(4, 3, device="cuda", generator=g), torch.randint(0, 16, (4, 3), device="cuda", generator=g)
+    weights = torch.rand(4, 3, device="cuda", generator=g)
+    indices = torch.randint(0, 16, (4, 3), device="cuda", generator=g)
+    args = (x, weights, indices, gate_up, down)
     compiled = torch.compile(lambda *a: fused_gather(*a, down_kernel=routed_down), fullgraph=True)
-    torch.testing.assert_close(compiled(x, weights, indices, gate_up, down), fused_gather(x, weights, indices, gate_up, down),
-                               rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(compiled(*args), fused_gather(*args), rtol=2e-2, atol=2e-2)

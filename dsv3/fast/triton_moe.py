@@ -8,8 +8,8 @@ j·BLOCK_D ... j·BLOCK_D + BLOCK_D - 1 of token n, reading each chosen expert's
 [BLOCK_D, BLOCK_I] tiles along I (contiguous in the [E, D, I] stack: coalesced loads), accumulating the K experts'
 weighted products in float32 and rounding once.
 
-`routed_down_reference` is the definition it is tested against (tests/test_fast.py: Triton's interpreter on a CPU,
-the compiled kernel on a GPU). `CompiledMoE.routed_down_kernel` selects it inside compiled graphs (it is not the
+`routed_down_reference` is the definition it is tested against (tests/test_triton_moe.py: Triton's interpreter on
+a CPU, the compiled kernel on a GPU). `CompiledMoE.routed_down_kernel` selects it inside compiled graphs (it is not the
 default until a GPU run shows it faster than inductor's: bench/gpu_ceilings.py times both, `bench/decode.py
 --triton-down` the whole compiled step). This module needs triton (installed with torch's CUDA builds; the `dev`
 extra installs it for the interpreter test).
