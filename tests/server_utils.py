@@ -27,6 +27,12 @@ def server_options(model_dir, **overrides) -> dict:
             "max_seq_len": 256, "max_batch": 8, "block_size": 16, **overrides}
 
 
+# The least that still has a dense layer, an MoE layer, group-limited routing and more than K experts: for the tests
+# that torch.compile a model, whose time on a 2-core CPU (~1-2 minutes a graph, cold) grows with the layers traced.
+COMPILE_SIZED = dict(num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+                     n_group=2, topk_group=1, num_nextn_predict_layers=0)
+
+
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
     """A tiny random model on the bundled tokenizer's vocabulary (config fields as overrides). initializer_range=0.1
     spreads the logits, so greedy choices are not near-ties that float rounding between batch shapes could flip."""

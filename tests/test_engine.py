@@ -10,7 +10,7 @@ from dsv3.generation import generate
 from dsv3.sampling import SamplingParams
 from dsv3.tokenizer import Tokenizer
 
-from server_utils import BUNDLED, run_engine as run, tiny_model
+from server_utils import BUNDLED, COMPILE_SIZED, run_engine as run, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +48,12 @@ def test_batched_decode_equals_single_request_greedy(model, tokenizer):
     assert engine.num_running == 0 and engine.num_waiting == 0
 
 
-def test_compiled_decode_step_gives_the_eager_engine_tokens(model, tokenizer):
+def test_compiled_decode_step_gives_the_eager_engine_tokens(tokenizer):
     """EngineConfig(compile=True): the static decode step through torch.compile, warmed up (before any request)
     at 1 and 2 rows, then serving 1-3 rows while rows join, leave and move and a prompt is prefilled in chunks:
     the eager tokens, steps of up to compile_max_batch rows through the compiled step, no graph break, and no
-    compilation after the warm-up."""
+    compilation after the warm-up. On the smallest model that still routes as V3 does: two graphs to compile."""
+    model = tiny_model(**COMPILE_SIZED).double()
     config = dict(max_batch=3, max_seq_len=128, max_prefill_tokens=16, prefix_cache_bytes=0)
     ps, lengths = prompts(tokenizer, 5), [7, 2, 9, 4, 6]
 
