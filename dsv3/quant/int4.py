@@ -151,7 +151,7 @@ class Int4Linear(QuantizedLinear):
     # ----------------------------------------------------------------- kernel
     def kernel_supported(self, device: torch.device, dtype: torch.dtype) -> bool:
         if device.type == "cpu":
-            return (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and self.out_features % 16 == 0
+            return (hasattr(torch, "_weight_int4pack_mm_for_cpu") and self.out_features % 16 == 0
                     and dtype in (torch.bfloat16, torch.float16, torch.float32))
         if device.type == "cuda":
             return (dtype == torch.bfloat16 and self.out_features % 8 == 0
@@ -159,22 +159,21 @@ class Int4Linear(QuantizedLinear):
         return False
 
     def _prepare_kernel(self) -> None:
-        if self.qweight.device.type == "cpu":
-            self._cpu_mm = torch.ops.aten._weight_int4pack_mm_for_cpu.default  # exists: kernel_supported checked
         self._pack_kernel(self.qweight.device.type)
         if self.layout == "cpu" and self.cpu_block is None:  # no cheap inverse of this CPU's layout: kernel only
             self.dense_above_rows = sys.maxsize
 
     def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
-        if self.padded_in != self.in_features:
-            x2d = F.pad(x2d, (0, self.padded_in - self.in_features))
+        if self.padded_in != self.in_features:  # F.pad's op without its Python wrapper (~2.5 us a call)
+            x2d = torch.constant_pad_nd(x2d, (0, self.padded_in - self.in_features))
         return self._mm(x2d.contiguous(), self._buffers["scale_and_zero"])
 
     def _mm(self, x2d: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-        # buffers through `_buffers`: nn.Module.__getattr__ costs ~1 us a lookup on a CPU, a quarter of this
-        # kernel's own time on a decode-sized matrix (the host overhead bench/quant.py measures)
-        op = self._cpu_mm if self.layout == "cpu" else torch.ops.aten._weight_int4pack_mm.default
-        return op(x2d, self._buffers["qweight"], self.group_size, sz)
+        # the ops as torch.* functions, not torch.ops.aten.*: the same kernels without OpOverload's Python call
+        # (~1.4 us); buffers through `_buffers`: nn.Module.__getattr__ costs ~1 us a lookup. On a decode-sized
+        # matrix of the bundled model the kernel itself takes ~5 us on a CPU (the host overhead bench/quant.py measures)
+        mm = torch._weight_int4pack_mm_for_cpu if self.layout == "cpu" else torch._weight_int4pack_mm
+        return mm(x2d, self._buffers["qweight"], self.group_size, sz)
 
     def _inner_k_tiles(self) -> int:
         return next(t for t in (8, 4, 2) if self.padded_in % (16 * t) == 0)
