@@ -11,10 +11,11 @@ forward reads the fp8 bytes by moving bits, dsv3.hub.e4m3_to_half_scaled, and ru
 - perplexity: exp(mean NLL) over the first --tokens tokens of data/corpus/valid.txt, in --seq-len windows.
 - MMLU: dsv3.eval.mmlu on the shipped validation subset (857 questions, or --mmlu-limit per subject; 0-shot,
   log-likelihood of " A".." D").
-- speed, all variants in this one process taking turns round by round (other processes on the machine hit them
-  alike), --rounds rounds (default 15), median and min, and each as a ratio against bf16 (median of the per-round
-  ratios, and min against min): decode ms per generated token at batch 1, greedy, after a 64-token prompt,
-  (t(N tokens) - t(1 token)) / (N-1); prefill tokens/s of a --prompt-tokens prompt (one forward, last logits).
+- speed, all variants in this one process taking turns (other processes on the machine hit them alike), median and
+  min, and each as a ratio against bf16 (median of the paired ratios, and min against min): decode ms per step at
+  batch 1, greedy, after a 64-token prompt, the variants taking turns at every step (`decode_steps`: --rounds
+  rounds of --new-tokens steps); prefill tokens/s of a --prompt-tokens prompt (one forward, last logits; the
+  variants take turns round by round, --rounds rounds, default 15).
 - torchao rows (when `import torchao` works; `pip install -e ".[bench]"`): its int8 weight-only and int4 g32 weight-only
   (`IntxWeightOnlyConfig`: torchao 0.18's Int4WeightOnlyConfig has no CPU packing) on the same model, speed only.
   kv_b_proj stays bf16 there (absorbed MLA reads its weight as a matrix) and the MoE runs its per-expert loop.
@@ -125,23 +126,35 @@ def summary(times: list[float], base: list[float]) -> dict[str, float]:
             "ratio_median": statistics.median(t / b for t, b in zip(times, base)), "ratio_min": min(times) / min(base)}
 
 
+def decode_steps(models: dict[str, torch.nn.Module], prompt: torch.Tensor, steps: int,
+                 rounds: int) -> dict[str, list[float]]:
+    """{label: [ms per decode step]}: each round prefills every model into its own cache, then `steps` greedy steps
+    (one new token through the cache, as generate's step) in which the models take turns, the order reversed at
+    every step, each step timed alone in thread CPU time; the i-th entries of two lists are a pair. Whole
+    generate calls taking turns round by round gave int4 anywhere from 0.88x to 1.07x of bf16 in runs minutes apart."""
+    labels, T = list(models), prompt.shape[1]
+    times = {label: [] for label in labels}
+    for r in range(rounds):
+        state = {}
+        for label, model in models.items():
+            cache = model.new_cache(1, T + steps)
+            state[label] = cache, model(prompt, cache)[:, -1].argmax(-1), T
+        for i in range(steps):
+            for label in (labels if (r + i) % 2 == 0 else labels[::-1]):
+                cache, token, pos = state[label]
+                start = time.thread_time()
+                token = models[label](token[:, None], cache, pos)[:, -1].argmax(-1)
+                times[label].append((time.thread_time() - start) * 1e3)
+                state[label] = cache, token, pos + 1
+    return times
+
+
 @torch.inference_mode()
 def speed(models: dict[str, torch.nn.Module], prompt: torch.Tensor, long_prompt: torch.Tensor, new_tokens: int,
           rounds: int) -> dict[str, dict]:
-    """{label: {"decode": summary of ms/token, "prefill": summary of seconds}} (see the module docstring)."""
-    def decode_ms(model: torch.nn.Module) -> float:
-        start = time.perf_counter()
-        dsv3.generate(model, prompt, 1)
-        middle = time.perf_counter()
-        dsv3.generate(model, prompt, new_tokens)
-        return (time.perf_counter() - 2 * middle + start) / (new_tokens - 1) * 1e3
-
-    for model in models.values():
-        decode_ms(model)  # warm-up
-    decode = {label: [] for label in models}
-    for _ in range(rounds):
-        for label, model in models.items():
-            decode[label].append(decode_ms(model))
+    """{label: {"decode": summary of ms/step, "prefill": summary of seconds}} (see the module docstring)."""
+    decode_steps(models, prompt, 2, 1)  # warm-up
+    decode = decode_steps(models, prompt, new_tokens, rounds)
     prefill = paired_seconds({label: (lambda m=model: m(long_prompt, logits_to_keep=1)) for label, model in
                               models.items()}, rounds)
     return {label: {"decode": summary(decode[label], decode["bf16"]),
@@ -251,9 +264,10 @@ def run(path: Path, labels: list[str], tokens: int, seq_len: int, args) -> list[
 def table(rows: list[dict], rounds: int, tokens: int) -> str:
     base = next(r for r in rows if r["variant"] == "bf16")
     head = (f"{'variant':<17} {'forward':<9} {'layers MiB':>10} {'vs bf16':>8} {'ppl':>8} {'Δppl':>7} {'MMLU':>6} "
-            f"{'decode ms/tok med|min':>22} {'vs bf16 med|min':>16} {'prefill tok/s med|max':>22} "
+            f"{'decode ms/step med|min':>22} {'vs bf16 med|min':>16} {'prefill tok/s med|max':>22} "
             f"{'time vs bf16 med|min':>21}")
-    lines = [f"speed: {rounds} paired rounds; ratios are times against bf16's (< 1: faster)", head, "-" * len(head)]
+    lines = [f"speed: {rounds} rounds (decode: steps taking turns); ratios are times against bf16's (< 1: faster)",
+             head, "-" * len(head)]
     for r in rows:
         layers = (f"{r['layers'] / 2**20:>10.2f} {r['layers'] / r['layers_bf16'] if r['layers_bf16'] else 1.0:>8.3f}"
                   if r["layers"] is not None else f"{'n/a':>10} {'':>8}")
@@ -274,7 +288,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--tokens", type=int, default=16384, help="held-out tokens for perplexity")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per timing run")
+    ap.add_argument("--new-tokens", type=int, default=64, help="decode steps per round")
     ap.add_argument("--prompt-tokens", type=int, default=256, help="prompt length of the prefill timing")
     ap.add_argument("--rounds", type=int, default=15, help="paired timing rounds (median and min reported)")
     ap.add_argument("--no-ppl", dest="ppl", action="store_false")
@@ -289,7 +303,7 @@ def main() -> None:
     labels = ["bf16"] + [v for v in args.variants if v != "bf16"]
     rows = run(path, labels, args.tokens, args.seq_len, args)
     print(f"\n{path} | {args.tokens} held-out tokens, windows of {args.seq_len} | decode batch 1, "
-          f"{args.new_tokens} tokens after 64 | prefill {args.prompt_tokens} tokens | {args.threads} thread(s), "
+          f"{args.new_tokens} steps a round after 64 | prefill {args.prompt_tokens} tokens | {args.threads} thread(s), "
           f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
     print(table(rows, args.rounds, args.prompt_tokens))
 

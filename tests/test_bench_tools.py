@@ -86,3 +86,31 @@ def test_cpu_profile_counts_modules_and_top_level_ops():
     # one lm_head projection per step, and the linears counted once at top level (not their inner aten::mm)
     assert ops["aten::linear"][0] >= c.num_hidden_layers * 3 + 1 and "aten::mm" not in ops
     assert not any(h for m in model.modules() for h in (m._forward_hooks, m._forward_pre_hooks))  # hooks removed
+
+
+def test_quant_decode_steps_take_turns_through_each_models_own_cache():
+    """bench/quant.py's decode timing: every model prefills into its own cache, then the models take turns at
+    every step, the order reversed each step, and each step continues that model's own greedy sequence."""
+    import torch
+
+    import quant
+    from dsv3 import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    models, log = {}, []
+    for name in ("bf16", "int4"):
+        model = Transformer(ModelConfig.tiny(num_nextn_predict_layers=0)).eval()
+        model.register_forward_pre_hook(
+            lambda m, args, name=name: log.append((name, args[0].shape[1], args[2] if len(args) > 2 else 0)))
+        models[name] = model
+    prompt = torch.randint(2, 1000, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        times = quant.decode_steps(models, prompt, steps=3, rounds=2)
+    assert [len(t) for t in times.values()] == [6, 6]
+    prompts = [("bf16", 5, 0), ("int4", 5, 0)]
+    assert log[:2] == prompts and log[8:10] == prompts  # each round: both prompts first, then 3 steps of 2
+    # round 0's steps: (bf16, int4), (int4, bf16), (bf16, int4); round 1 starts reversed
+    order = [n for n, T, _ in log if T == 1]
+    assert order == ["bf16", "int4", "int4", "bf16", "bf16", "int4", "int4", "bf16", "bf16", "int4", "int4", "bf16"]
+    positions = [pos for n, T, pos in log if T == 1 and n == "bf16"]
+    assert positions == [5, 6, 7, 5, 6, 7]
