@@ -152,7 +152,7 @@ def test_fp8_cpu_path_matches_reference(out_dim, in_dim, dtype):
     """On a CPU FP8Linear's kernel is the bit-moving dequantisation + a float32 matmul: the reference's function up to
     the reference's own rounding of the weight to bf16, at any number of rows."""
     q = FP8Linear.from_linear(linear(out_dim, in_dim, dtype))
-    assert q.kernel_ready and q.row_scales.shape == (out_dim, -(-in_dim // FP8_BLOCK))
+    assert q.kernel_ready and q.row_scales.shape == (out_dim, -(-in_dim // FP8_BLOCK)) and q.slab_rows >= out_dim
     exact = q.dequantize(torch.float32)
     x = torch.randn(70, in_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
     for m in (1, 3, 70):
@@ -160,6 +160,11 @@ def test_fp8_cpu_path_matches_reference(out_dim, in_dim, dtype):
         assert y.dtype == dtype and torch.equal(y, q.forward_kernel(x[:m]))
         assert rel(y, x[:m].float() @ exact.t()) < (1e-6 if dtype == torch.float32 else 4e-3)  # bf16 output
         assert rel(y, q.forward_reference(x[:m])) < (1e-6 if dtype == torch.float32 else 8e-3)
+    # a large weight is read in slabs of rows (here 7 rows, not dividing out_dim): the same products, summed in
+    # another order by the smaller matmuls
+    whole = q.forward_slabs(x.float())
+    q.slab_rows = 7
+    assert rel(q.forward_slabs(x.float()), whole) < 1e-6  # as the float32 kernel against the exact product above
     nan_weight = q.weight.view(torch.uint8).clone()
     nan_weight[0, 0] = 0x7F
     q.load_state_dict({"weight": nan_weight.view(torch.float8_e4m3fn), "weight_scale_inv": q.weight_scale_inv})
