@@ -170,8 +170,8 @@ class Int4Linear(QuantizedLinear):
 
     def _mm(self, x2d: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
         # the ops as torch.* functions, not torch.ops.aten.*: the same kernels without OpOverload's Python call
-        # (~1.4 us); buffers through `_buffers`: nn.Module.__getattr__ costs ~1 us a lookup. On a decode-sized
-        # matrix of the bundled model the kernel itself takes ~5 us on a CPU (the host overhead bench/quant.py measures)
+        # (1.4 us in a tight loop, ~10 us a call inside an eager decode step: docs/results.md, stop 33); buffers
+        # through `_buffers`: nn.Module.__getattr__ costs ~1 us a lookup (the host overhead bench/quant.py measures)
         mm = torch._weight_int4pack_mm_for_cpu if self.layout == "cpu" else torch._weight_int4pack_mm
         return mm(x2d, self._buffers["qweight"], self.group_size, sz)
 
