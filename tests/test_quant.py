@@ -125,6 +125,22 @@ def test_int8_cpu_kernel_matches_reference(dtype):
     assert rel(q(x), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+def test_int8_cpu_kernel_takes_misaligned_weights_and_inputs():
+    """A weight at an arbitrary file offset (as safetensors reads it) or an input that is a view into a larger
+    tensor: torch's AVX-512 int8 kernel crashed the process on such pointers from 4 rows up (int8.CPU_ALIGN).
+    Placement copies the weight to an aligned one; the forward copies the input."""
+    dense = Int8Linear.from_linear(linear(48, 96, torch.bfloat16))
+    state = {k: v.clone() for k, v in dense.state_dict().items()}
+    storage = torch.zeros(state["weight"].numel() + 8, dtype=torch.int8)
+    state["weight"] = storage[8:].view_as(state["weight"]).copy_(state["weight"])  # 8 bytes past an aligned start
+    q = Int8Linear(96, 48, torch.bfloat16)
+    q.load_state_dict(state, assign=True)
+    assert q.weight.data_ptr() % 64 == 0 and torch.equal(q.weight, dense.weight)
+    rows = torch.randn(5 * 96 + 4, generator=torch.Generator().manual_seed(0)).bfloat16()
+    x = rows[4:].view(5, 96)  # 8 bytes past an aligned start
+    assert x.data_ptr() % 64 and rel(q.forward_kernel(x), q.forward_reference(x)) < 1e-2
+
+
 @pytest.mark.parametrize("group_size, in_dim", [(32, 96), (64, 256), (128, 200), (256, 512)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_cpu_kernel_matches_reference(group_size, in_dim, dtype):

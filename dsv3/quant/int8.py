@@ -25,6 +25,12 @@ import torch.nn.functional as F
 from .base import QuantizedLinear
 
 INT8_MAX = 127
+# torch 2.13's AVX-512 `_weight_int8pack_mm`, from 4 rows up, reads its operands with aligned vector loads: an input
+# not 32-byte aligned or a weight not 16-byte aligned ends the process with SIGSEGV (AMD EPYC, AVX-512; offsets of
+# 8, 16 and 48 bytes crashed, 32 and 64 ran). A weight read from a safetensors file sits wherever its offset in the
+# file puts it, and an input may be a view into a larger tensor, so both are brought to this alignment (that of
+# torch's CPU allocator) when they are not.
+CPU_ALIGN = 64
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,9 +74,13 @@ class Int8Linear(QuantizedLinear):
 
     def _prepare_kernel(self) -> None:
         self.scale = self.weight_scale.to(self.dtype)  # [out] in the compute dtype (the same tensor when it is)
+        if self.weight.is_cpu and self.weight.data_ptr() % CPU_ALIGN:  # (CPU_ALIGN) a copy, once, when placed
+            self.weight = self.weight.clone(memory_format=torch.contiguous_format)
 
     def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
         if x2d.is_cpu:
+            if x2d.data_ptr() % CPU_ALIGN:  # (CPU_ALIGN)
+                x2d = x2d.clone(memory_format=torch.contiguous_format)
             return torch._weight_int8pack_mm(x2d, self._buffers["weight"], self.scale)  # (int4.py: `_buffers`)
         return self._cast_matmul(x2d)
 
