@@ -52,7 +52,11 @@ class ChatSession:
         """Add the user's `text`, then yield the answer in pieces; the answer joins the conversation when the
         stream ends or is closed (an interrupted answer is kept as far as it went)."""
         self.messages.append({"role": "user", "content": text})
-        prompt = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+        try:
+            prompt = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+        except ValueError:  # e.g. text that is not Unicode: it must not stay in the conversation
+            self.messages.pop()
+            raise
         room = self.model.config.max_position_embeddings - len(prompt)
         if room < 1:
             self.messages.pop()
@@ -136,12 +140,14 @@ def run(args: argparse.Namespace, read: Callable[[str], str] = input, out: TextI
     from .checkpoint import load_pretrained
     from .distributed import console, init
     from .distributed import device as distributed_device
-    from .tokenizer import Tokenizer
+    from .tokenizer import Tokenizer, require_unicode
 
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed)
     try:
         SamplingParams(**sampling)  # before the (slow) load
+        if args.system is not None:
+            require_unicode(args.system, "--system")
     except ValueError as error:
         raise SystemExit(f"dsv3 chat: {error}") from None
     path = _model_dir(args.model, args.revision)

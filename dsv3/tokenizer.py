@@ -33,6 +33,17 @@ ROLES = ("system", "user", "assistant")
 REPLACEMENT_CHARACTER = "\ufffd"  # what decoding yields for an incomplete UTF-8 sequence
 
 
+def require_unicode(text: str, what: str) -> None:
+    """Refuse a str holding a lone surrogate: what Python makes of bytes that are not UTF-8 (stdin and argv under
+    a UTF-8 locale decode them with surrogateescape) and what JSON's \\ud800 escapes carry. The tokenizers library
+    rejects it with an unrelated TypeError ("TextEncodeInput must be Union[...]")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{what} is not valid Unicode text: a lone surrogate at character {error.start} (bytes "
+                         "that are not UTF-8?)") from None
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} not found in {path.parent}; a tokenizer directory needs it")
@@ -40,6 +51,8 @@ def _read_json(path: Path) -> dict:
         value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
     return value
@@ -110,7 +123,8 @@ class Tokenizer:
         """Load ``tokenizer.json`` and ``tokenizer_config.json`` from the directory ``path``."""
         directory = Path(path)
         if not directory.is_dir():
-            raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
+            what = "is a file, not a directory" if directory.exists() else "does not exist"
+            raise FileNotFoundError(f"tokenizer directory {directory} {what}")
         config_path, backend_path = directory / "tokenizer_config.json", directory / "tokenizer.json"
         config = _read_json(config_path)
         if not backend_path.is_file():
@@ -130,7 +144,7 @@ class Tokenizer:
         for key in ("add_bos_token", "add_eos_token"):
             if key in config and not isinstance(config[key], bool):
                 raise ValueError(f"{config_path}: {key} must be true or false, got {config[key]!r}")
-        return cls(
+        tokenizer = cls(
             backend,
             bos_token=bos_token,
             eos_token=eos_token,
@@ -139,6 +153,12 @@ class Tokenizer:
             add_bos_token=config.get("add_bos_token"),
             add_eos_token=config.get("add_eos_token"),
         )
+        if chat_template is not None:  # compiled now: a broken template fails at load, not at the first chat
+            try:
+                tokenizer._template
+            except jinja2.TemplateSyntaxError as error:
+                raise ValueError(f"{config_path}: chat_template line {error.lineno}: {error.message}") from None
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -149,6 +169,7 @@ class Tokenizer:
         """Token ids of ``text``; with ``add_special_tokens`` the post-processor adds bos (and eos if configured)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        require_unicode(text, "the text to encode")
         # encode_batch releases the GIL while it works (encode holds it): a server tokenising a multi-MB prompt in
         # a worker thread keeps answering other requests (a 4 MB text: longest event-loop pause 2.8 s -> 0.1 s)
         return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids

@@ -99,6 +99,17 @@ def test_repl_reports_a_full_context_and_keeps_going(tokenizer):
     assert [m["role"] for m in session.messages] == ["user", "assistant"]  # the too-long turn was dropped
 
 
+def test_repl_refuses_input_that_is_not_utf8_and_keeps_going(model, tokenizer):
+    """A line holding bytes that are not UTF-8 (stdin decodes them with surrogateescape): one error line, the
+    conversation without it, the next line answered."""
+    session = ChatSession(model, tokenizer, max_new_tokens=3, temperature=0.0)
+    out = io.StringIO()
+    repl(session, scripted([b"caf\xe9".decode("utf-8", "surrogateescape"), "hi"]), out)
+    assert "error: the text to encode is not valid Unicode text" in out.getvalue()
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]
+    assert session.messages[0]["content"] == "hi"
+
+
 def test_cli_chat_with_a_saved_model(model, tmp_path):
     from dsv3.checkpoint import save_pretrained
 
@@ -117,6 +128,10 @@ def test_cli_chat_with_a_saved_model(model, tmp_path):
     bad = parser.parse_args(["chat", "--model", str(tmp_path), "--top-p", "0"])
     with pytest.raises(SystemExit, match="top_p"):
         bad.func(bad)
+    undecodable = parser.parse_args(["chat", "--model", str(tmp_path), "--system", b"\xff".decode("utf-8",
+                                                                                               "surrogateescape")])
+    with pytest.raises(SystemExit, match="--system is not valid Unicode text"):
+        undecodable.func(undecodable)
     missing = parser.parse_args(["chat", "--model", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="nowhere: no such directory"):
         missing.func(missing)

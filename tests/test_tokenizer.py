@@ -123,6 +123,32 @@ def test_config_variants(tmp_path, tok):
         Tokenizer.from_pretrained(tmp_path)
 
 
+def test_malformed_config_files_are_named_at_load(tmp_path):
+    """tokenizer_config.json that is not UTF-8, a chat template that does not parse (found at load, not at the
+    first chat), a file given as the directory: each a one-line error naming the file."""
+    shutil.copy(BUNDLED / "tokenizer.json", tmp_path / "tokenizer.json")
+    config_path = tmp_path / "tokenizer_config.json"
+    config_path.write_bytes(b'{"bos_token": "caf\xe9"}')
+    with pytest.raises(ValueError, match=r"tokenizer_config.json is not UTF-8 text \(byte 18"):
+        Tokenizer.from_pretrained(tmp_path)
+    config = json.loads((BUNDLED / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config_path.write_text(json.dumps({**config, "chat_template": "{% for m in messages %}\n{{ m[ }}"}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: chat_template line 2: "):
+        Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is a file, not a directory"):
+        Tokenizer.from_pretrained(config_path)
+
+
+def test_text_that_is_not_unicode_is_refused(tok):
+    """A lone surrogate (undecodable input bytes under surrogateescape, or a JSON \\udcff escape): a ValueError
+    that says so, not the tokenizers library's TypeError."""
+    undecodable = b"hi \xff there".decode("utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match="not valid Unicode text: a lone surrogate at character 3"):
+        tok.encode(undecodable)
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        tok.apply_chat_template([{"role": "user", "content": undecodable}])
+
+
 @pytest.mark.parametrize("text", TEXTS[2:5] + [CHAT_TEXT + "🐈"])
 def test_incremental_decoding_never_splits_a_character(tok, text):
     ids = tok.encode(text)
