@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,8 +29,21 @@ _IGNORED_HF_KEYS = frozenset({
     "attn_implementation", "max_window_layers", "sliding_window", "use_sliding_window", "partial_rotary_factor",
 })
 
-_ROPE_KEYS = {"rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
-              "mscale_all_dim", "attention_factor", "truncate"}
+# Lower bounds (value, inclusive) of the numeric fields whose range is not the default: ints are sizes (>= 1),
+# floats scales or epsilons (> 0). Zero is meaningful for these counts and for the init std.
+_LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
+    "n_routed_experts": (0, True), "n_shared_experts": (0, True), "first_k_dense_replace": (0, True),
+    "num_nextn_predict_layers": (0, True), "initializer_range": (0, True),
+    "bos_token_id": (0, True), "eos_token_id": (0, True), "pad_token_id": (0, True),  # and < vocab_size
+    "rope_theta": (1, False),  # YaRN divides by log(rope_theta); <= 1 would not decay the frequencies either
+}
+
+# rope_scaling's entries: kind and lower bound (None: any finite number). rope.py takes log(orig / beta).
+_ROPE_KEYS: dict[str, tuple[type, tuple[float, bool] | None]] = {
+    "rope_type": (str, None), "factor": (float, (0, False)), "original_max_position_embeddings": (int, (1, True)),
+    "beta_fast": (float, (0, False)), "beta_slow": (float, (0, False)), "mscale": (float, None),
+    "mscale_all_dim": (float, None), "attention_factor": (float, None), "truncate": (bool, None),
+}
 
 
 @dataclass(kw_only=True)
@@ -117,23 +131,23 @@ class ModelConfig:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"ModelConfig.{name}: {why} (got {getattr(self, name)!r})")
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                bad(name, "must be a positive integer")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
-            bad("q_lora_rank", "must be a positive integer or null")
+        # Every field against its annotation first, so the checks below (and the model) only see sane values.
+        for name, hint in typing.get_type_hints(type(self)).items():
+            value, kinds = getattr(self, name), typing.get_args(hint) or (hint,)
+            if value is None and type(None) in kinds:
+                continue
+            if typing.get_origin(hint) is Literal:
+                if value not in kinds:
+                    bad(name, f"must be one of {', '.join(map(repr, kinds))}")
+            else:
+                kind = typing.get_origin(kinds[0]) or kinds[0]  # dict[str, Any] -> dict
+                _check(name, value, kind, _LOWER_BOUNDS.get(name, {int: (1, True), float: (0, False)}.get(kind)),
+                       nullable=type(None) in kinds)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self, name) is not None and getattr(self, name) >= self.vocab_size:
+                bad(name, f"must be a token id below vocab_size={self.vocab_size}")
         if self.qk_rope_head_dim % 2:
             bad("qk_rope_head_dim", "must be even (RoPE rotates pairs of dimensions)")
-        if self.model_type not in ("deepseek_v3", "deepseek_v2"):
-            bad("model_type", "unsupported; expected 'deepseek_v3' or 'deepseek_v2'")
-        if self.scoring_func not in ("sigmoid", "softmax"):
-            bad("scoring_func", "expected 'sigmoid' or 'softmax'")
-        if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
-            bad("topk_method", "expected 'noaux_tc', 'greedy' or 'group_limited_greedy'")
-        if self.hidden_act != "silu":
-            bad("hidden_act", "only 'silu' (SwiGLU) is used by this family")
         if self.n_routed_experts:
             if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
                 bad("num_experts_per_tok", f"must be in 1..n_routed_experts={self.n_routed_experts}")
@@ -149,21 +163,24 @@ class ModelConfig:
         dsa = ("index_n_heads", "index_head_dim", "index_topk")
         if any(getattr(self, n) is not None for n in dsa):
             for name in dsa:
-                value = getattr(self, name)
-                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                    bad(name, "must be a positive integer when DeepSeek Sparse Attention is on (all three or none)")
+                if getattr(self, name) is None:
+                    bad(name, "must be set when DeepSeek Sparse Attention is on (all three or none)")
             if self.q_lora_rank is None:
                 bad("q_lora_rank", "DSA's indexer reads MLA's query latent, so it needs q-LoRA (q_lora_rank set)")
             if self.index_head_dim < self.qk_rope_head_dim:
                 bad("index_head_dim", f"must be >= qk_rope_head_dim={self.qk_rope_head_dim} (its rope slice)")
         if self.rope_scaling is not None:
-            unknown = set(self.rope_scaling) - _ROPE_KEYS
+            unknown = set(self.rope_scaling) - set(_ROPE_KEYS)
             if unknown:
                 bad("rope_scaling", f"unknown keys {sorted(unknown)}; expected some of {sorted(_ROPE_KEYS)}")
             if self.rope_scaling.get("rope_type") != "yarn":
                 bad("rope_scaling", "only rope_type 'yarn' is used by DeepSeek models")
-            if not self.rope_scaling.get("factor"):
-                bad("rope_scaling", "yarn needs 'factor'")
+            for key in ("factor", "original_max_position_embeddings"):  # rope.py needs both
+                if self.rope_scaling.get(key) is None:
+                    bad("rope_scaling", f"yarn needs '{key}'")
+            for key, value in self.rope_scaling.items():
+                if value is not None:  # the other entries are optional; rope.py defaults them
+                    _check(f"rope_scaling.{key}", value, *_ROPE_KEYS[key])
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -195,11 +212,17 @@ class ModelConfig:
             path = path / "config.json" if path.is_dir() else path
             source = str(path)
             try:
-                config = json.loads(path.read_text())
+                config = json.loads(path.read_text(encoding="utf-8"))
             except FileNotFoundError:
                 raise FileNotFoundError(f"{path}: no config.json here") from None
+            except IsADirectoryError:
+                raise ValueError(f"{path}: is a directory, expected a JSON file") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{path}: must hold a JSON object (got {type(config).__name__})")
         hf = dict(config)
         model_type = hf.get("model_type")
         if model_type == "deepseek_v32":
@@ -225,17 +248,24 @@ class ModelConfig:
         for key in ("n_group", "topk_group"):  # V2-Lite writes null: one group, all kept
             if kwargs.get(key) is None:
                 kwargs[key] = 1
-        if kwargs.get("moe_layer_freq", 1) != 1 or hf.get("moe_layer_freq", 1) != 1:
+        if hf.get("moe_layer_freq", 1) != 1:
             raise ValueError(f"{source}: moe_layer_freq={hf['moe_layer_freq']} is not supported (every DeepSeek "
                              "checkpoint uses 1: all layers from first_k_dense_replace on are MoE)")
         if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
             kwargs["num_nextn_predict_layers"] = hf["num_mtp_layers"]
-        for key in ("bos_token_id", "eos_token_id"):
-            if isinstance(kwargs.get(key), list):  # some configs list several ids; the first is the canonical one
-                kwargs[key] = kwargs[key][0]
-        kwargs["rope_theta"], kwargs["rope_scaling"] = _rope_from_hf(hf, source)
+        # Some configs list several ids; the first is the canonical one, the others must be valid ids too.
+        id_lists = {k: kwargs[k] for k in ("bos_token_id", "eos_token_id") if isinstance(kwargs.get(k), list)}
         try:
-            return cls(**kwargs)
+            for key, ids in id_lists.items():
+                if not ids:
+                    raise ValueError(f"ModelConfig.{key}: must be a token id or a non-empty list of them (got [])")
+                kwargs[key] = ids[0]
+            kwargs["rope_theta"], kwargs["rope_scaling"] = _rope_from_hf(hf)
+            config = cls(**kwargs)
+            for key, ids in id_lists.items():
+                for other in ids[1:]:
+                    dataclasses.replace(config, **{key: other})  # validates `other` like the first id
+            return config
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
@@ -270,36 +300,57 @@ def yarn_get_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def _rope_from_hf(hf: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
-    """Normalise both RoPE spellings to (rope_theta, rope_scaling or None)."""
+def _check(name: str, value: Any, kind: type, bound: tuple[float, bool] | None = None, nullable: bool = False) -> None:
+    """Raise ValueError unless `value` is a `kind` (int, float, bool, str or dict) within `bound` (low, inclusive).
+    Bools are not numbers here and floats must be finite: JSON's true or NaN in a size or a scale, or "768" for an
+    int, would otherwise pass on to a silently wrong model or a raw error deep inside torch."""
+    if kind in (int, float):
+        number = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+        ok = number and (not isinstance(value, float) or math.isfinite(value))
+        what = "an integer" if kind is int else "a finite number"
+        if bound is not None:
+            low, inclusive = bound
+            ok = ok and (value >= low if inclusive else value > low)
+            what += f" {'>=' if inclusive else '>'} {low}"
+    else:
+        ok, what = isinstance(value, kind), {bool: "true or false", str: "a string", dict: "an object"}[kind]
+    if not ok:
+        raise ValueError(f"ModelConfig.{name}: must be {what}{' or null' if nullable else ''} (got {value!r})")
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """Normalise both RoPE spellings to (rope_theta, rope_scaling or None); ModelConfig.validate checks the values."""
     params = hf.get("rope_parameters")
     legacy = hf.get("rope_scaling")
     theta = hf.get("rope_theta")
     if params is not None and not isinstance(params, dict):
-        raise ValueError(f"{source}: rope_parameters must be an object, got {type(params).__name__}")
+        raise ValueError(f"rope_parameters must be an object, got {type(params).__name__}")
     if params:
         theta = params.get("rope_theta", theta)
         scaling = {k: v for k, v in params.items() if k not in ("rope_theta",)}
-    elif legacy:
+    elif legacy is not None:
         if not isinstance(legacy, dict):
-            raise ValueError(f"{source}: rope_scaling must be an object or null, got {type(legacy).__name__}")
+            raise ValueError(f"rope_scaling must be an object or null, got {type(legacy).__name__}")
         scaling = dict(legacy)
         theta = scaling.pop("rope_theta", theta)  # transformers 5 also writes the base into the dict
     else:
         scaling = {}
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     scaling.pop("type", None)
-    theta = 10000.0 if theta is None else float(theta)
+    theta = 10000.0 if theta is None else theta
     if rope_type == "default":
         return theta, None
     if rope_type != "yarn":
-        raise ValueError(f"{source}: rope type {rope_type!r} is not supported; DeepSeek models use 'yarn' or none")
+        raise ValueError(f"rope type {rope_type!r} is not supported; DeepSeek models use 'yarn' or none")
     scaling = {"rope_type": "yarn", **scaling}
-    if not scaling.get("factor"):
+    max_positions = hf.get("max_position_embeddings", ModelConfig.max_position_embeddings)
+    if scaling.get("factor") is None:
         # transformers 5 falls back to max_position_embeddings / original_max_position_embeddings
         orig = scaling.get("original_max_position_embeddings")
-        if not orig:
-            raise ValueError(f"{source}: yarn rope scaling needs 'factor' or 'original_max_position_embeddings'")
-        scaling["factor"] = hf["max_position_embeddings"] / orig
-    scaling.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 4096))
+        if orig is None:
+            raise ValueError("yarn rope scaling needs 'factor' or 'original_max_position_embeddings'")
+        _check("max_position_embeddings", max_positions, int, (1, True))  # both checked before dividing
+        _check("rope_scaling.original_max_position_embeddings", orig, int, (1, True))
+        scaling["factor"] = max_positions / orig
+    scaling.setdefault("original_max_position_embeddings", max_positions)
     return theta, scaling

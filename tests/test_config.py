@@ -1,10 +1,15 @@
 """ModelConfig: both HF RoPE spellings, round trips, and clear errors on unknown or inconsistent fields."""
 
 import json
+import math
+import re
+from pathlib import Path
 
 import pytest
 
 from dsv3 import ModelConfig
+
+BUNDLED = Path(__file__).parents[1] / "dsv3" / "bundled" / "config.json"
 
 V3_HUB_ROPE = {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
                "original_max_position_embeddings": 4096}
@@ -88,4 +93,75 @@ def test_missing_and_broken_files(tmp_path):
         ModelConfig.from_hf(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
+        ModelConfig.from_hf(tmp_path)
+
+
+def bundled_with_yarn() -> dict:
+    """The bundled model's config.json plus a YaRN block, so the rope_scaling entries are checked as well."""
+    return {**json.loads(BUNDLED.read_text()), "rope_scaling": {
+        "type": "yarn", "factor": 4, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 256}}
+
+
+def test_bundled_and_hub_shaped_configs_still_load(tmp_path):
+    """Guard for the checks below: what real checkpoints ship keeps loading (token id lists, int rope_theta)."""
+    assert ModelConfig.from_hf(BUNDLED.parent).pad_token_id == 2
+    (tmp_path / "config.json").write_text(json.dumps({**bundled_with_yarn(), "eos_token_id": [1, 2]}))
+    assert ModelConfig.from_hf(tmp_path).eos_token_id == 1
+    assert ModelConfig.from_hf({**v3_hub_json(), "pad_token_id": None}).rope_theta == 10000
+
+
+def rope(**entries) -> dict:
+    return {"rope_scaling": {**bundled_with_yarn()["rope_scaling"], **entries}}
+
+
+@pytest.mark.parametrize("change, field", [
+    # wrong types that used to fail deep inside torch or compare str with int
+    ({"intermediate_size": "768"}, "intermediate_size"), ({"n_group": 4.0}, "n_group"),
+    ({"first_k_dense_replace": "2"}, "first_k_dense_replace"), ({"num_experts_per_tok": "4"}, "num_experts_per_tok"),
+    ({"n_routed_experts": "16"}, "n_routed_experts"), ({"num_nextn_predict_layers": "1"}, "num_nextn_predict_layers"),
+    ({"routed_scaling_factor": "x"}, "routed_scaling_factor"), ({"rope_theta": "abc"}, "rope_theta"),
+    (rope(factor="4"), "rope_scaling.factor"), (rope(beta_fast="x"), "rope_scaling.beta_fast"),
+    ({"bos_token_id": []}, "bos_token_id"),
+    # out of range
+    ({"intermediate_size": -5}, "intermediate_size"), ({"n_shared_experts": -1}, "n_shared_experts"),
+    ({"first_k_dense_replace": -1}, "first_k_dense_replace"),
+    ({"num_nextn_predict_layers": -1}, "num_nextn_predict_layers"),
+    ({"pad_token_id": -5}, "pad_token_id"), ({"eos_token_id": 99999}, "eos_token_id"),
+    ({"eos_token_id": [1, 99999]}, "eos_token_id"), ({"rms_norm_eps": 0}, "rms_norm_eps"),
+    (rope(original_max_position_embeddings=0), "rope_scaling.original_max_position_embeddings"),
+    (rope(factor=-4), "rope_scaling.factor"), (rope(beta_slow=-1), "rope_scaling.beta_slow"),
+    # silently accepted before: truthy strings, bools as ints, NaN
+    ({"norm_topk_prob": "false"}, "norm_topk_prob"), ({"rope_interleave": "false"}, "rope_interleave"),
+    ({"q_lora_rank": True}, "q_lora_rank"), ({"eos_token_id": "x"}, "eos_token_id"),
+    ({"rms_norm_eps": math.nan}, "rms_norm_eps"), ({"routed_scaling_factor": math.nan}, "routed_scaling_factor"),
+    ({"rope_theta": math.nan}, "rope_theta"), (rope(factor=math.nan), "rope_scaling.factor"),
+    (rope(mscale="1"), "rope_scaling.mscale"),
+])
+def test_bad_values_name_file_and_field(tmp_path, change, field):
+    (tmp_path / "config.json").write_text(json.dumps({**bundled_with_yarn(), **change}))  # NaN is written as NaN
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: ModelConfig\.{field}: "
+                                         r"must be .* \(got .*\)$"):
+        ModelConfig.from_hf(tmp_path)
+
+
+def test_yarn_factor_falls_back_to_the_default_context():
+    hub = {**bundled_with_yarn(), "rope_scaling": {"type": "yarn", "original_max_position_embeddings": 256}}
+    del hub["max_position_embeddings"]  # ModelConfig's default (4096) applies, as transformers' does
+    assert ModelConfig.from_hf(hub).rope_scaling["factor"] == 4096 / 256
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"[1, 2]", "must hold a JSON object (got list)"), (b'"x"', "must hold a JSON object (got str)"),
+    (b"null", "must hold a JSON object"), (b'{"vocab_size": "\xff"}', "not UTF-8 text (byte 16"),
+])
+def test_unreadable_config_file_is_named(tmp_path, content, message):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'config.json'}: {message}")):
+        ModelConfig.from_hf(tmp_path)
+
+
+def test_config_json_directory_is_named(tmp_path):
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'config.json'}: is a directory")):
         ModelConfig.from_hf(tmp_path)
