@@ -14,9 +14,12 @@ engine, so --workers above 1 is refused: scale out with replicas behind a load b
 
 from __future__ import annotations
 
+import argparse
 import errno
+import functools
 import json
 import logging
+import math
 import os
 import socket
 import ssl
@@ -49,6 +52,88 @@ WORKERS_REFUSED = ("one dsv3 serve process runs one engine, which batches every 
                    "with replicas behind a load balancer (a Kubernetes Service: docs/deploy.md)")
 
 
+def _bounded(convert, low: float, expected: str, strict: bool = False):
+    """An argparse type: `convert` (int or float) of the text, finite and >= low (> low when strict); anything else
+    is refused with `expected`. --config values go through the same function (_config_value)."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not math.isfinite(value) or value < low or (strict and value == low):
+            raise ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__, parse.base, parse.expected = expected, convert, expected
+    return parse
+
+
+positive_int = _bounded(int, 1, "an integer >= 1")
+non_negative = _bounded(float, 0, "a finite number >= 0")
+EXPECTED = {int: "an integer", float: "a number", str: "a string"}  # a --config value's type, by its flag's type
+
+
+@functools.cache
+def _serve_actions() -> dict:
+    """`dsv3 serve`'s argparse actions by option name: a --config value is checked with its flag's own type, choices
+    and range, so the file and the command line cannot drift apart."""
+    parser = argparse.ArgumentParser(add_help=False)
+    sub = parser.add_subparsers()
+    add_cli(sub)
+    actions = {}
+    for action in sub.choices["serve"]._actions:
+        actions.setdefault(action.dest, action)  # --compile / --eager share one name: both are true or false
+    return actions
+
+
+class ConfigValueError(ValueError):
+    """A --config value its flag would refuse: what was expected, and the value."""
+
+    def __init__(self, expected: str, value) -> None:
+        super().__init__(expected)
+        self.expected, self.value = expected, value
+
+    def describe(self, secret: bool) -> str:  # a secret (an API key) is never echoed, only its kind
+        got = f"a value of type {type(self.value).__name__}" if secret else repr(self.value)
+        return f"expected {self.expected}, got {got}"
+
+
+def _config_item(action, value):
+    """One value for `action` (a list option: one item): its JSON/TOML type first (no bool for a number, no number
+    for a string), then the flag's type (range, finiteness) and choices, as argparse applies them to the text."""
+    base = getattr(action.type, "base", action.type) or str
+    accepted = (int, float) if base is float else (base,)
+    expected = getattr(action.type, "expected", EXPECTED.get(base, base.__name__))
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        raise ConfigValueError(expected, value)
+    if action.type is not None:
+        try:
+            value = action.type(str(value))
+        except (ArgumentTypeError, TypeError, ValueError):
+            raise ConfigValueError(expected, value) from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigValueError(f"one of {', '.join(map(str, action.choices))}", value)
+    return value
+
+
+def _config_value(action, value):
+    """A --config value checked as its flag would check it. A list option (a repeatable flag) takes a list of
+    strings, or one string as a one-item list (api_key = "sk-..." is one key, never a list of its letters); an on/off
+    flag takes true or false."""
+    if action.nargs == 0:
+        if not isinstance(value, bool):
+            raise ConfigValueError("true or false", value)
+        return value
+    if isinstance(action, argparse._AppendAction):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigValueError("a string or a list of strings", value)
+        return [_config_item(action, item) for item in value]
+    return _config_item(action, value)
+
+
 def _read_config(path: str) -> dict:
     file = Path(path)
     try:
@@ -60,12 +145,18 @@ def _read_config(path: str) -> dict:
         raise SystemExit(f"--config: {file} is not valid {'TOML' if file.suffix == '.toml' else 'JSON'}: {error}")
     if not isinstance(values, dict):
         raise SystemExit(f"--config: {file} must hold an object of option names to values")
+    actions = _serve_actions()
     out = {}
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in DEFAULTS or name == "config":
             raise SystemExit(f"--config: {file}: unknown option {key!r}; known: {', '.join(sorted(DEFAULTS))}")
-        out[name] = value
+        if value is None:  # JSON null: the default, as if the key were not there
+            continue
+        try:
+            out[name] = _config_value(actions[name], value)
+        except ConfigValueError as error:
+            raise SystemExit(f"--config: {file}: {key}: {error.describe(secret=name == 'api_key')}") from None
     return out
 
 
@@ -231,11 +322,12 @@ def serve(args) -> int:
         raise SystemExit(f"--workers {workers}: expected 1")
     if workers > 1:
         raise SystemExit(f"--workers {workers}: {WORKERS_REFUSED}")
-    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace > 0:
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 < grace < math.inf:
         raise SystemExit(f"--drain-timeout {grace}: expected a positive number of seconds")
-    log_options = configure_logging(options["log_level"], options["log_format"])
     if bool(options["ssl_certfile"]) != bool(options["ssl_keyfile"]):
         raise SystemExit("--ssl-certfile and --ssl-keyfile go together")
+    check_tls_files(options)  # before the model loads, as the port is: a wrong path fails at once
+    log_options = configure_logging(options["log_level"], options["log_format"])
     if init() > 1 and rank() > 0:  # torchrun: rank 0 serves HTTP; the others follow its engine steps
         return build_app(options).state.dsv3.lifecycle.engine.follow()
     sock = listen(options["host"], options["port"])  # before the model loads: a busy port fails at once
@@ -250,6 +342,21 @@ def serve(args) -> int:
     except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises Ctrl-C: the usual way to stop
         pass
     return 0
+
+
+def check_tls_files(options: dict) -> None:
+    """--ssl-certfile and --ssl-keyfile, when given, must be files this process can read (uvicorn reads them only
+    after the model has loaded, and its error names neither flag nor path)."""
+    for name in ("ssl_certfile", "ssl_keyfile"):
+        path = options[name]
+        if not path:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as error:
+            raise SystemExit(f"--{name.replace('_', '-')} {path}: cannot read it "
+                             f"({error.strerror or error})") from None
 
 
 def listen(host: str, port) -> socket.socket:
@@ -315,8 +422,8 @@ def add_cli(subparsers) -> None:
                    "$DSV3_API_KEY, comma-separated, and the file $DSV3_API_KEY_FILE, one a line; # comments)")
     p.add_argument("--config", help="JSON or TOML file of options (command-line flags win)")
     p.add_argument("--allow-cidr", action="append", help="client network allowed, e.g. 10.0.0.0/8 (repeatable)")
-    p.add_argument("--rate-limit", type=float, help="requests per second per key (default 100; 0 = off)")
-    p.add_argument("--rate-burst", type=float, help="token-bucket size (default: the rate)")
+    p.add_argument("--rate-limit", type=non_negative, help="requests per second per key (default 100; 0 = off)")
+    p.add_argument("--rate-burst", type=non_negative, help="token-bucket size (default: the rate)")
     p.add_argument("--ssl-certfile", help="TLS certificate (PEM); TLS 1.3 minimum")
     p.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
     p.add_argument("--plugin", action="append", help="module:Class with pre_process/post_process (repeatable)")
@@ -325,12 +432,13 @@ def add_cli(subparsers) -> None:
     p.add_argument("--max-waiting", type=int, help="queued requests before 503 (default 256)")
     p.add_argument("--max-prefill-tokens", type=int, help="prompt tokens prefilled per step (default 2048)")
     p.add_argument("--block-size", type=int, help="prefix-cache block length in tokens (default 16)")
-    p.add_argument("--prefix-cache-mb", type=float, help="prefix-cache memory cap in MiB (default 64; 0 = off)")
+    p.add_argument("--prefix-cache-mb", type=non_negative,
+                   help="prefix-cache memory cap in MiB (default 64; 0 = off)")
     p.add_argument("--device", help="torch device: auto (default: cuda when available, else cpu), cpu, cuda:1 ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
                    help="weights dtype (default: float32 on CPU, the checkpoint's on other devices)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core); on a "
-                   "small CPU box 1 leaves a core to the HTTP side")
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's, one per core); "
+                   "on a small CPU box 1 leaves a core to the HTTP side")
     p.add_argument("--quantize", choices=["int8", "int4", "fp8"],
                    help="quantize the weights after loading (dsv3.quant; int4 uses groups of 128); checkpoints "
                         "written by `dsv3 quantize` load quantized without it")
@@ -350,8 +458,9 @@ def add_cli(subparsers) -> None:
     # running under an orchestrator: docs/deploy.md
     p.add_argument("--log-format", choices=["text", "json"], help="text lines (default) or one JSON object per line, "
                    "each with the request id (x-request-id) of the request it belongs to")
-    p.add_argument("--drain-timeout", type=float, help="on SIGTERM: seconds the requests in flight get to finish "
-                   "while new ones get 503 and /ready answers 503 (default 25; keep below the orchestrator's grace)")
+    p.add_argument("--drain-timeout", type=float, help="on SIGTERM: seconds the requests in flight get "
+                   "to finish while new ones get 503 and /ready answers 503 (default 25; keep below the "
+                   "orchestrator's grace)")
     p.add_argument("--workers", type=int, help="server processes: only 1; scale out with replicas behind a load "
                    "balancer (docs/deploy.md)")
     # request limits and trust boundaries: docs/security.md

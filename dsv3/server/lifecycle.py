@@ -7,11 +7,13 @@ step allocates and, on a GPU, loads kernels). On termination the kubelet sends S
 requests (503 + Retry-After) and answers `/ready` 503 so the endpoint leaves the Service, lets the requests in flight
 (streams included) finish for up to `grace` seconds, aborts those still running then (a stream ends with an error
 event), shuts uvicorn down and exits 0. A second SIGTERM or a SIGINT during the drain ends it (uvicorn's shutdown,
-cutting what still runs a second later); SIGINT alone is uvicorn's Ctrl-C. docs/deploy.md §5.
+cutting what still runs a second later); SIGINT alone is uvicorn's Ctrl-C, and a second Ctrl-C (uvicorn's force quit)
+still stops the engine through the app's lifespan. docs/deploy.md §5.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import time
@@ -81,3 +83,15 @@ class DrainingServer(uvicorn.Server):
                     self.lifecycle.engine.shutdown()
                 self.should_exit = True
         return await super().on_tick(counter)
+
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets=sockets)
+        done = getattr(self.lifespan, "shutdown_event", None)  # None: no lifespan (uvicorn's lifespan="off")
+        if self.force_exit and done is not None and not done.is_set():
+            # A second Ctrl-C: uvicorn skips the app's lifespan shutdown, leaving the engine thread running and the
+            # lifespan task to be cancelled as the event loop closes, which starlette logs as a traceback. Ending
+            # it is quick: the engine stops (requests still running end as aborted, a stream with an error event)
+            # and their handlers get a second to send that before the loop closes.
+            await self.lifespan.shutdown()
+            if self.server_state.tasks:
+                await asyncio.wait(list(self.server_state.tasks), timeout=1)
