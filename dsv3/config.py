@@ -210,19 +210,7 @@ class ModelConfig:
         if not isinstance(config, dict):
             path = Path(config)
             path = path / "config.json" if path.is_dir() else path
-            source = str(path)
-            try:
-                config = json.loads(path.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{path}: no config.json here") from None
-            except IsADirectoryError:
-                raise ValueError(f"{path}: is a directory, expected a JSON file") from None
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-            if not isinstance(config, dict):
-                raise ValueError(f"{path}: must hold a JSON object (got {type(config).__name__})")
+            source, config = str(path), _read_json_object(path)
         hf = dict(config)
         model_type = hf.get("model_type")
         if model_type == "deepseek_v32":
@@ -298,6 +286,23 @@ class ModelConfig:
 def yarn_get_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN attention temperature √t = 0.1·m·ln(s) + 1 (paper-V3 §4.3), 1 when not extending."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A config file's JSON object; a one-line error naming the file for anything else."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no config.json here") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, expected a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: must hold a JSON object (got {type(config).__name__})")
+    return config
 
 
 def _check(name: str, value: Any, kind: type, bound: tuple[float, bool] | None = None, nullable: bool = False) -> None:
