@@ -21,6 +21,17 @@ from .atomic import write_file
 DocSplit = Literal["line", "paragraph", "file"]
 
 
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's content; text that is not UTF-8 is a ValueError naming the file, line and byte."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = raw[:e.start].decode("utf-8")  # valid up to the bad byte
+        line = len((before + "x").splitlines())  # str.splitlines' line breaks, as the readers count lines
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); expected a UTF-8 file") from None
+
+
 def read_documents(paths: Sequence[str | Path], doc_split: DocSplit = "line") -> Iterable[str]:
     """Documents of plain UTF-8 text files: each non-empty line, each blank-line-separated paragraph, or each file."""
     if doc_split not in ("line", "paragraph", "file"):
@@ -29,7 +40,7 @@ def read_documents(paths: Sequence[str | Path], doc_split: DocSplit = "line") ->
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
         if doc_split == "file":
             parts = [text]
         elif doc_split == "paragraph":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 from dataclasses import dataclass
@@ -33,11 +34,13 @@ from tqdm import tqdm
 
 from .atomic import directory, write_file
 from .checkpoint import load_pretrained
+from .data import read_text
 from .distributed import data_parallel, init
 from .arguments import REVISION_HELP, model_path
 from .lora import LORA_TARGETS, apply_lora, lora_modules, quantized_reference_forward, save_adapter
 from .model import Transformer
 from .tokenizer import Tokenizer
+from .train_state import refuse_earlier_run
 
 DEFAULT_TARGETS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 IGNORE = -100
@@ -93,9 +96,11 @@ def read_examples(path: str | Path, tokenizer: Tokenizer, max_length: int) -> li
     path = Path(path)
     examples, cut, dropped = [], 0, 0
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_text(path).splitlines()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
+    except ValueError as e:  # not UTF-8: names path:line
+        raise DataError(str(e)) from None
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -144,6 +149,21 @@ def example_loss(model: Transformer, ids: torch.Tensor, targets: torch.Tensor) -
     return loss, int((targets != IGNORE).sum())
 
 
+# name -> [low, high): each value finite and in it (nan / inf would train on silently into a NaN adapter)
+_RANGES = {"lr": (0, math.inf), "alpha": (0, math.inf), "weight_decay": (0, math.inf), "eval_fraction": (0, 1),
+           "dropout": (0, 1)}
+
+
+def check_hyperparameters(prefix: str = "", **values: float) -> None:
+    """Each value finite and in its _RANGES range, else a ValueError naming it (prefix + name, e.g. "--lr")."""
+    for name, value in values.items():
+        low, high = _RANGES[name]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value < high):
+            want = "a finite number >= 0" if high == math.inf else f"a number in [{low}, {high})"
+            flag = prefix + (name.replace("_", "-") if prefix else name)
+            raise ValueError(f"{flag}: expected {want}, got {value}")
+
+
 class LoRATrainer:
     """Fine-tunes LoRA adapters on a frozen base (plain or quantized: QLoRA) with AdamW.
 
@@ -158,6 +178,8 @@ class LoRATrainer:
                  eval_fraction: float = 0.1, seed: int = 0, weight_decay: float = 0.0, keep_checkpoints: int = 2,
                  tokenizer: Tokenizer | None = None, device: str | torch.device | None = None,
                  progress: bool = True) -> None:
+        check_hyperparameters(lr=lr, alpha=alpha, weight_decay=weight_decay, eval_fraction=eval_fraction,
+                              dropout=dropout)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         from_dir = isinstance(base_model, (str, Path))
         if tokenizer is None:
@@ -199,6 +221,10 @@ class LoRATrainer:
         checkpoint), so a resume goes on with the next epoch.
         """
         start_epoch, step, history = 0, 0, []
+        if not resume:  # a fresh run's retention and adapter would replace an earlier run's (every rank looks)
+            refuse_earlier_run(self.output_dir, "output_dir", "resume=True", "checkpoint-epoch*",
+                               ("adapter_model.safetensors", "adapter_config.json"))
+            data_parallel.barrier()
         if resume and self.checkpoints():
             start_epoch, step, history = self._load_checkpoint(self.checkpoints()[-1])
         steps_per_epoch = -(-len(self.train_examples) // batch_size)
@@ -319,10 +345,19 @@ def run(args: argparse.Namespace) -> int:
     for name, value in counts.items():
         if value < 1:
             raise SystemExit(f"dsv3 finetune: --{name.replace('_', '-')} must be at least 1, got {value}")
-    if not 0 <= args.eval_fraction < 1:
-        raise SystemExit(f"dsv3 finetune: --eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    try:
+        check_hyperparameters("--", lr=args.lr, alpha=args.alpha, eval_fraction=args.eval_fraction,
+                              dropout=args.dropout)
+    except ValueError as e:
+        raise SystemExit(f"dsv3 finetune: {e}") from None
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise SystemExit(f"dsv3 finetune: --output {args.output}: a file is there; expected a directory")
+    if not args.resume:  # before the model and the data: nothing of an earlier run in --output is overwritten
+        try:
+            refuse_earlier_run(args.output, "--output", "--resume", "checkpoint-epoch*",
+                               ("adapter_model.safetensors", "adapter_config.json"))
+        except FileExistsError as e:
+            raise SystemExit(f"dsv3 finetune: {e}") from None
     if not Path(args.data).is_file():
         raise SystemExit(f"dsv3 finetune: --data {args.data}: no such file")
     model_dir = model_path(args.model, args.revision) if args.model else bundled_model_path()
@@ -354,7 +389,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--model", help="base checkpoint directory or hub id (default: the bundled model)")
     p.add_argument("--revision", help=REVISION_HELP)
     p.add_argument("--data", required=True, help="jsonl: {'messages': [...]} or {'prompt', 'completion'} per line")
-    p.add_argument("--output", required=True, help="directory for the adapter (PEFT format) and checkpoints")
+    p.add_argument("--output", required=True, help="directory for the adapter (PEFT format) and checkpoints; new or "
+                   "empty, unless --resume continues the run in it")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     p.add_argument("--alpha", type=float, default=16, help="LoRA alpha: updates scale by alpha/r (default 16)")
     p.add_argument("--target-modules", nargs="+", default=list(DEFAULT_TARGETS), choices=LORA_TARGETS,

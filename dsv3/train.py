@@ -36,8 +36,8 @@ from .arguments import REVISION_HELP, model_path
 from .data import EpochSampler, PackedSequences
 from .model import Transformer
 from .moe import MoE
-from .train_state import (MetricsLog, StopOnSignal, TrainingInterrupted, checkpoints, load_checkpoint, rng_state,
-                          save_checkpoint)
+from .train_state import (MetricsLog, StopOnSignal, TrainingInterrupted, checkpoints, load_checkpoint,
+                          refuse_earlier_run, rng_state, save_checkpoint)
 
 DSA_STAGES = ("off", "warmup", "sparse")  # TrainConfig.dsa_stage / --dsa-stage
 
@@ -81,9 +81,14 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "bias_update_speed", "balance_loss_alpha",
-                     "mtp_loss_weight", "warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
+                     "mtp_loss_weight"):  # nan / inf would train on silently into a NaN model
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):  # AdamW's range
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {list(self.betas)}")
         if self.micro_batch_size is not None and (self.micro_batch_size <= 0
                                                   or self.batch_size % self.micro_batch_size):
             raise ValueError(f"TrainConfig.micro_batch_size={self.micro_batch_size} must divide "
@@ -95,13 +100,23 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrainConfig":
-        """Read a JSON object of TrainConfig fields; an unknown key is an error naming it."""
-        data = json.loads(Path(path).read_text())
+        """Read a JSON object of TrainConfig fields; an unknown key or a bad value is a ValueError naming the file."""
+        from .data import read_text
+
+        try:
+            data = json.loads(read_text(path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of TrainConfig fields, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         for key in data:
             if key not in names:
                 raise ValueError(f"{path}: unknown TrainConfig key {key!r}; known keys: {sorted(names)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "betas": list(self.betas)}
@@ -242,6 +257,14 @@ def train(model: Transformer, cfg: TrainConfig, train_data, eval_data=None, *, r
     KeyboardInterrupt) saying where it is; `resume=True` continues from it exactly. A second signal stops at once.
     """
     out_dir = Path(cfg.out_dir)
+    if stop_at is not None and stop_at < 1:
+        raise ValueError(f"stop_at: expected >= 1, got {stop_at}")
+    max_pos = model.config.max_position_embeddings
+    if cfg.seq_len > max_pos:
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings {max_pos}")
+    if not resume:  # a fresh run's retention and logs would destroy an earlier run's (every rank looks, then waits)
+        refuse_earlier_run(out_dir, "out_dir", "resume=True")
+        data_parallel.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
     device, autocast = _device_and_autocast(cfg)
     model.to(device).train()
@@ -372,7 +395,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-fraction", type=float, default=0.01,
                    help="without --eval-data: hold out this fraction of the training tokens (default 0.01; 0: none)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model's if it has one, else the bundled one)")
-    p.add_argument("--out", required=True, help="output directory: checkpoints, metrics, token cache")
+    p.add_argument("--out", required=True, help="output directory: checkpoints, metrics, token cache; new or empty, "
+                   "unless --resume continues the run in it")
     p.add_argument("--train-config", help="JSON file of TrainConfig fields (flags below override it)")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "out_dir":
@@ -428,7 +452,20 @@ def run(args: argparse.Namespace) -> int:
         cfg = _train_config(args)
     except (OSError, ValueError) as error:  # --train-config's file, or a field's value
         raise SystemExit(f"dsv3 train: {error}") from None
+    if not (math.isfinite(args.eval_fraction) and 0 <= args.eval_fraction < 1):
+        raise SystemExit(f"dsv3 train: --eval-fraction: expected a number in [0, 1) (0: none), "
+                         f"got {args.eval_fraction}")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise SystemExit(f"dsv3 train: --stop-at: expected >= 1, got {args.stop_at}")
     out = Path(cfg.out_dir)
+    if args.resume and not checkpoints(out) and (args.config or args.model):  # neither: the message below
+        raise SystemExit(f"dsv3 train: --resume: no checkpoint-* directory with trainer_state.json in {out}")
+    if not args.resume:  # before the model and the tokenizing: nothing of an earlier run in --out is overwritten
+        try:
+            refuse_earlier_run(out, "--out", "--resume")
+        except FileExistsError as error:
+            raise SystemExit(f"dsv3 train: {error}") from None
+        data_parallel.barrier()  # under torchrun: every rank has looked before rank 0 writes
     source_dir = model_path(args.model, args.revision) if args.model else None
     if args.config:
         try:
@@ -451,6 +488,9 @@ def run(args: argparse.Namespace) -> int:
     elif cfg.dsa_stage != "off" and not model.config.uses_dsa:
         raise SystemExit(f"dsv3 train: --dsa-stage {cfg.dsa_stage} needs a model with indexers (config index_topk) "
                          "or --index-topk K to add them")
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise SystemExit(f"dsv3 train: --seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                         f"{model.config.max_position_embeddings}")
     tok_dir = Path(args.tokenizer or (source_dir if source_dir and Path(source_dir, "tokenizer.json").is_file()
                                       else _BUNDLED))
     tokenizer = Tokenizer.from_pretrained(tok_dir)
@@ -458,16 +498,19 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"dsv3 train: the tokenizer in {tok_dir} has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {model.config.vocab_size}")
     source = dict(tokenizer=tokenizer, tokenizer_dir=tok_dir, cache_dir=out / "data", doc_split=args.doc_split)
-    if args.data:
-        tokens = data.load_tokens(files=args.data, **source)
-    else:
-        tokens = data.load_tokens(dataset=args.dataset, split=args.split, text_column=args.text_column,
-                                  dataset_config=args.dataset_config, **source)
-    eval_tokens = None
-    if args.eval_data:
-        eval_tokens = data.load_tokens(files=args.eval_data, **source)
-    elif args.eval_fraction > 0:
-        tokens, eval_tokens = data.split_holdout(tokens, args.eval_fraction, cfg.seq_len)
+    try:  # a file that is not UTF-8 text, a dataset without the column, too few tokens: one line naming it
+        if args.data:
+            tokens = data.load_tokens(files=args.data, **source)
+        else:
+            tokens = data.load_tokens(dataset=args.dataset, split=args.split, text_column=args.text_column,
+                                      dataset_config=args.dataset_config, **source)
+        eval_tokens = None
+        if args.eval_data:
+            eval_tokens = data.load_tokens(files=args.eval_data, **source)
+        elif args.eval_fraction > 0:
+            tokens, eval_tokens = data.split_holdout(tokens, args.eval_fraction, cfg.seq_len)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"dsv3 train: {error}") from None
     n_params = model.num_parameters(include_mtp=True)
     data_parallel.say(f"dsv3 train: {n_params / 1e6:.2f}M parameters, {len(tokens):,} training tokens"
                       + (f", {len(eval_tokens):,} held-out tokens" if eval_tokens is not None else ""))
@@ -478,6 +521,8 @@ def run(args: argparse.Namespace) -> int:
     except TrainingInterrupted as stopped:
         print(f"dsv3 train: {stopped}", file=sys.stderr)
         return 130
+    except ValueError as error:  # --resume into a run with another seq_len / batch_size / seed; too little data
+        raise SystemExit(f"dsv3 train: {error}") from None
     final = checkpoints(out)[-1]
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
     data_parallel.say(f"dsv3 train: checkpoint {final}" + (f", eval loss {evals[-1]:.4f}" if evals else ""))

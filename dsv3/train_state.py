@@ -68,6 +68,29 @@ def checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def refuse_earlier_run(out_dir: str | Path, flag: str, resume: str, checkpoint_glob: str = "checkpoint-*",
+                       outputs: Sequence[str] = ("metrics.jsonl",)) -> None:
+    """A run that does not resume must not write into a directory holding an earlier run's results: its retention
+    would delete the new checkpoints (or replace the old ones of the same number) and its logs would be overwritten.
+
+    Raises FileExistsError naming out_dir when it holds an entry matching checkpoint_glob or a non-empty file of
+    `outputs`; a missing or empty directory (or one with only other files, e.g. a token cache) passes.
+    flag: the option naming the directory ("--out"); resume: how to continue instead ("--resume", "resume=True").
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    found = sorted((p.name for p in out_dir.glob(checkpoint_glob)), key=lambda n: (len(n), n))  # checkpoint-9 < -10
+    logs = [n for n in outputs if (out_dir / n).is_file() and (out_dir / n).stat().st_size]
+    if found:
+        raise FileExistsError(f"{flag} {out_dir} already holds an earlier run's checkpoints ({', '.join(found[-3:])}"
+                              f"{', ...' if len(found) > 3 else ''}): pass {resume} to continue it, or choose a new "
+                              "directory")
+    if logs:
+        raise FileExistsError(f"{flag} {out_dir} already holds an earlier run's {' and '.join(logs)} (and no "
+                              "checkpoint to resume from): choose a new directory, or remove those files")
+
+
 def load_checkpoint(path: Path, model: Transformer, optimizer: torch.optim.Optimizer, train_config: dict) -> dict:
     """Restore weights, optimizer and RNG states in place; returns trainer_state.json.
 

@@ -267,6 +267,13 @@ def test_trainer_learns_checkpoints_and_resumes(tmp_path):
     assert len(epochs) == 3 and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     assert [p.name for p in full.checkpoints()] == ["checkpoint-epoch002", "checkpoint-epoch003"]
     assert not list((tmp_path / "full").glob(".*tmp*"))  # temporary directories renamed or removed
+    # a fresh run into the same directory would replace the adapter and lose its checkpoints to retention
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "full").rglob("*")}
+    again = LoRATrainer(copy.deepcopy(base), data, output_dir=tmp_path / "full", **kw)
+    with pytest.raises(FileExistsError, match=r"full already holds an earlier run's checkpoints \(checkpoint-epoch002, "
+                                              r"checkpoint-epoch003\): pass resume=True to continue it"):
+        again.train(epochs=1, batch_size=4)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "full").rglob("*")} == before
     # 2 epochs, then resume to 3: the same adapter as 3 in one go
     part = LoRATrainer(copy.deepcopy(base), data, output_dir=tmp_path / "part", **kw)
     part.train(epochs=2, batch_size=4)
@@ -278,3 +285,50 @@ def test_trainer_learns_checkpoints_and_resumes(tmp_path):
     ids = torch.tensor([full.train_examples[0].ids])
     with torch.no_grad():
         assert rel_err(reloaded(ids), resumed.model(ids)) < 1e-5
+
+
+def test_text_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"prompt": "a", "completion": "b"}) + "\n"
+    path.write_bytes((good * 3).encode() + '{"prompt": "caf\xe9", "completion": "b"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"d\.jsonl:4: not UTF-8 text \(byte 0xe9\)"):
+        read_examples(path, BUNDLED, 64)
+
+
+@pytest.mark.parametrize("option,value,why", [
+    ("lr", math.inf, "lr: expected a finite number >= 0, got inf"),
+    ("alpha", math.nan, "alpha: expected a finite number >= 0, got nan"),
+    ("weight_decay", -1.0, "weight_decay: expected a finite number >= 0"),
+    ("eval_fraction", math.nan, r"eval_fraction: expected a number in \[0, 1\)")])
+def test_trainer_refuses_non_finite_hyperparameters(tmp_path, option, value, why):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}])
+    with pytest.raises(ValueError, match=why):
+        LoRATrainer(dsv3.Transformer(dsv3.ModelConfig.tiny(vocab_size=8192)), data, tokenizer=BUNDLED,
+                    output_dir=tmp_path / "out", **{option: value})
+
+
+@pytest.mark.parametrize("flags,why", [(["--lr", "inf"], "--lr: expected a finite number >= 0, got inf"),
+                                       (["--alpha", "nan"], "--alpha: expected a finite number >= 0, got nan"),
+                                       (["--dropout", "nan"], r"--dropout: expected a number in \[0, 1\), got nan"),
+                                       (["--eval-fraction", "inf"], r"--eval-fraction: expected a number in \[0, 1\)")])
+def test_finetune_cli_refuses_non_finite_values(tmp_path, flags, why):
+    from dsv3.cli import main
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}])
+    with pytest.raises(SystemExit, match=f"^dsv3 finetune: {why}"):
+        main(["finetune", "--data", str(data), "--output", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("earlier", ["checkpoint-epoch003/trainer_state.json", "adapter_model.safetensors"])
+def test_finetune_cli_refuses_an_earlier_run_without_resume(tmp_path, earlier):
+    from dsv3.cli import main
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}])
+    out = tmp_path / "out"
+    (out / earlier).parent.mkdir(parents=True, exist_ok=True)
+    (out / earlier).write_text("{}")
+    with pytest.raises(SystemExit, match=rf"^dsv3 finetune: --output {out} already holds an earlier run's .*"
+                                         "(--resume|choose a new directory)"):
+        main(["finetune", "--data", str(data), "--output", str(out), "--no-progress"])
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()] == [earlier]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +228,158 @@ def test_cli_trains_from_text_and_caches_tokens(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data_mod, "tokenize", no_tokenizing)
     assert train_mod.main([*args, "--steps", "3", "--resume"]) == 0
     assert train_state.checkpoints(out)[-1].name == "checkpoint-000003"
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+def test_a_fresh_run_refuses_a_directory_holding_an_earlier_run(tmp_path):
+    """Without resume, an earlier run's checkpoints and metrics are never overwritten or deleted by retention."""
+    cfg = config(tmp_path, steps=2, keep_checkpoints=1)
+    train(tiny_model(), cfg, TOKENS, progress=False)
+    run = Path(cfg.out_dir)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    with pytest.raises(FileExistsError, match=r"run already holds an earlier run's checkpoints \(checkpoint-000002\)"
+                                              r": pass resume=True to continue it, or choose a new directory"):
+        train(tiny_model(), config(tmp_path, steps=1, keep_checkpoints=1), TOKENS, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    for name in run.iterdir():  # metrics of a run that saved no checkpoint are kept too
+        if name.name != "metrics.jsonl":
+            shutil.rmtree(name) if name.is_dir() else name.unlink()
+    with pytest.raises(FileExistsError, match="metrics.jsonl .*no checkpoint to resume from"):
+        train(tiny_model(), cfg, TOKENS, progress=False)
+    (run / "metrics.jsonl").write_text("")  # interrupted before its first step: nothing to keep
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an existing empty directory is fine
+    assert train(tiny_model(), config(tmp_path, steps=1), TOKENS, progress=False)
+    assert train(tiny_model(), TrainConfig(**{**config(tmp_path, steps=1).to_dict(), "out_dir": str(empty)}),
+                 TOKENS, progress=False)
+
+
+@pytest.mark.parametrize("field,value", [("lr", float("inf")), ("lr", float("nan")), ("grad_clip", float("nan")),
+                                         ("min_lr", -1.0), ("weight_decay", float("inf")),
+                                         ("mtp_loss_weight", float("nan")), ("balance_loss_alpha", float("inf")),
+                                         ("bias_update_speed", float("nan"))])
+def test_float_fields_must_be_finite(tmp_path, field, value):
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{field} must be a finite number >= 0, got {value}"):
+        config(tmp_path, **{field: value})
+
+
+@pytest.mark.parametrize("betas", [(float("nan"), 0.95), (0.9, 2.0), (0.9, 1.0), (-0.1, 0.9)])
+def test_betas_must_be_in_adamws_range(tmp_path, betas):
+    with pytest.raises(ValueError, match=r"TrainConfig\.betas must be two numbers in \[0, 1\)"):
+        config(tmp_path, betas=betas)
+
+
+def test_train_refuses_stop_at_below_one_and_seq_len_past_the_model(tmp_path):
+    for stop_at in (0, -1):
+        with pytest.raises(ValueError, match=f"stop_at: expected >= 1, got {stop_at}"):
+            train(tiny_model(), config(tmp_path), TOKENS, stop_at=stop_at, progress=False)
+    with pytest.raises(ValueError, match="seq_len 17 exceeds the model's max_position_embeddings 16"):
+        train(tiny_model(max_position_embeddings=16), config(tmp_path, seq_len=17), TOKENS, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_text_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("one\ntwo\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt:3: not UTF-8 text \(byte 0xe9\)"):
+        list(data_mod.read_documents([latin1]))
+    with pytest.raises(ValueError, match=r"latin1\.txt:3: not UTF-8 text"):
+        TrainConfig.from_json(latin1)
+
+
+@pytest.mark.parametrize("text,why", [("[1, 2]", "expected a JSON object of TrainConfig fields, got list"),
+                                      ('{"lr": 1e-3,\n', r"train\.json:2: not valid JSON"),
+                                      ('{"lr": NaN}', r"train\.json: TrainConfig\.lr must be a finite number")])
+def test_train_config_json_errors_name_the_file(tmp_path, text, why):
+    path = tmp_path / "train.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=why):
+        TrainConfig.from_json(path)
+
+
+@pytest.fixture
+def cli_files(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(f"word {i % 7} means thing {i % 5}" for i in range(300)))
+    model_cfg = tmp_path / "config.json"
+    ModelConfig.tiny(vocab_size=8192, num_nextn_predict_layers=0, max_position_embeddings=32).to_json(model_cfg)
+    return ["--config", str(model_cfg), "--data", str(text), "--out", str(tmp_path / "out"), "--steps", "1",
+            "--seq-len", "16", "--batch-size", "2", "--no-progress"]
+
+
+@pytest.mark.parametrize("flags,why", [
+    (["--lr", "inf"], "TrainConfig.lr must be a finite number >= 0, got inf"),
+    (["--grad-clip", "nan"], "TrainConfig.grad_clip must be a finite number >= 0, got nan"),
+    (["--betas", "nan", "2"], r"TrainConfig.betas must be two numbers in \[0, 1\), got \[nan, 2.0\]"),
+    (["--eval-fraction", "nan"], r"--eval-fraction: expected a number in \[0, 1\) \(0: none\), got nan"),
+    (["--eval-fraction", "-0.5"], r"--eval-fraction: expected a number in \[0, 1\) \(0: none\), got -0.5"),
+    (["--stop-at", "-1"], "--stop-at: expected >= 1, got -1"),
+    (["--stop-at", "0"], "--stop-at: expected >= 1, got 0"),
+    (["--seq-len", "33"], "--seq-len 33 exceeds the model's max_position_embeddings 32"),
+    (["--resume"], "--resume: no checkpoint-.* in .*out"),
+])
+def test_cli_refuses_bad_values_up_front(cli_files, flags, why, tmp_path):
+    with pytest.raises(SystemExit, match=f"^dsv3 train: {why}"):
+        train_mod.main([*cli_files, *flags])
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_cli_names_a_data_or_train_config_file_that_is_not_utf8(cli_files, tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("one\ncaf\xe9\n".encode("latin-1"))
+    data_at = cli_files.index("--data") + 1
+    with pytest.raises(SystemExit, match=r"^dsv3 train: .*latin1\.txt:2: not UTF-8 text \(byte 0xe9\)"):
+        train_mod.main([*cli_files[:data_at], str(latin1), *cli_files[data_at + 1:]])
+    with pytest.raises(SystemExit, match=r"^dsv3 train: .*latin1\.txt:2: not UTF-8 text"):
+        train_mod.main([*cli_files, "--train-config", str(latin1)])
+
+
+def test_cli_refuses_to_train_over_an_earlier_run(cli_files, tmp_path):
+    out = tmp_path / "out"
+    assert train_mod.main(cli_files) == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(SystemExit, match=rf"^dsv3 train: --out {out} already holds an earlier run's checkpoints "
+                                         r"\(checkpoint-000001\): pass --resume to continue it, or choose a new"):
+        train_mod.main([*cli_files, "--steps", "2"])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert train_mod.main([*cli_files, "--steps", "2", "--resume"]) == 0
+    assert [p.name for p in train_state.checkpoints(out)] == ["checkpoint-000001", "checkpoint-000002"]
+
+
+# ----------------------------------------------------------------------------------------------- dsv3 train-vl
+@pytest.mark.parametrize("flags,why", [
+    (["--steps", "4", "--stage0-steps", "10", "--stage1-steps", "2"],
+     r"--stage0-steps 10, --stage1-steps 2, --steps 4: expected 0 <= --stage0-steps <= --stage1-steps <= --steps"),
+    (["--steps", "4", "--stage0-steps", "2", "--stage1-steps", "5"], "--stage1-steps 5, --steps 4: expected"),
+    (["--steps", "4", "--stage0-steps", "-1", "--stage1-steps", "2"], "--stage0-steps -1, .*: expected"),
+    (["--lr", "nan"], "--lr: expected a finite number >= 0, got nan"),
+    (["--lora-lr", "inf"], "--lora-lr: expected a finite number >= 0, got inf"),
+    (["--until", "0"], "--until: expected >= 1, got 0"),
+])
+def test_train_vl_refuses_bad_values(tmp_path, flags, why):
+    from dsv3.cli import main
+
+    with pytest.raises(SystemExit, match=why):
+        main(["train-vl", "--output", str(tmp_path / "vl"), "--steps", "6", "--stage0-steps", "2",
+              "--stage1-steps", "4", *flags])
+    assert not (tmp_path / "vl").exists()
+
+
+def test_train_vl_refuses_an_earlier_run_and_a_resume_drops_the_records_past_its_checkpoint(tmp_path):
+    from dsv3.cli import main
+
+    out = tmp_path / "vl"
+    flags = ["train-vl", "--output", str(out), "--steps", "3", "--stage0-steps", "3", "--stage1-steps", "3",
+             "--stage0-batch-size", "2", "--conv-stem", "16", "--lora-rank", "0", "--eval-every", "100",
+             "--eval-size", "2", "--save-every", "2"]
+    out.mkdir()  # an existing empty directory is fine
+    assert main(flags) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    metrics = (out / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit, match=rf"^dsv3 train-vl: --output {out} already holds an earlier run's "
+                                         r"checkpoints \(checkpoint-2, checkpoint-3\): pass --resume"):
+        main(flags)
+    assert (out / "metrics.jsonl").read_text() == metrics
+    shutil.rmtree(out / "checkpoint-3")  # as if it stopped after logging step 3, before saving it
+    assert main([*flags, "--resume"]) == 0
+    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ..atomic import directory
 from ..checkpoint import load_pretrained
 from ..lora import apply_lora, lora_modules
+from ..train_state import refuse_earlier_run
 from ..tokenizer import Tokenizer
 from . import data
 from .config import VisionConfig
@@ -217,6 +218,11 @@ def train_step(model, heads, opt, tokenizer, args, step: int) -> float:
 def run(args) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.output)
+    if not args.resume:  # a fresh run must not log beside (or overwrite) an earlier run's checkpoints
+        try:
+            refuse_earlier_run(out, "--output", "--resume")
+        except FileExistsError as e:
+            raise SystemExit(f"dsv3 train-vl: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
     model, heads, tokenizer = build(args)
     opt = optimizer_for(model, heads, args)
@@ -225,7 +231,11 @@ def run(args) -> int:
     if last is not None:
         opt.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
         step = json.loads((last / "trainer_state.json").read_text())["step"]
-    log = (out / "metrics.jsonl").open("a")
+    metrics = out / "metrics.jsonl"  # resumed: the records up to the checkpoint's step, then this run's
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    metrics.write_text("".join(line + "\n" for line in kept))
+    log = metrics.open("a")
     start = time.time()
     model.train()
     end = min(args.steps, args.until or args.steps)
@@ -254,7 +264,8 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("train-vl", help="train the vision path on the synthetic VQA set",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="base language model directory (default: the bundled model)")
-    p.add_argument("--output", required=True, help="directory for checkpoints and metrics.jsonl")
+    p.add_argument("--output", required=True, help="directory for checkpoints and metrics.jsonl; new or empty, unless "
+                   "--resume continues the run in it")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
     p.add_argument("--until", type=int, help="stop after this step (the schedule still spans --steps); a later "
                    "--resume with a larger --steps stretches the schedule from there")
@@ -296,6 +307,17 @@ def _main(args: argparse.Namespace) -> int:
     for flag in ("steps", "batch_size", "stage0_batch_size", "eval_every", "eval_size", "save_every", "threads"):
         if getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag.replace('_', '-')}: expected a positive integer, got {getattr(args, flag)}")
+    for flag in ("lr", "lora_lr"):  # nan / inf would train on silently into a NaN model
+        if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) >= 0):
+            raise SystemExit(f"--{flag.replace('_', '-')}: expected a finite number >= 0, got {getattr(args, flag)}")
+    if args.until is not None and args.until < 1:
+        raise SystemExit(f"--until: expected >= 1, got {args.until}")
+    if args.lora_rank < 0:
+        raise SystemExit(f"--lora-rank: expected >= 0, got {args.lora_rank}")
+    if not 0 <= args.stage0_steps <= args.stage1_steps <= args.steps:  # stage boundaries within the schedule
+        raise SystemExit(f"--stage0-steps {args.stage0_steps}, --stage1-steps {args.stage1_steps}, --steps "
+                         f"{args.steps}: expected 0 <= --stage0-steps <= --stage1-steps <= --steps (the stages "
+                         "end at those steps of the schedule)")
     if args.model is None:
         from .. import bundled_model_path
         args.model = str(bundled_model_path())
