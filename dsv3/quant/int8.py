@@ -79,7 +79,8 @@ class Int8Linear(QuantizedLinear):
 
     def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
         if x2d.is_cpu:
-            if x2d.data_ptr() % CPU_ALIGN:  # (CPU_ALIGN)
+            if not torch.compiler.is_compiling() and x2d.data_ptr() % CPU_ALIGN:  # (CPU_ALIGN; a compiled graph
+                # cannot trace data_ptr, and inductor's own buffers are aligned)
                 x2d = x2d.clone(memory_format=torch.contiguous_format)
             return torch._weight_int8pack_mm(x2d, self._buffers["weight"], self.scale)  # (int4.py: `_buffers`)
         return self._cast_matmul(x2d)
