@@ -113,34 +113,108 @@ def dequantize_fp8_reference(weight: torch.Tensor, scale_inv: torch.Tensor, dtyp
     return (weight.float() * scale).to(dtype)
 
 
+INDEX = "model.safetensors.index.json"
+# The shard names transformers and DeepSeek write: model-00001-of-00163.safetensors
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _index_shards(index: Path) -> dict[str, str]:
+    """shard file name -> the first key the index maps to it, from `index` (model.safetensors.index.json), every
+    name checked to be a plain file name: the index never leads a read outside its directory."""
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError) as e:  # a directory, unreadable, not UTF-8, not JSON
+        raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): "
+                              f"{type(e).__name__}: {e}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        found = type(data).__name__ if not isinstance(data, dict) else (
+            "no weight_map" if "weight_map" not in data else f"weight_map a {type(weight_map).__name__}")
+        raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object of tensor name -> "
+                              f"shard file name; found {found})")
+    shards: dict[str, str] = {}
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{index}: weight_map[{key!r}] is {name!r}; expected a shard file name (a string)")
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise CheckpointError(f"{index}: weight_map[{key!r}] is {name!r}; expected the plain name of a file in "
+                                  f"{index.parent} (no directories, no absolute paths)")
+        shards.setdefault(name, key)
+    return shards
+
+
 def shard_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory: the index's shards, or model.safetensors."""
-    index = path / "model.safetensors.index.json"
+    """The safetensors files of a checkpoint directory: the index's shards, or model.safetensors; each a file of the
+    directory (an index naming a path elsewhere is refused)."""
+    index = path / INDEX
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from None
-        return [path / name for name in sorted(set(weight_map.values()))]
-    single = path / "model.safetensors"
-    if single.exists():
-        return [single]
-    pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-    hint = f" (found {pickles}: pickled weights are never loaded; convert them to safetensors)" if pickles else ""
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+        files = []
+        for name, key in sorted(_index_shards(index).items()):
+            file = path / name
+            if not file.exists():
+                raise CheckpointError(f"{file}: listed in the index ({INDEX}, for {key}) but missing")
+            files.append(file)
+    else:
+        single = path / "model.safetensors"
+        if not single.exists():
+            pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+            hint = f" (found {pickles}: pickled weights are never loaded; convert them to safetensors)" \
+                if pickles else ""
+            raise CheckpointError(f"{path}: no model.safetensors or {INDEX}{hint}")
+        files = [single]
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{file}: a directory (or other non-file); expected a safetensors file")
+    return files
 
 
 def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """(hub key, tensor, file) for every tensor of `files`, one at a time."""
+    """(hub key, tensor, file) for every tensor of `files`, one at a time; a key stored in two files is refused."""
+    seen: dict[str, Path] = {}
     for file in files:
         try:
             with safe_open(file, framework="pt") as f:
-                for key in f.keys():
+                keys = list(f.keys())
+                for key in keys:
+                    if key in seen:
+                        raise CheckpointError(f"{key} is stored twice, in {seen[key]} and in {file}; a tensor must "
+                                              "be in one shard only")
+                    seen[key] = file
+                for key in keys:
                     yield key, f.get_tensor(key), file
         except FileNotFoundError:
             raise CheckpointError(f"{file}: listed in the index but missing") from None
+        except IsADirectoryError:
+            raise CheckpointError(f"{file}: a directory; expected a safetensors file") from None
         except SafetensorError as e:
             raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({e})") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def is_float8(dtype: torch.dtype) -> bool:
+    """float8 (and smaller) floating dtypes: e4m3fn, e5m2, the fnuz variants, e8m0."""
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def check_dtype(file: Path, key: str, tensor: torch.Tensor, expected: torch.dtype) -> None:
+    """Refuse a stored tensor whose dtype cannot give the model's tensor of dtype `expected`: a packed or FP8 tensor
+    (int8, uint8, float8_e4m3fn: what the quantized layers hold) must have exactly that dtype; a floating one
+    (weights, norms, biases, scales) must be a 16-, 32- or 64-bit float (converted as the loader decides), never
+    an integer, bool or float8 tensor, which a cast would turn silently into other numbers."""
+    if expected.is_floating_point and not is_float8(expected):
+        if tensor.dtype.is_floating_point and not is_float8(tensor.dtype):
+            return
+        want = "a floating-point dtype (bfloat16, float16 or float32)"
+        if tensor.dtype == torch.float8_e4m3fn:
+            want += " (an FP8 weight needs its weight_scale_inv beside it)"
+    elif tensor.dtype == expected:
+        return
+    else:
+        want = dtype_name(expected)
+    raise CheckpointError(f"{file}: {key} has dtype {dtype_name(tensor.dtype)}, expected {want}")
 
 
 def to_model_key(key: str, n_layers: int) -> str | None:
@@ -222,11 +296,38 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, *, dtype: torch.dt
 
     mtp_copies: see `hub_state_dict`.
     Each file is written to a temporary name and renamed (dsv3.atomic), so a crash never leaves a half-written file.
+    Into a directory holding an earlier save, as transformers' save_pretrained: the weights go first, then the
+    earlier save's weight files that this one replaces are removed (a sharded checkpoint's index and its shards,
+    which loaders would otherwise prefer to the new model.safetensors), then config.json, so an interrupted save
+    never leaves a new config.json over old weights. Other files (tokenizer, trainer state) are left alone.
     """
     path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "" if blocker == path else f" (saving to {path})"
+        raise CheckpointError(f"{blocker}: a file is there; expected a directory to save the checkpoint in{where}")
     path.mkdir(parents=True, exist_ok=True)
+    stale = stale_weight_files(path)
     tensors = hub_state_dict(model, dtype, mtp_copies=mtp_copies)
     hf = model.config.to_hf()
     hf["torch_dtype"] = str(dtype or model.lm_head.weight.dtype).removeprefix("torch.")
-    write_file(path / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2) + "\n"))
     write_file(path / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    for file in stale:  # the index first: without it no loader reads the shards
+        file.unlink(missing_ok=True)
+    write_file(path / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2) + "\n"))
+
+
+def stale_weight_files(path: Path) -> list[Path]:
+    """The weight files of an earlier sharded save in `path` that a save of model.safetensors replaces: the index,
+    the shards it names (plain file names ending .safetensors only) and files named like shards
+    (model-00001-of-00002.safetensors), the index first. An unreadable index is still removed, its shards by name."""
+    index = path / INDEX
+    names = {p.name for p in path.iterdir() if SHARD_NAME.fullmatch(p.name) and p.is_file()}
+    if index.is_file():
+        try:
+            names |= {name for name in _index_shards(index) if name.endswith(".safetensors")}
+        except CheckpointError:
+            pass
+    names.discard("model.safetensors")
+    files = [path / name for name in sorted(names) if (path / name).is_file() or (path / name).is_symlink()]
+    return ([index] if index.is_file() else []) + files

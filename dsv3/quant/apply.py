@@ -22,7 +22,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..hub import FP32_KEYS, CheckpointError, few, read_tensors, save_pretrained, shard_files, to_model_key
+from ..hub import (FP32_KEYS, CheckpointError, check_dtype, few, is_float8, read_tensors, save_pretrained,
+                   shard_files, to_model_key)
 from ..model import Transformer
 from ..rope import RotaryEmbedding
 from .base import QuantizationError, QuantizedLinear
@@ -126,6 +127,9 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
 # ---------------------------------------------------------------------------------------- loading (checkpoint hook)
 def loads_quantized(quant_config: dict | None, keep_fp8: bool) -> bool:
     """Whether dsv3.load_pretrained should build quantized layers for this config.json `quantization_config`."""
+    if quant_config is not None and not isinstance(quant_config, dict):
+        raise QuantizationError(f"quantization_config is {quant_config!r}; expected an object such as {FP8_CONFIG} "
+                                "or dsv3's {\"quant_method\": \"dsv3\", \"scheme\": \"int4\", ...} (or none)")
     method = (quant_config or {}).get("quant_method")
     if method == "dsv3":
         return True
@@ -162,8 +166,16 @@ def prepare_for_load(model: nn.Module, quant_config: dict, tensors: dict[str, tu
         bias = linear.bias
         if scheme == "int4":
             group_size = quant_config.get("group_size")
-            groups = tensors.get(f"{name}.scales", (None,))[0]
-            if group_size is None or groups is None or groups[1] * group_size < linear.in_features:
+            if type(group_size) is not int or group_size not in GROUP_SIZES:
+                raise QuantizationError(f"config.json: quantization_config's group_size is {group_size!r} (for "
+                                        f"int4 tensor {key}); expected an integer, one of {GROUP_SIZES}")
+            if f"{name}.scales" not in tensors:
+                raise QuantizationError(f"{key}: no {name}.scales beside it (int4 layers store qweight, scales "
+                                        "and zeros)")
+            groups = tuple(tensors[f"{name}.scales"][0])
+            if len(groups) != 2:
+                raise QuantizationError(f"{name}.scales has shape {groups}; expected 2-D [out_features, groups]")
+            if groups[1] * group_size < linear.in_features:
                 raise QuantizationError(f"{name}: int4 tensors do not fit group_size {group_size} of "
                                         f"quantization_config for in_features {linear.in_features}")
             layer = Int4Linear(linear.in_features, linear.out_features, group_size, dtype, bias, "meta")
@@ -175,16 +187,21 @@ def prepare_for_load(model: nn.Module, quant_config: dict, tensors: dict[str, tu
 def load_quantized(path: Path, config, dtype: torch.dtype | None, device) -> nn.Module:
     """Body of `dsv3.load_pretrained` for quantized checkpoints (dsv3 int8/int4, or FP8 with keep_fp8=True).
 
-    Quantized tensors keep their stored dtypes; the other floating tensors become `dtype` (default: as stored),
-    router tensors float32, as the plain loader does. Layers compute in `dtype` (default: the embedding's dtype).
+    Quantized tensors keep their stored dtypes; the other floating tensors become `dtype` (default: the embedding's
+    as stored), router tensors float32, as the plain loader does. Layers compute in `dtype` (default: the
+    embedding's dtype). Every tensor's dtype is checked against what its key needs (hub.check_dtype): int8 for an
+    Int8Linear's weight, uint8 for an Int4Linear's qweight, float8_e4m3fn for an FP8Linear's, floats elsewhere.
     """
     state: dict[str, torch.Tensor] = {}
-    for key, tensor, _ in read_tensors(shard_files(path)):
+    where: dict[str, tuple[str, Path]] = {}  # model name -> (hub key, file)
+    for key, tensor, file in read_tensors(shard_files(path)):
         name = to_model_key(key, config.num_hidden_layers)
         if name is not None:
             state[name] = tensor
+            where[name] = (key, file)
     embed = state.get("model.embed_tokens.weight")
-    compute = dtype or (embed.dtype if embed is not None else torch.bfloat16)
+    compute = dtype or (embed.dtype if embed is not None and embed.dtype.is_floating_point
+                        and not is_float8(embed.dtype) else torch.bfloat16)
     with torch.device("meta"):
         model = Transformer(config)
     try:
@@ -203,13 +220,14 @@ def load_quantized(path: Path, config, dtype: torch.dtype | None, device) -> nn.
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected "
                                   f"{tuple(expected[name].shape)} from config.json and quantization_config")
+        check_dtype(where[name][1], where[name][0], tensor, expected[name].dtype)
         module, _, leaf = name.rpartition(".")
         if module in quantized and leaf != "bias":
             target = tensor.dtype
         elif FP32_KEYS.match(name):
             target = torch.float32
         else:
-            target = dtype or tensor.dtype
+            target = compute
         state[name] = tensor.to(device=device, dtype=target)
     model.load_state_dict(state, assign=True)
     model.rotary = RotaryEmbedding(config).to(device)

@@ -23,7 +23,12 @@ def _run(args: argparse.Namespace) -> int:
     if source.resolve() == output.resolve():
         raise SystemExit("--output must differ from --model (the source checkpoint is not overwritten)")
     if output.exists() and not output.is_dir():
-        raise SystemExit(f"--output {output}: a file is there; expected a directory (new or to overwrite)")
+        raise SystemExit(f"--output {output}: a file is there; expected a new or empty directory")
+    if output.is_dir() and any(output.iterdir()):  # an earlier checkpoint, a training run: never replaced
+        held = sorted(p.name for p in output.iterdir())
+        listed = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise SystemExit(f"--output {output}: not empty (holds {listed}); give a new or empty directory, so "
+                         "that nothing there is overwritten")
     model = load_pretrained(source)
     before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     try:
