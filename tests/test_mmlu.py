@@ -281,6 +281,12 @@ def test_cli_writes_predictions_summary_and_csv(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: "argument --limit: expected an integer >= 1"
         main(["eval", "mmlu", "--model", str(path), "--limit", "0", "--output", str(tmp_path)])
     assert "--limit: expected an integer >= 1, got '0'" in capsys.readouterr().err
+    before = {name: (tmp_path / name).read_bytes() for name in ("predictions.jsonl", "summary.json", "results.csv")}
+    with pytest.raises(SystemExit, match="already holds an earlier run's predictions.jsonl, summary.json, results"):
+        main(["eval", "mmlu", "--model", str(path), "--subjects", "anatomy", "--limit", "1", "--output",
+              str(tmp_path)])
+    assert before == {name: (tmp_path / name).read_bytes() for name in before}  # the earlier results are kept
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
 # ---------------------------------------------------------------------------------------------------- lm-eval

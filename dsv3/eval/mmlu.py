@@ -28,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..arguments import REVISION_HELP, device, model_path
+from ..atomic import write_file
 from . import eval_subparsers
 from .mmlu_data import CATEGORIES, LETTERS, SUBJECT_CATEGORY, MMLUData, format_question, load_mmlu, subject_prefix
 
@@ -129,15 +130,23 @@ def format_report(summary: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+RESULT_FILES = ("predictions.jsonl", "summary.json", "results.csv")
+
+
 def write_results(output: str | Path, preds: list[Prediction], summary: dict, config: dict) -> None:
     """output/predictions.jsonl (one line per question), summary.json (config + summary), results.csv."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
-        for p in preds:
-            f.write(json.dumps({**asdict(p), "correct": p.correct}, ensure_ascii=False) + "\n")
-    (out / "summary.json").write_text(json.dumps({"config": config, **summary}, indent=2) + "\n")
-    with (out / "results.csv").open("w", newline="") as f:
+    write_file(out / "predictions.jsonl", lambda tmp: tmp.write_text(
+        "".join(json.dumps({**asdict(p), "correct": p.correct}, ensure_ascii=False) + "\n" for p in preds),
+        encoding="utf-8"))
+    write_file(out / "summary.json", lambda tmp: tmp.write_text(json.dumps({"config": config, **summary}, indent=2)
+                                                                + "\n"))
+    write_file(out / "results.csv", lambda tmp: _write_csv(tmp, summary))
+
+
+def _write_csv(path: Path, summary: dict) -> None:
+    with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["level", "name", "category", "subjects", "questions", "acc_micro", "stderr_micro",
                     "acc_macro", "stderr_macro"])
@@ -257,6 +266,10 @@ def _evaluate(args) -> int:
     data.check_shots(args.shots)
     if args.api_base and args.adapter:
         raise SystemExit("error: --adapter applies to an in-process model; a server loads it with serve --adapter")
+    earlier = [name for name in RESULT_FILES if (output / name).exists()]
+    if earlier:  # checked before the scoring (hours on the full test set), not after
+        raise SystemExit(f"error: --output {output} already holds an earlier run's {', '.join(earlier)}; choose a new "
+                         "directory (without --output each run gets its own)")
     if args.api_base:
         scorer = APIScorer(args.api_base, args.api_model, args.api_key or os.environ.get("OPENAI_API_KEY"),
                            batch_size=args.batch_size, chat=args.chat)
