@@ -63,7 +63,7 @@ class ExpertStack:
                 return q.to(dtype) * scale[..., None]
             return (q.float() * scale.float()[..., None]).to(dtype)
         if self.scheme == "int4":  # groups along the input, as Int4Linear.dequantize
-            q = unpack_nibbles(t["qweight"].flatten(0, 1)).float()  # [n·out, in_padded]
+            q = unpack_nibbles(t["qweight"].flatten(0, 1))  # [n·out, in_padded] uint8
             n = q.shape[0] // self.out_features
             w = dequantize_groups(q.view(n, self.out_features, -1, self.group_size), t["scales"].float()[..., None],
                                   t["zeros"].float()[..., None])

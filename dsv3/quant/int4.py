@@ -64,9 +64,11 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """(q - 8) · scale + zero as q · scale + (zero - 8 · scale), in place on q (float32; scale and zero broadcast
-    over the group): the same float32 operations in every layout, so every layout dequantises to the same bits."""
-    return q.mul_(scale).add_(zero - 8 * scale)
+    """(q - 8) · scale + zero as q · scale + (zero - 8 · scale) in float32 (q: uint8 codes, read exactly by the
+    multiply; scale and zero float32, broadcast over the group): the same float32 operations in every layout, so
+    every layout dequantises to the same bits. scale and zero should be contiguous along q's last dimension: a
+    strided one takes TensorIterator's unvectorised loop (a 768x256 g32 weight, AVX-512: 145 µs against 35)."""
+    return torch.mul(q, scale).add_(zero - 8 * scale)
 
 
 CPU_BLOCKS = (64, 32)  # output rows per block of the CPU kernel layout: AVX512, AVX2 builds
@@ -138,13 +140,12 @@ class Int4Linear(QuantizedLinear):
             if self.impl == "auto":
                 self.impl = "reference"
         if self.cpu_block is not None:  # dequantised in the transposed orientation the layout unpacks to
-            sz = self.scale_and_zero.float()  # [groups, out, 2]
-            q_t = unpack_cpu_layout(self.qweight, self.out_features, self.padded_in, self.cpu_block).float()
-            w_t = dequantize_groups(q_t.view(-1, self.group_size, self.out_features), sz[:, None, :, 0],
-                                    sz[:, None, :, 1])
+            scale, zero = self.scale_and_zero.float().permute(2, 0, 1).contiguous()  # [groups, out] each
+            q_t = unpack_cpu_layout(self.qweight, self.out_features, self.padded_in, self.cpu_block)
+            w_t = dequantize_groups(q_t.view(-1, self.group_size, self.out_features), scale[:, None], zero[:, None])
             return w_t.view(self.padded_in, -1)[:self.in_features].to(dtype).t()
         q, scales, zeros = self._plain_tensors()
-        w = dequantize_groups(q.reshape(self.out_features, -1, self.group_size).float(), scales.float()[..., None],
+        w = dequantize_groups(q.reshape(self.out_features, -1, self.group_size), scales.float()[..., None],
                               zeros.float()[..., None])
         return w.view(self.out_features, -1)[:, :self.in_features].to(dtype)
 
