@@ -8,8 +8,33 @@ ViT over square images, a 2x2 pixel shuffle, then an MLP into the LM's width.
 from __future__ import annotations
 
 import json
+import math
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+# Each field's lower bound (ints: inclusive, floats: exclusive; for a list, of its items) and what the error says it
+# must be. validate looks every field up here, so a new field cannot go unchecked.
+_RULES: dict[str, tuple[float | None, str]] = {
+    **dict.fromkeys(("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
+                     "num_attention_heads", "intermediate_size", "downsample"), (1, "a positive integer")),
+    "conv_stem": (1, "a list of positive channel counts"),
+    "layer_norm_eps": (0, "a positive finite number"), "lora_alpha": (0, "a positive finite number"),
+    "image_newline": (None, "true or false"),
+    "image_token_id": (0, "an integer >= 0"), "lora_rank": (0, "an integer >= 0"),
+    "image_token": (None, "a non-empty string"), "language_model": (None, "a non-empty string (a directory)"),
+    "lora_targets": (None, "a list of module names"),
+}
+
+
+def _fits(value: object, kind: type, low: float | None) -> bool:
+    """Whether `value` is a `kind` (int, float, bool or non-empty str) >= low (int) or > low (float). Bools are not
+    numbers and floats must be finite: JSON's true, NaN or "32" would otherwise reach the model or a raw TypeError."""
+    if kind in (bool, str):
+        return isinstance(value, kind) and value != ""
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        return False
+    return value >= low if kind is int else (isinstance(value, int) or math.isfinite(value)) and value > low
 
 
 @dataclass
@@ -55,16 +80,19 @@ class VisionConfig:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"vision.{name}: {why} (got {getattr(self, name)!r})")
 
-        for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
-                     "num_attention_heads", "intermediate_size", "downsample"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                bad(name, "expected a positive integer")
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):  # each against its annotation and _RULES first, so the checks below see sane values
+            (low, what), hint, value = _RULES[f.name], hints[f.name], getattr(self, f.name)
+            if typing.get_origin(hint) is list:
+                ok = isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0], low) for v in value)
+            else:
+                ok = _fits(value, hint, low)
+            if not ok:
+                bad(f.name, f"expected {what}")
+        if self.num_channels != 3:
+            bad("num_channels", "expected 3: images are decoded to RGB")
         if self.image_size % self.patch_size:
             bad("image_size", f"expected a multiple of patch_size={self.patch_size}")
-        if not isinstance(self.conv_stem, list) or not all(
-                isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.conv_stem):
-            bad("conv_stem", "expected a list of positive channel counts")
         if self.patch_size % 2 ** len(self.conv_stem):
             bad("conv_stem", f"expected at most as many stride-2 convolutions as patch_size={self.patch_size} "
                 f"has factors of 2")
@@ -72,16 +100,6 @@ class VisionConfig:
             bad("downsample", f"expected a divisor of image_size/patch_size={self.grid}")
         if self.hidden_size % self.num_attention_heads:
             bad("hidden_size", f"expected a multiple of num_attention_heads={self.num_attention_heads}")
-        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
-            bad("layer_norm_eps", "expected a positive number")
-        if not isinstance(self.image_token_id, int) or self.image_token_id < 0:
-            bad("image_token_id", "expected a non-negative integer")
-        if not isinstance(self.image_token, str) or not self.image_token:
-            bad("image_token", "expected a non-empty string")
-        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            bad("lora_rank", "expected an integer >= 0")
-        if not isinstance(self.lora_targets, list) or not all(isinstance(t, str) for t in self.lora_targets):
-            bad("lora_targets", "expected a list of module names")
 
     @classmethod
     def from_dict(cls, data: object) -> VisionConfig:
@@ -96,10 +114,27 @@ class VisionConfig:
     @classmethod
     def from_model_dir(cls, path: str | Path) -> VisionConfig:
         """The "vision" section of `path`/config.json; a clear error when it has none (a text-only model)."""
-        config = json.loads((Path(path) / "config.json").read_text())
+        file = Path(path) / "config.json"
+        config = read_config(file)
         if "vision" not in config:
-            raise ValueError(f"{path}/config.json: no 'vision' section: this is a text-only model")
-        return cls.from_dict(config["vision"])
+            raise ValueError(f"{file}: no 'vision' section: this is a text-only model")
+        try:
+            return cls.from_dict(config["vision"])
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def read_config(file: Path) -> dict:
+    """A VL model's config.json as a dict; a one-line ValueError naming the file for anything but a JSON object."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: no config.json here") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # a directory, not UTF-8, not JSON
+        raise ValueError(f"{file}: not a readable JSON file ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object (got {type(config).__name__})")
+    return config

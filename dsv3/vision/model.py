@@ -17,13 +17,14 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..checkpoint import load_pretrained
+from ..hub import CheckpointError, check_dtype, read_tensors
 from ..lora import apply_lora, lora_modules, merge_and_unload
 from ..model import Transformer
-from .config import VisionConfig
+from .config import VisionConfig, read_config
 from .encoder import VisionEncoder
 from .preprocess import to_pixels
 from .projector import Projector
@@ -111,7 +112,26 @@ def save_vl(model: VisionLanguageModel, path: str | Path, tokenizer_dir: str | P
 def is_vl_model(path: str | Path) -> bool:
     """Whether `path`/config.json has a "vision" section."""
     config = Path(path) / "config.json"
-    return config.exists() and "vision" in json.loads(config.read_text())
+    return config.exists() and "vision" in read_config(config)
+
+
+def _checked_tensors(file: Path, model: VisionLanguageModel) -> dict[str, torch.Tensor]:
+    """`file`'s tensors, refused in one line naming the file and key unless they are exactly the model's VL tensors
+    (vision, projector, LoRA factors) in shape, and floating point (an int16 weight would load silently)."""
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing; expected the VL weights (vision, projector, LoRA factors)")
+    tensors = {key: tensor for key, tensor, _ in read_tensors([file])}
+    expected = _vl_tensors(model)
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise CheckpointError(f"{file}: tensors do not match the config: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}")
+    for key, tensor in tensors.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(f"{file}: {key} has shape {list(tensor.shape)}, expected "
+                                  f"{list(expected[key].shape)} (from config.json's vision section)")
+        check_dtype(file, key, tensor, torch.float32)
+    return tensors
 
 
 def load_vl(path: str | Path, dtype: torch.dtype | None = None, device=None, *,
@@ -119,17 +139,18 @@ def load_vl(path: str | Path, dtype: torch.dtype | None = None, device=None, *,
     """A saved VL model in eval mode, frozen. merge: fold the LoRA factors into the LM (a plain Transformer again,
     for inference); merge=False keeps them as LoRALinear modules (resuming training)."""
     path = Path(path)
-    config = VisionConfig.from_model_dir(path)
+    config, config_file = VisionConfig.from_model_dir(path), path / "config.json"
+    if not (path / config.language_model).is_dir():
+        raise ValueError(f"{config_file}: vision.language_model: no directory {path / config.language_model}; "
+                         "expected the base LM's directory, relative to this one")
     lm = load_pretrained(path / config.language_model, dtype=dtype, device=device)
-    if config.lora_rank:
-        apply_lora(lm, config.lora_rank, config.lora_alpha, config.lora_targets, include_mtp=False)
-    model = VisionLanguageModel(lm, config, embed_rms=1.0)
-    tensors = load_file(str(path / WEIGHTS))
-    expected = set(_vl_tensors(model))
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise ValueError(f"{path / WEIGHTS}: tensors do not match the config: missing {missing[:3]}, "
-                         f"unexpected {extra[:3]}")
+    try:  # the config's values against the LM: LoRA targets that exist, an image token outside the vocabulary
+        if config.lora_rank:
+            apply_lora(lm, config.lora_rank, config.lora_alpha, config.lora_targets, include_mtp=False)
+        model = VisionLanguageModel(lm, config, embed_rms=1.0)
+    except ValueError as e:  # apply_lora names its argument target_modules; the file calls it vision.lora_targets
+        raise ValueError(f"{config_file}: {str(e).replace('target_modules:', 'vision.lora_targets:')}") from None
+    tensors = _checked_tensors(path / WEIGHTS, model)
     model.vision.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("vision.")})
     model.projector.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("projector.")})
     lm.load_state_dict({k[15:]: v for k, v in tensors.items() if k.startswith("language_model.")}, strict=False)

@@ -3,6 +3,7 @@
 Resize-pad, as DeepSeek-VL2 does for its global view (arXiv:2412.10302 §2): scale the longer side to S keeping the
 aspect ratio, centre on an S x S canvas of mid grey. VL2's dynamic tiling (local 384-px tiles + the global view,
 `<view_separator>` between them) is not built: our images are small (docs/vision.md §1).
+Any Pillow mode becomes 8-bit RGB (16-bit greyscale scaled down, 32-bit int and float refused: to_rgb).
 Pixels are normalised as SigLIP does: (x/255 - 0.5) / 0.5, so in [-1, 1].
 """
 
@@ -43,11 +44,28 @@ def decode_image(data: bytes, max_pixels: int = 4096 * 4096) -> Image.Image:
         raise ImageError(f"image too large: {width}x{height} = {width * height} pixels, limit {max_pixels}")
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow image -> a loaded 8-bit RGB image. 16-bit greyscale (PNG's I;16 modes) is scaled 0..65535 ->
+    0..255, as libpng strips 16 bits to 8: Pillow's convert("RGB") clips it instead (1000/65535 turns white).
+    32-bit integer (I) and float (F) images carry no agreed range (Pillow's own convert("F") of an 8-bit image gives
+    0..255, numpy users expect 0..1), so they are refused rather than guessed. A lazily opened image is loaded here:
+    truncated or corrupt data raise ImageError."""
     try:
         image.load()
     except Exception as e:  # truncated streams: OSError; broken chunks: SyntaxError, ValueError
-        raise ImageError(f"corrupt or truncated {image.format} data ({type(e).__name__})") from None
-    return image.convert("RGB")
+        raise ImageError(f"corrupt or truncated {image.format or 'image'} data ({type(e).__name__})") from None
+    if image.mode in ("I", "F"):
+        raise ImageError(f"image mode {image.mode} ({'32-bit integer' if image.mode == 'I' else 'float'} pixels) "
+                         "has no known range; expected an 8-bit image (mode L, RGB, RGBA...) or 16-bit greyscale")
+    if image.mode.startswith("I;16"):
+        image = image.convert("I").point(lambda v: v / 257 + 0.5).convert("L")  # + 0.5: point truncates
+    try:
+        return image.convert("RGB")
+    except ValueError:  # modes Pillow cannot convert, e.g. La
+        raise ImageError(f"image mode {image.mode} cannot be converted to RGB") from None
 
 
 DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+)?(;[^,;]*)*;base64,(.*)", re.S | re.I)
@@ -69,7 +87,7 @@ def decode_data_url(url: str, max_bytes: int = 8 << 20) -> bytes:
 
 def resize_pad(image: Image.Image, size: int) -> Image.Image:
     """The longer side to `size` (aspect kept, at least 1 px), centred on a grey size x size canvas."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     scale = size / max(image.size)
     w, h = (max(1, round(d * scale)) for d in image.size)
     canvas = Image.new("RGB", (size, size), PAD)
