@@ -11,16 +11,19 @@ weight's rows [r·n, (r+1)·n) with `weight_scale_inv` block rows [r·n/128, (r+
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..config import ModelConfig
-from ..hub import (FP8_BLOCK, FP32_KEYS, CheckpointError, dequantize_fp8, few, save_pretrained, shard_files,
-                   to_model_key)
+from ..hub import (FP8_BLOCK, FP32_KEYS, CheckpointError, check_dtype, dequantize_fp8, dtype_name, few, is_float8,
+                   save_pretrained, shard_files, to_model_key)
 from ..model import Transformer
 from ..quant import QuantizationError, QuantizedLinear
 from ..quant.apply import loads_quantized, prepare_for_load
@@ -38,13 +41,73 @@ def hub_key(key: str, n_layers: int) -> str:
     return key
 
 
+@contextmanager
+def safetensors_errors(file: Path) -> Iterator[None]:
+    """hub.read_tensors' wrapping of what safe_open and its reads raise, for the slice reads here: a missing file,
+    a directory or a truncated / corrupt one is a one-line CheckpointError naming the file, as in one process."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: listed in the index but missing") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{file}: a directory; expected a safetensors file") from None
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({e})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """A tensor as the safetensors header describes it (nothing is read): its file, shape and dtype."""
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def meta(self) -> torch.Tensor:
+        """An empty meta tensor of this shape and dtype, for the hub checks that look at those only."""
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+
+# safetensors' dtype names (the header's "dtype" field)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+           "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "C64": torch.complex64,
+           "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16}
+
+
+def stored_tensors(path: Path) -> dict[str, Stored]:
+    """hub key -> Stored for every tensor of the checkpoint at path, from the headers of hub.shard_files (the index
+    checked, names outside the directory refused); a key stored in two files is refused as hub.read_tensors does."""
+    out: dict[str, Stored] = {}
+    for file in shard_files(path):
+        with safetensors_errors(file), safe_open(file, framework="pt") as f:
+            keys = list(f.keys())
+            for key in keys:
+                if key in out:
+                    raise CheckpointError(f"{key} is stored twice, in {out[key].file} and in {file}; a tensor must "
+                                          "be in one shard only")
+            for key in keys:
+                piece = f.get_slice(key)
+                dtype = _DTYPES.get(piece.get_dtype())
+                out[key] = Stored(file, tuple(piece.get_shape()),
+                                  dtype if dtype is not None else f.get_tensor(key).dtype)
+    return out
+
+
 def tensor_files(path: Path) -> dict[str, Path]:
     """hub key -> the safetensors file holding it (the index's weight_map, or the keys of model.safetensors)."""
-    out = {}
-    for file in shard_files(path):
-        with safe_open(file, framework="pt") as f:
-            out.update(dict.fromkeys(f.keys(), file))
-    return out
+    return {key: stored.file for key, stored in stored_tensors(path).items()}
+
+
+def compute_dtype(stored: dict[str, Stored], dtype: torch.dtype | None) -> torch.dtype:
+    """The model's dtype as the single-process loader picks it: `dtype`, else the embedding's as stored (bfloat16
+    for an FP8 or non-float one): a checkpoint mixing float dtypes loads as one."""
+    embed = stored.get("model.embed_tokens.weight")
+    if dtype is not None:
+        return dtype
+    if embed is None or not embed.dtype.is_floating_point or is_float8(embed.dtype):
+        return torch.bfloat16
+    return embed.dtype
 
 
 def read_slice(f, key: str, s: Shard, fp8: bool, dtype: torch.dtype | None) -> torch.Tensor:
@@ -65,59 +128,146 @@ def read_slice(f, key: str, s: Shard, fp8: bool, dtype: torch.dtype | None) -> t
     return dequantize_fp8(tensor, scale, dtype or torch.bfloat16).narrow(s.dim, s.start - lo, s.stop - s.start)
 
 
-def read_slices(path: Path, model: Transformer, dtype: torch.dtype | None,
-                device) -> tuple[dict[str, torch.Tensor], int]:
-    """This rank's tensors of the (parallelized, meta) model from the checkpoint at path, and their bytes (what
-    this rank took from the checkpoint, in the model's dtype)."""
+# a routed expert's tensor: `model.layers.1.mlp.experts.3.up_proj.weight`
+EXPERT_KEY = re.compile(r"(.*\.experts\.)(\d+)(\..*)")
+
+
+def full_state(model: Transformer) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Single-device name -> (shape, dtype) of every tensor the whole (unsplit) model holds, from a parallelized
+    meta model: split dimensions times the world size, and every rank's experts (a rank holds only its own; all
+    have its experts' shapes)."""
+    world, local = world_size(), model.state_dict()
+    n_experts = model.config.n_routed_experts
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name, s in shards(model).items():
+        shape = list(local[name].shape)
+        if s.dim is not None:
+            shape[s.dim] *= world
+        out[s.key] = (tuple(shape), local[name].dtype)
+        if m := EXPERT_KEY.match(s.key):
+            for e in range(n_experts):
+                out.setdefault(f"{m.group(1)}{e}{m.group(3)}", out[s.key])
+    return out
+
+
+def check_stored(path: Path, model: Transformer, stored: dict[str, Stored], quantized: bool) -> None:
+    """Refuse, from the headers alone and before anything is read, what dsv3.checkpoint.load_pretrained (plain
+    and FP8 checkpoints) or dsv3.quant.apply.load_quantized (quantized: packed layers in `model`) refuse, in their
+    order and with their messages: unexpected or missing keys, wrong shapes, dtypes that do not fit the key
+    (hub.check_dtype), FP8 weights without their scales or scales without their FP8 weights, scales of the wrong
+    shape. Every rank checks the whole checkpoint, so all refuse it alike."""
     n_layers = model.config.num_hidden_layers
-    files = tensor_files(path)
-    expected, modules = model.state_dict(), dict(model.named_modules())
-    world = world_size()
-    missing = [hub_key(s.key, n_layers) for s in shards(model).values() if hub_key(s.key, n_layers) not in files]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint does not match config.json (missing keys: {few(missing)})")
+    expected = full_state(model)
+    names = {key: to_model_key(key, n_layers) for key in stored}
+    if quantized:
+        present = {name for name in names.values() if name is not None}
+        missing, unexpected = set(expected) - present, present - set(expected)
+        if missing or unexpected:
+            parts = ([f"missing keys: {few(missing)}"] if missing else []) + (
+                [f"unexpected keys: {few(unexpected)}"] if unexpected else [])
+            raise CheckpointError(f"{path}: quantized checkpoint does not match config.json ({'; '.join(parts)})")
+        for key, name in names.items():
+            if name is None:
+                continue
+            shape, dtype = expected[name]
+            if stored[key].shape != shape:
+                raise CheckpointError(f"{path}: {name} has shape {stored[key].shape}, expected {shape} from "
+                                      "config.json and quantization_config")
+            check_dtype(stored[key].file, key, stored[key].meta(), dtype)
+        return
+    state: dict[str, str] = {}  # model name -> hub key, of the weights (not the FP8 scales)
+    scales: dict[str, str] = {}  # model name of the weight -> hub key of its weight_scale_inv
+    unexpected = []
+    for key, name in names.items():
+        if key.endswith(".weight_scale_inv"):
+            weight_key = key.removesuffix("_scale_inv")
+            check_dtype(stored[key].file, key, stored[key].meta(), torch.float32)
+            scales[to_model_key(weight_key, n_layers) or weight_key] = key
+            continue
+        if name is None:
+            continue
+        if name not in expected:
+            unexpected.append(key)
+            continue
+        if stored[key].shape != expected[name][0]:
+            raise CheckpointError(f"{stored[key].file.name}: {key} has shape {stored[key].shape}, "
+                                  f"expected {expected[name][0]} from config.json")
+        state[name] = key
+    missing = set(expected) - set(state)
+    if missing or unexpected:
+        parts = ([f"missing keys: {few(missing)}"] if missing else []) + (
+            [f"unexpected keys: {few(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"{path}: checkpoint does not match config.json ({'; '.join(parts)})")
+    for name, key in state.items():
+        if stored[key].dtype != torch.float8_e4m3fn:
+            check_dtype(stored[key].file, key, stored[key].meta(), expected[name][1])
+    for name, scale_key in scales.items():
+        if name not in state or stored[state[name]].dtype != torch.float8_e4m3fn:
+            found = f"is {dtype_name(stored[state[name]].dtype)}" if name in state else "is missing"
+            raise CheckpointError(f"{stored[scale_key].file}: {scale_key} has no FP8 weight beside it ({name} "
+                                  f"{found}; expected float8_e4m3fn)")
+    for name, key in state.items():
+        if stored[key].dtype != torch.float8_e4m3fn:
+            continue
+        file = stored[key].file
+        if name not in scales:
+            raise CheckpointError(f"{file}: FP8 weight {key} has no {key}_scale_inv beside it")
+        if len(stored[key].shape) != 2:
+            raise CheckpointError(f"{file}: FP8 weight {key} has shape {stored[key].shape}; FP8 block scales apply "
+                                  "to 2-D weights only")
+        try:  # on meta tensors: hub's own check of the scale's shape, nothing computed
+            dequantize_fp8(stored[key].meta(), stored[scales[name]].meta())
+        except CheckpointError as e:
+            raise CheckpointError(f"{stored[scales[name]].file}: {key}_scale_inv: {e}") from None
+
+
+def read_slices(path: Path, model: Transformer, dtype: torch.dtype | None, device, *,
+                quantized: bool | None = None,
+                stored: dict[str, Stored] | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """This rank's tensors of the (parallelized, meta) model from the checkpoint at path, and their bytes (what
+    this rank took from the checkpoint, in the model's dtype). The checkpoint is checked first as one process
+    checks it (check_stored). quantized: the checkpoint loads quantized (default: whether `model` holds quantized
+    layers); stored: stored_tensors(path), when already read."""
+    stored = stored_tensors(path) if stored is None else stored
+    if quantized is None:
+        quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
+    check_stored(path, model, stored, quantized)
+    n_layers = model.config.num_hidden_layers
+    modules = dict(model.named_modules())
+    model_dtype = compute_dtype(stored, dtype)
     state, read, handles = {}, 0, {}
     for name, s in shards(model).items():
         key = hub_key(s.key, n_layers)
-        if files[key] not in handles:
-            handles[files[key]] = safe_open(files[key], framework="pt")
-        f = handles[files[key]]
-        fp8 = f.get_slice(key).get_dtype() == "F8_E4M3" and expected[name].dtype != torch.float8_e4m3fn
-        want = list(expected[name].shape)
-        if s.dim is not None:
-            want[s.dim] *= world
-        if list(f.get_slice(key).get_shape()) != want:
-            raise CheckpointError(f"{files[key].name}: {key} has shape {tuple(f.get_slice(key).get_shape())}, "
-                                  f"expected {tuple(want)} from config.json")
-        if fp8 and key + "_scale_inv" not in files:
-            raise CheckpointError(f"{path}: FP8 weight {key} has no weight_scale_inv beside it")
-        tensor = read_slice(f, key, s, fp8, dtype)
+        file = stored[key].file
+        with safetensors_errors(file):
+            if file not in handles:
+                handles[file] = safe_open(file, framework="pt")
+            fp8 = not quantized and stored[key].dtype == torch.float8_e4m3fn
+            tensor = read_slice(handles[file], key, s, fp8, model_dtype)
         read += tensor.numel() * tensor.element_size()
         owner, _, leaf = name.rpartition(".")
         if isinstance(modules[owner], QuantizedLinear) and leaf != "bias":  # packed tensors keep their format
             target = tensor.dtype
         else:
-            target = torch.float32 if FP32_KEYS.match(name) else (dtype or tensor.dtype)
+            target = torch.float32 if FP32_KEYS.match(s.key) else model_dtype
         state[name] = tensor.to(device=device, dtype=target).contiguous()  # the packed kernels want rows
     return state, read
 
 
-def quantized_meta_model(path: Path, config: ModelConfig, dtype: torch.dtype | None) -> Transformer:
+def quantized_meta_model(path: Path, config: ModelConfig, dtype: torch.dtype | None,
+                         stored: dict[str, Stored] | None = None) -> Transformer:
     """A meta-device Transformer whose linears are the quantized layers the checkpoint holds (read from the
     safetensors headers: no tensor is loaded), computing in `dtype` (default: the embedding's stored dtype)."""
+    stored = stored_tensors(path) if stored is None else stored
     tensors = {}
-    for file in shard_files(path):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                name = to_model_key(key, config.num_hidden_layers)
-                if name is not None:
-                    tensors[name] = (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype())
-    stored = tensors.get("model.embed_tokens.weight", (None, "BF16"))[1]
-    compute = dtype or {"F32": torch.float32, "F16": torch.float16}.get(stored, torch.bfloat16)
+    for key, tensor in stored.items():
+        name = to_model_key(key, config.num_hidden_layers)
+        if name is not None:
+            tensors[name] = (tensor.shape, tensor.dtype)
     with torch.device("meta"):
         model = Transformer(config)
     try:
-        prepare_for_load(model, config.quantization_config, tensors, compute)
+        prepare_for_load(model, config.quantization_config, tensors, compute_dtype(stored, dtype))
     except QuantizationError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return model
@@ -126,20 +276,25 @@ def quantized_meta_model(path: Path, config: ModelConfig, dtype: torch.dtype | N
 def load_parallel(path: Path, config: ModelConfig, dtype: torch.dtype | None, device,
                   keep_fp8: bool = False) -> Transformer:
     """This rank's share of the checkpoint at path as a parallelized Transformer, reading only its slices.
-    Quantized checkpoints (dsv3 int8/int4; FP8 with keep_fp8) give quantized parallel layers."""
+    Quantized checkpoints (dsv3 int8/int4; FP8 with keep_fp8) give quantized parallel layers. What the
+    single-process loader refuses is refused here too, with the same message (check_stored)."""
     n_layers = config.num_hidden_layers
-    files = tensor_files(path)
-    if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{n_layers}.") for k in files):
+    stored = stored_tensors(path)
+    if config.num_nextn_predict_layers and not any((to_model_key(k, n_layers) or "").startswith("mtp.")
+                                                   for k in stored):
         warnings.warn(f"{path}: config.json declares {config.num_nextn_predict_layers} MTP layer(s) but the "
                       "checkpoint has none (re-saved by transformers?); loading without the MTP head")
         config = dataclasses.replace(config, num_nextn_predict_layers=0)
-    quantized = loads_quantized(config.quantization_config, keep_fp8)
+    try:
+        quantized = loads_quantized(config.quantization_config, keep_fp8)
+    except QuantizationError as e:  # as dsv3.checkpoint.load_pretrained words it
+        raise type(e)(f"{path / 'config.json'}: {e}") from None
     if quantized:
-        model = parallelize(quantized_meta_model(path, config, dtype))
+        model = parallelize(quantized_meta_model(path, config, dtype, stored))
     else:
         with torch.device("meta"):
             model = parallelize(Transformer(config))
-    state, _ = read_slices(path, model, dtype, device)
+    state, _ = read_slices(path, model, dtype, device, quantized=quantized, stored=stored)
     model.load_state_dict(state, assign=True)
     model.rotary = RotaryEmbedding(config).to(device)
     if quantized:
