@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -368,34 +369,171 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
 
 
 # ---------------------------------------------------------------------------------------------- loading
+# PEFT settings that change what the adapter computes, or that need tensors other than lora_A / lora_B
 _UNSUPPORTED = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out (Conv1D layout)", "lora_bias": "lora_bias",
-                "modules_to_save": "modules_to_save", "layer_replication": "layer_replication"}
+                "modules_to_save": "modules_to_save", "layer_replication": "layer_replication",
+                "alora_invocation_tokens": "activated LoRA (aLoRA)", "arrow_config": "Arrow routing",
+                "use_qalora": "QA-LoRA", "use_bdlora": "BD-LoRA", "monteclora_config": "MonteCLoRA",
+                "kasa_config": "KaSA", "trainable_token_indices": "trainable tokens"}
+# the regexes PEFT builds from rank_pattern / alpha_pattern keys and from layers_pattern
+_PATTERN_KEY = r"(.*\.)?({})$"
+_LAYERS_PATTERN = r"(?:^|.*?\.){}\.(?P<idx>\d+)\."
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is a Python int
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _regex(template: str, v) -> bool:
+    try:
+        re.compile(template.format(v))
+    except re.error:
+        return False
+    return True
+
+
+def _patterns(v, value_ok) -> bool:
+    return v is None or isinstance(v, dict) and all(_regex(_PATTERN_KEY, k) and value_ok(x) for k, x in v.items())
+
+
+def _names(v, item_regex: str | None = None) -> bool:
+    """null, a regex, or a list of names (each a regex too, given the template PEFT wraps it in)."""
+    if v is None or isinstance(v, str) and _regex(item_regex or "{}", v):
+        return True
+    return isinstance(v, list) and all(isinstance(n, str) and (item_regex is None or _regex(item_regex, n)) for n in v)
+
+
+# adapter_config.json fields that dsv3 reads: (valid?, what is expected); an absent field takes PEFT's default
+_FIELDS = {
+    "r": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "lora_alpha": (_number, "a finite number"),
+    "lora_dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "rank_pattern": (lambda v: _patterns(v, lambda x: _int(x) and x > 0),
+                     "an object mapping valid regexes to positive integers"),
+    "alpha_pattern": (lambda v: _patterns(v, _number), "an object mapping valid regexes to finite numbers"),
+    "target_modules": (_names, "null, a regex or a list of module names"),
+    "exclude_modules": (_names, "null, a regex or a list of module names"),
+    "target_parameters": (lambda v: v is None or isinstance(v, list) and all(isinstance(t, str) for t in v),
+                          "null or a list of parameter names"),
+    "layers_to_transform": (lambda v: v is None or _int(v) or isinstance(v, list) and all(_int(i) for i in v),
+                            "null, a layer index or a list of layer indices"),
+    "layers_pattern": (lambda v: _names(v, _LAYERS_PATTERN), "null, a regex or a list of regexes"),
+}
 
 
 def _pattern_value(patterns: dict, name: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module path."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if re.match(_PATTERN_KEY.format(key), name):
             return value
     return default
 
 
 def read_adapter_config(directory: str | Path) -> dict:
+    """adapter_config.json, checked: a LoRA adapter with valid values and no PEFT feature dsv3 does not implement."""
     path = Path(directory) / ADAPTER_CONFIG
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AdapterError(f"{path}: no adapter_config.json (is {directory} a PEFT adapter directory?)") from None
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise AdapterError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: a JSON {type(config).__name__}; expected an object of LoRA settings")
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters are supported")
     for key, what in _UNSUPPORTED.items():
-        if config.get(key):
+        if config.get(key) not in (None, False, []):  # PEFT turns the *_config features on with any object, even {}
             raise AdapterError(f"{path}: {key}={config[key]!r}: {what} is not supported by dsv3.lora")
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{path}: bias={config['bias']!r}; only 'none' is supported")
+    for key, (valid, expected) in _FIELDS.items():
+        if key in config and not valid(config[key]):
+            raise AdapterError(f"{path}: {key}={config[key]!r}: expected {expected}")
     return config
+
+
+def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    if not weights.exists():
+        raise AdapterError(f"{weights}: missing (adapter_model.bin pickles are not loaded; re-save with safetensors)")
+    if weights.is_dir():
+        raise AdapterError(f"{weights}: a directory; expected a safetensors file")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{weights}: truncated or corrupt safetensors file ({e})") from None
+    if not tensors:  # would load as a silent no-op
+        raise AdapterError(f"{weights}: holds no tensors (zero LoRA pairs)")
+    return tensors
+
+
+def _names_match(names, path: str) -> bool:
+    """PEFT target_modules / exclude_modules: a string is a full-match regex, a list names the path's last parts."""
+    if isinstance(names, str):
+        return re.fullmatch(names, path) is not None
+    return any(path == n or path.endswith(f".{n}") for n in names or [])
+
+
+def _layer_index(config: dict, path: str) -> int | None:
+    """The layer index PEFT reads for layers_to_transform: the first numbered part, or the one after layers_pattern."""
+    patterns = config.get("layers_pattern") or None
+    if patterns is None:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        m = next((m for m in (re.match(_LAYERS_PATTERN.format(p), path) for p in patterns) if m), None)
+    return int(m["idx"]) if m else None
+
+
+def _peft_selects(config: dict, path: str, param: str | None) -> bool:
+    """Whether PEFT adapts hub module `path` (param: a fused experts parameter) under this config, as peft's
+    tuners_utils `check_target_module_exists` (target_modules, exclude_modules, layers_to_transform) and
+    `_inject_parameters` (target_parameters match the end of `<module>.<parameter>`; exclude_modules does not apply).
+    """
+    key = f"{path}.{param or 'weight'}"
+    if any(key == t or key.endswith(f".{t}") for t in config.get("target_parameters") or []):
+        return True
+    targets, layers = config.get("target_modules"), config.get("layers_to_transform")
+    if param or targets is None or _names_match(config.get("exclude_modules"), path):
+        return False
+    if isinstance(targets, str):  # "all-linear" leaves out the output head
+        return path != "lm_head" if targets == "all-linear" else re.fullmatch(targets, path) is not None
+    if not _names_match(targets, path):
+        return False
+    if layers is None or layers == []:
+        return True
+    return _layer_index(config, path) in (layers if isinstance(layers, list) else [layers])
+
+
+def _check_selected(config: dict, path: str, param: str | None, where: str) -> None:
+    """Refuse tensors for a module the adapter's own config leaves out (a config naming no targets states nothing)."""
+    if (config.get("target_modules") is not None or config.get("target_parameters")) \
+            and not _peft_selects(config, path, param):
+        raise AdapterError(f"{where}: {path}{f' ({param})' if param else ''} has LoRA tensors, but {ADAPTER_CONFIG}'s "
+                           "target_modules / target_parameters / exclude_modules / layers_to_transform leave it out "
+                           "(PEFT would not adapt it)")
+
+
+def _check_factors(path: str, ab: dict[str, torch.Tensor], where: str) -> None:
+    if set(ab) != {"lora_A", "lora_B"}:
+        raise AdapterError(f"{where}: {path} has {sorted(ab)} but needs both lora_A and lora_B")
+    for name, t in ab.items():
+        key = f"{_PEFT_PREFIX}{path}.{name}.weight"
+        if t.ndim != 2:
+            raise AdapterError(f"{where}: {key}: shape {tuple(t.shape)}; expected a matrix")
+        if not t.is_floating_point():
+            raise AdapterError(f"{where}: {key}: dtype {t.dtype}; expected a floating-point dtype")
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"{where}: {key}: holds NaN or infinite values")
 
 
 def _fused_expert_factors(name: str, A: torch.Tensor, B: torch.Tensor, n_experts: int):
@@ -407,12 +545,46 @@ def _fused_expert_factors(name: str, A: torch.Tensor, B: torch.Tensor, n_experts
     return [(A[e * R:(e + 1) * R], B[:, e::n_experts]) for e in range(n_experts)]
 
 
+def _fused_pairs(model: nn.Module, path: str, container: str, A: torch.Tensor, B: torch.Tensor, config: dict,
+                 where: str) -> dict:
+    """Transformers 5 fused experts, adapted through PEFT target_parameters, split into per-expert pairs.
+
+    PEFT nests one ParamWrapper per targeted parameter (`experts.lora_A`, `experts.base_layer.lora_A`) in an order
+    that depends on how target_parameters was written, so the shapes tell which is which: gate_up_proj maps
+    D -> 2I, down_proj maps I -> D (2I = D and I = D cannot both hold).
+    """
+    n_layers = model.config.num_hidden_layers
+    try:
+        experts = model.get_submodule(_model_path(container, n_layers))
+    except AttributeError:
+        raise AdapterError(f"{where}: {path}: fused routed-expert tensors, but this model's "
+                           f"{_model_path(container, n_layers)} does not exist (a dense layer?)") from None
+    inter, hidden = _in_out(experts[0].gate_proj)[1], _in_out(experts[0].gate_proj)[0]
+    if A.shape[1] == hidden and B.shape[0] == 2 * inter:
+        param = "gate_up_proj"
+    elif A.shape[1] == inter and B.shape[0] == hidden:
+        param = "down_proj"
+    else:
+        raise AdapterError(f"{where}: {path}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} fit neither "
+                           f"the experts' gate_up_proj ({hidden} -> {2 * inter}) nor down_proj ({inter} -> {hidden})")
+    _check_selected(config, container, param, where)
+    label, pattern_name = f"{path} ({param})", f"{container}.{param}"
+    pairs = {}
+    for e, (Ae, Be) in enumerate(_fused_expert_factors(path, A, B, len(experts))):
+        base = _model_path(f"{container}.{e}", n_layers)
+        if param == "gate_up_proj":  # rows [gate; up], one A for both: exact as two adapters sharing A
+            pairs[f"{base}.gate_proj"] = (Ae.clone(), Be[:inter].clone(), label, pattern_name)
+            pairs[f"{base}.up_proj"] = (Ae.clone(), Be[inter:].clone(), label, pattern_name)
+        else:
+            pairs[f"{base}.down_proj"] = (Ae.clone(), Be.clone(), label, pattern_name)
+    return pairs
+
+
 def _adapter_pairs(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict, where: str):
     """{dsv3 module path: (A [r, in], B [out, r], label for errors, module name for rank/alpha patterns)}.
 
     Fused routed experts (PEFT target_parameters) are split per expert.
     """
-    n_layers = model.config.num_hidden_layers
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = re.fullmatch(rf"{re.escape(_PEFT_PREFIX)}(.+)\.(lora_[AB])\.weight", key)
@@ -423,36 +595,14 @@ def _adapter_pairs(model: nn.Module, tensors: dict[str, torch.Tensor], config: d
     pairs = {}
     _check_target_parameters(config, where)
     for path, ab in groups.items():
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise AdapterError(f"{where}: {path} has {sorted(ab)} but needs both lora_A and lora_B")
+        _check_factors(path, ab, where)
         A, B = ab["lora_A"], ab["lora_B"]
         fused = re.fullmatch(r"(.*\.mlp\.experts)((?:\.base_layer)*)", path)
-        if fused:  # transformers 5 fused experts, adapted through PEFT target_parameters
-            # PEFT nests one ParamWrapper per targeted parameter (`experts.lora_A`, `experts.base_layer.lora_A`)
-            # in an order that depends on how target_parameters was written, so the shapes tell which is which:
-            # gate_up_proj maps D -> 2I, down_proj maps I -> D (2I = D and I = D cannot both hold).
-            container = fused.group(1)
-            experts = model.get_submodule(_model_path(container, n_layers))
-            inter, hidden = _in_out(experts[0].gate_proj)[1], _in_out(experts[0].gate_proj)[0]
-            if A.shape[1] == hidden and B.shape[0] == 2 * inter:
-                param = "gate_up_proj"
-            elif A.shape[1] == inter and B.shape[0] == hidden:
-                param = "down_proj"
-            else:
-                raise AdapterError(f"{where}: {path}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} fit neither "
-                                   f"the experts' gate_up_proj ({hidden} -> {2 * inter}) nor down_proj "
-                                   f"({inter} -> {hidden})")
-            factors = _fused_expert_factors(path, A, B, len(experts))
-            label, pattern_name = f"{path} ({param})", f"{container}.{param}"
-            for e, (Ae, Be) in enumerate(factors):
-                base = _model_path(f"{container}.{e}", n_layers)
-                if param == "gate_up_proj":  # rows [gate; up], one A for both: exact as two adapters sharing A
-                    pairs[f"{base}.gate_proj"] = (Ae.clone(), Be[:inter].clone(), label, pattern_name)
-                    pairs[f"{base}.up_proj"] = (Ae.clone(), Be[inter:].clone(), label, pattern_name)
-                else:
-                    pairs[f"{base}.down_proj"] = (Ae.clone(), Be.clone(), label, pattern_name)
-            continue
-        pairs[_model_path(path, n_layers)] = (A, B, path, path)
+        if fused:
+            pairs.update(_fused_pairs(model, path, fused.group(1), A, B, config, where))
+        else:
+            _check_selected(config, path, None, where)
+            pairs[_model_path(path, model.config.num_hidden_layers)] = (A, B, path, path)
     return pairs
 
 
@@ -468,12 +618,37 @@ def _check_target_parameters(config: dict, where: str) -> None:
                            "and linear weights (e.g. 'mlp.gate_proj.weight') are supported")
 
 
+def _plan(model: nn.Module, pairs: dict, config: dict, where: str) -> list:
+    """Check every pair against the model and the config's ranks; [(name, module, base, A, B, r, alpha)]."""
+    plans = []
+    for name, (A, B, key, pattern_name) in pairs.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterError(f"{where}: adapter module {key} ({name}) does not exist in this model") from None
+        base = module.base_layer if isinstance(module, LoRALinear) else module
+        if not _is_linear_like(base):
+            raise AdapterError(f"{where}: {key} is a {type(base).__name__}, not a linear layer")
+        in_f, out_f = _in_out(base)
+        r = A.shape[0]
+        if A.shape[1] != in_f or B.shape != (out_f, r):
+            raise AdapterError(f"{where}: {key}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit the "
+                               f"model's {name} ({out_f} x {in_f}); expected lora_A [r, {in_f}], lora_B [{out_f}, r]")
+        r_cfg = _pattern_value(config.get("rank_pattern"), pattern_name, config.get("r", 8))
+        if r_cfg != r:
+            raise AdapterError(f"{where}: {key}: tensors have rank {r} but adapter_config says r={r_cfg!r}")
+        alpha = _pattern_value(config.get("alpha_pattern"), pattern_name, config.get("lora_alpha", 8))
+        plans.append((name, module, base, A, B, r, alpha))
+    return plans
+
+
 def load_adapter(model: nn.Module, directory: str | Path, *, merge: bool = False) -> nn.Module:
     """Read a PEFT LoRA adapter (saved by `save_adapter` or by PEFT on transformers' DeepseekV3ForCausalLM).
 
     Wraps the adapter's modules in LoRALinear (reusing wrappers already there), copies A and B, and freezes the
     base. Per-module rank and alpha come from the tensors and from rank_pattern / alpha_pattern. Refuses, naming the
-    module, any adapter whose module is not in the model or whose shapes do not fit it.
+    file and the field or key, a config with invalid values or unsupported PEFT features, and any adapter whose
+    tensors are not finite float matrices, whose module is not in the model, or whose shapes do not fit it.
     merge=True (inference: `dsv3 serve --adapter`, `dsv3 eval mmlu --adapter`) then folds the adapter into float
     base weights and removes the wrappers, so the model runs at the base model's speed; adapters on quantized bases
     stay unmerged (merging would re-quantise them away).
@@ -481,33 +656,10 @@ def load_adapter(model: nn.Module, directory: str | Path, *, merge: bool = False
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights = directory / ADAPTER_WEIGHTS
-    if not weights.exists():
-        raise AdapterError(f"{weights}: missing (adapter_model.bin pickles are not loaded; re-save with safetensors)")
-    tensors = load_file(str(weights))
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
-    rslora = bool(config.get("use_rslora", False))
-    dropout = float(config.get("lora_dropout") or 0.0)
-    pairs = _adapter_pairs(model, tensors, config, str(weights))
+    rslora, dropout = config.get("use_rslora", False), config.get("lora_dropout", 0.0)
     # check everything before touching the model
-    plans = []
-    for name, (A, B, key, pattern_name) in pairs.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise AdapterError(f"{weights}: adapter module {key} ({name}) does not exist in this model") from None
-        base = module.base_layer if isinstance(module, LoRALinear) else module
-        if not _is_linear_like(base):
-            raise AdapterError(f"{weights}: {key} is a {type(base).__name__}, not a linear layer")
-        in_f, out_f = _in_out(base)
-        r = A.shape[0]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != in_f or B.shape != (out_f, r):
-            raise AdapterError(f"{weights}: {key}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit the "
-                               f"model's {name} ({out_f} x {in_f}); expected lora_A [r, {in_f}], lora_B [{out_f}, r]")
-        r_cfg = _pattern_value(config.get("rank_pattern"), pattern_name, r_default)
-        if r_cfg != r:
-            raise AdapterError(f"{weights}: {key}: tensors have rank {r} but adapter_config says r={r_cfg}")
-        alpha = _pattern_value(config.get("alpha_pattern"), pattern_name, alpha_default)
-        plans.append((name, module, base, A, B, r, alpha))
+    plans = _plan(model, _adapter_pairs(model, _read_weights(weights), config, str(weights)), config, str(weights))
     for name, module, base, A, B, r, alpha in plans:
         if isinstance(module, LoRALinear) and module.r == r and not module.merged:  # keep its dropout, parameters
             wrapper = module
