@@ -23,6 +23,10 @@ Why not target_modules `gate_proj`: PEFT (0.21) on transformers 5 rewrites those
 the dense MLP and the shared experts would silently get no adapter. `load_adapter` reads all of these layouts,
 plus the per-expert one (`mlp.experts.E.gate_proj.lora_A.weight`, PEFT on transformers 4), and splits fused
 experts into exact per-expert adapters.
+
+The files themselves are read and checked in `lora_format.py` (`read_adapter_config`, the safetensors file, the
+config's target selection, `AdapterError`); this module maps them onto the model. `AdapterError`,
+`read_adapter_config`, `LORA_TARGETS`, `ADAPTER_CONFIG` and `ADAPTER_WEIGHTS` are importable from here too.
 """
 
 from __future__ import annotations
@@ -36,23 +40,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import write_file
 from .layers import linear_weight
-
-# Linear layers of the DeepSeek-V3 family by their HF names (attention; dense MLP, shared and routed experts).
-LORA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
-                "gate_proj", "up_proj", "down_proj")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
-
-
-class AdapterError(ValueError):
-    """An adapter that does not fit the model or uses a PEFT feature dsv3 does not implement; names the module/key."""
+from .lora_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_TARGETS, PEFT_PREFIX, AdapterError,
+                          check_factors, check_selected, check_target_parameters, pattern_value,
+                          read_adapter_config, read_adapter_weights)
 
 
 @dataclass
@@ -314,8 +309,8 @@ def adapter_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
             continue
         path, leaf = _hub_path(name, n_layers), name.rpartition(".")[2]
         (modules.add(leaf) if leaf in _ATTENTION else parameters.add(f"{leaf}.weight"))
-        tensors[f"{_PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_A.detach().contiguous().clone()
-        tensors[f"{_PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_B.detach().contiguous().clone()
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_A.detach().contiguous().clone()
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_B.detach().contiguous().clone()
         if m.r != settings.r:
             rank_pattern[re.escape(path)] = m.r
         if m.alpha != settings.alpha:
@@ -328,8 +323,8 @@ def adapter_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         for kind in kinds:
             A, B, R = _fuse_experts(experts, adapted, kind, default_scaling)
             wrapper = path + (".base_layer" if kind == "gate_up_proj" and len(kinds) == 2 else "")
-            tensors[f"{_PEFT_PREFIX}{wrapper}.lora_A.weight"] = A.contiguous()
-            tensors[f"{_PEFT_PREFIX}{wrapper}.lora_B.weight"] = B.contiguous()
+            tensors[f"{PEFT_PREFIX}{wrapper}.lora_A.weight"] = A.contiguous()
+            tensors[f"{PEFT_PREFIX}{wrapper}.lora_B.weight"] = B.contiguous()
             parameters.add(f"mlp.experts.{kind}")
             if R != settings.r:  # keep s = alpha/r (or alpha/sqrt(r)) equal to the default scaling
                 rank_pattern[re.escape(f"{path}.{kind}")] = R
@@ -369,173 +364,6 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
 
 
 # ---------------------------------------------------------------------------------------------- loading
-# PEFT settings that change what the adapter computes, or that need tensors other than lora_A / lora_B
-_UNSUPPORTED = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out (Conv1D layout)", "lora_bias": "lora_bias",
-                "modules_to_save": "modules_to_save", "layer_replication": "layer_replication",
-                "alora_invocation_tokens": "activated LoRA (aLoRA)", "arrow_config": "Arrow routing",
-                "use_qalora": "QA-LoRA", "use_bdlora": "BD-LoRA", "monteclora_config": "MonteCLoRA",
-                "kasa_config": "KaSA", "trainable_token_indices": "trainable tokens"}
-# the regexes PEFT builds from rank_pattern / alpha_pattern keys and from layers_pattern
-_PATTERN_KEY = r"(.*\.)?({})$"
-_LAYERS_PATTERN = r"(?:^|.*?\.){}\.(?P<idx>\d+)\."
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is a Python int
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _regex(template: str, v) -> bool:
-    try:
-        re.compile(template.format(v))
-    except re.error:
-        return False
-    return True
-
-
-def _patterns(v, value_ok) -> bool:
-    return v is None or isinstance(v, dict) and all(_regex(_PATTERN_KEY, k) and value_ok(x) for k, x in v.items())
-
-
-def _names(v, item_regex: str | None = None) -> bool:
-    """null, a regex, or a list of names (each a regex too, given the template PEFT wraps it in)."""
-    if v is None or isinstance(v, str) and _regex(item_regex or "{}", v):
-        return True
-    return isinstance(v, list) and all(isinstance(n, str) and (item_regex is None or _regex(item_regex, n)) for n in v)
-
-
-# adapter_config.json fields that dsv3 reads: (valid?, what is expected); an absent field takes PEFT's default
-_FIELDS = {
-    "r": (lambda v: _int(v) and v > 0, "a positive integer"),
-    "lora_alpha": (_number, "a finite number"),
-    "lora_dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
-    "rank_pattern": (lambda v: _patterns(v, lambda x: _int(x) and x > 0),
-                     "an object mapping valid regexes to positive integers"),
-    "alpha_pattern": (lambda v: _patterns(v, _number), "an object mapping valid regexes to finite numbers"),
-    "target_modules": (_names, "null, a regex or a list of module names"),
-    "exclude_modules": (_names, "null, a regex or a list of module names"),
-    "target_parameters": (lambda v: v is None or isinstance(v, list) and all(isinstance(t, str) for t in v),
-                          "null or a list of parameter names"),
-    "layers_to_transform": (lambda v: v is None or _int(v) or isinstance(v, list) and all(_int(i) for i in v),
-                            "null, a layer index or a list of layer indices"),
-    "layers_pattern": (lambda v: _names(v, _LAYERS_PATTERN), "null, a regex or a list of regexes"),
-}
-
-
-def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module path."""
-    for key, value in (patterns or {}).items():
-        if re.match(_PATTERN_KEY.format(key), name):
-            return value
-    return default
-
-
-def read_adapter_config(directory: str | Path) -> dict:
-    """adapter_config.json, checked: a LoRA adapter with valid values and no PEFT feature dsv3 does not implement."""
-    path = Path(directory) / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AdapterError(f"{path}: no adapter_config.json (is {directory} a PEFT adapter directory?)") from None
-    except OSError as e:
-        raise AdapterError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise AdapterError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path}: a JSON {type(config).__name__}; expected an object of LoRA settings")
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters are supported")
-    for key, what in _UNSUPPORTED.items():
-        if config.get(key) not in (None, False, []):  # PEFT turns the *_config features on with any object, even {}
-            raise AdapterError(f"{path}: {key}={config[key]!r}: {what} is not supported by dsv3.lora")
-    if config.get("bias", "none") != "none":
-        raise AdapterError(f"{path}: bias={config['bias']!r}; only 'none' is supported")
-    for key, (valid, expected) in _FIELDS.items():
-        if key in config and not valid(config[key]):
-            raise AdapterError(f"{path}: {key}={config[key]!r}: expected {expected}")
-    return config
-
-
-def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
-    if not weights.exists():
-        raise AdapterError(f"{weights}: missing (adapter_model.bin pickles are not loaded; re-save with safetensors)")
-    if weights.is_dir():
-        raise AdapterError(f"{weights}: a directory; expected a safetensors file")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise AdapterError(f"{weights}: truncated or corrupt safetensors file ({e})") from None
-    if not tensors:  # would load as a silent no-op
-        raise AdapterError(f"{weights}: holds no tensors (zero LoRA pairs)")
-    return tensors
-
-
-def _names_match(names, path: str) -> bool:
-    """PEFT target_modules / exclude_modules: a string is a full-match regex, a list names the path's last parts."""
-    if isinstance(names, str):
-        return re.fullmatch(names, path) is not None
-    return any(path == n or path.endswith(f".{n}") for n in names or [])
-
-
-def _layer_index(config: dict, path: str) -> int | None:
-    """The layer index PEFT reads for layers_to_transform: the first numbered part, or the one after layers_pattern."""
-    patterns = config.get("layers_pattern") or None
-    if patterns is None:
-        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
-    else:
-        patterns = [patterns] if isinstance(patterns, str) else patterns
-        m = next((m for m in (re.match(_LAYERS_PATTERN.format(p), path) for p in patterns) if m), None)
-    return int(m["idx"]) if m else None
-
-
-def _peft_selects(config: dict, path: str, param: str | None) -> bool:
-    """Whether PEFT adapts hub module `path` (param: a fused experts parameter) under this config, as peft's
-    tuners_utils `check_target_module_exists` (target_modules, exclude_modules, layers_to_transform) and
-    `_inject_parameters` (target_parameters match the end of `<module>.<parameter>`; exclude_modules does not apply).
-    """
-    key = f"{path}.{param or 'weight'}"
-    if any(key == t or key.endswith(f".{t}") for t in config.get("target_parameters") or []):
-        return True
-    targets, layers = config.get("target_modules"), config.get("layers_to_transform")
-    if param or targets is None or _names_match(config.get("exclude_modules"), path):
-        return False
-    if isinstance(targets, str):  # "all-linear" leaves out the output head
-        return path != "lm_head" if targets == "all-linear" else re.fullmatch(targets, path) is not None
-    if not _names_match(targets, path):
-        return False
-    if layers is None or layers == []:
-        return True
-    return _layer_index(config, path) in (layers if isinstance(layers, list) else [layers])
-
-
-def _check_selected(config: dict, path: str, param: str | None, where: str) -> None:
-    """Refuse tensors for a module the adapter's own config leaves out (a config naming no targets states nothing)."""
-    if (config.get("target_modules") is not None or config.get("target_parameters")) \
-            and not _peft_selects(config, path, param):
-        raise AdapterError(f"{where}: {path}{f' ({param})' if param else ''} has LoRA tensors, but {ADAPTER_CONFIG}'s "
-                           "target_modules / target_parameters / exclude_modules / layers_to_transform leave it out "
-                           "(PEFT would not adapt it)")
-
-
-def _check_factors(path: str, ab: dict[str, torch.Tensor], where: str) -> None:
-    if set(ab) != {"lora_A", "lora_B"}:
-        raise AdapterError(f"{where}: {path} has {sorted(ab)} but needs both lora_A and lora_B")
-    for name, t in ab.items():
-        key = f"{_PEFT_PREFIX}{path}.{name}.weight"
-        if t.ndim != 2:
-            raise AdapterError(f"{where}: {key}: shape {tuple(t.shape)}; expected a matrix")
-        if not t.is_floating_point():
-            raise AdapterError(f"{where}: {key}: dtype {t.dtype}; expected a floating-point dtype")
-        if not torch.isfinite(t).all():
-            raise AdapterError(f"{where}: {key}: holds NaN or infinite values")
-
-
 def _fused_expert_factors(name: str, A: torch.Tensor, B: torch.Tensor, n_experts: int):
     """PEFT target_parameters layout -> per-expert (A_e [R, in], B_e [out, R]) (peft ParamWrapper.get_delta_weight)."""
     if A.shape[0] % n_experts or B.shape[1] != A.shape[0]:
@@ -567,7 +395,7 @@ def _fused_pairs(model: nn.Module, path: str, container: str, A: torch.Tensor, B
     else:
         raise AdapterError(f"{where}: {path}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} fit neither "
                            f"the experts' gate_up_proj ({hidden} -> {2 * inter}) nor down_proj ({inter} -> {hidden})")
-    _check_selected(config, container, param, where)
+    check_selected(config, container, param, where)
     label, pattern_name = f"{path} ({param})", f"{container}.{param}"
     pairs = {}
     for e, (Ae, Be) in enumerate(_fused_expert_factors(path, A, B, len(experts))):
@@ -587,35 +415,23 @@ def _adapter_pairs(model: nn.Module, tensors: dict[str, torch.Tensor], config: d
     """
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = re.fullmatch(rf"{re.escape(_PEFT_PREFIX)}(.+)\.(lora_[AB])\.weight", key)
+        m = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_[AB])\.weight", key)
         if m is None:
             raise AdapterError(f"{where}: unexpected key {key!r}; expected "
-                               f"'{_PEFT_PREFIX}<module path>.lora_A.weight' / '.lora_B.weight'")
+                               f"'{PEFT_PREFIX}<module path>.lora_A.weight' / '.lora_B.weight'")
         groups.setdefault(m.group(1), {})[m.group(2)] = t
     pairs = {}
-    _check_target_parameters(config, where)
+    check_target_parameters(config, where)
     for path, ab in groups.items():
-        _check_factors(path, ab, where)
+        check_factors(path, ab, where)
         A, B = ab["lora_A"], ab["lora_B"]
         fused = re.fullmatch(r"(.*\.mlp\.experts)((?:\.base_layer)*)", path)
         if fused:
             pairs.update(_fused_pairs(model, path, fused.group(1), A, B, config, where))
         else:
-            _check_selected(config, path, None, where)
+            check_selected(config, path, None, where)
             pairs[_model_path(path, model.config.num_hidden_layers)] = (A, B, path, path)
     return pairs
-
-
-def _check_target_parameters(config: dict, where: str) -> None:
-    """PEFT target_parameters that dsv3 reads: fused expert stacks, or `<linear>.weight` (stored like module LoRA)."""
-    def ok(t: str) -> bool:
-        parts = t.split(".")
-        return parts[-1] in ("gate_up_proj", "down_proj") or (parts[-1] == "weight" and len(parts) > 1
-                                                             and parts[-2] in LORA_TARGETS)
-    bad = [t for t in (config.get("target_parameters") or []) if not ok(t)]
-    if bad:
-        raise AdapterError(f"{where}: target_parameters {bad}: only the routed experts' gate_up_proj / down_proj "
-                           "and linear weights (e.g. 'mlp.gate_proj.weight') are supported")
 
 
 def _plan(model: nn.Module, pairs: dict, config: dict, where: str) -> list:
@@ -634,10 +450,10 @@ def _plan(model: nn.Module, pairs: dict, config: dict, where: str) -> list:
         if A.shape[1] != in_f or B.shape != (out_f, r):
             raise AdapterError(f"{where}: {key}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit the "
                                f"model's {name} ({out_f} x {in_f}); expected lora_A [r, {in_f}], lora_B [{out_f}, r]")
-        r_cfg = _pattern_value(config.get("rank_pattern"), pattern_name, config.get("r", 8))
+        r_cfg = pattern_value(config.get("rank_pattern"), pattern_name, config.get("r", 8))
         if r_cfg != r:
             raise AdapterError(f"{where}: {key}: tensors have rank {r} but adapter_config says r={r_cfg!r}")
-        alpha = _pattern_value(config.get("alpha_pattern"), pattern_name, config.get("lora_alpha", 8))
+        alpha = pattern_value(config.get("alpha_pattern"), pattern_name, config.get("lora_alpha", 8))
         plans.append((name, module, base, A, B, r, alpha))
     return plans
 
@@ -659,7 +475,8 @@ def load_adapter(model: nn.Module, directory: str | Path, *, merge: bool = False
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     rslora, dropout = config.get("use_rslora", False), config.get("lora_dropout", 0.0)
     # check everything before touching the model
-    plans = _plan(model, _adapter_pairs(model, _read_weights(weights), config, str(weights)), config, str(weights))
+    pairs = _adapter_pairs(model, read_adapter_weights(weights), config, str(weights))
+    plans = _plan(model, pairs, config, str(weights))
     for name, module, base, A, B, r, alpha in plans:
         if isinstance(module, LoRALinear) and module.r == r and not module.merged:  # keep its dropout, parameters
             wrapper = module
