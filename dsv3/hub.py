@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -168,26 +169,33 @@ def shard_files(path: Path) -> list[Path]:
     return files
 
 
+@contextmanager
+def safetensors_errors(file: Path) -> Iterator[None]:
+    """What safe_open and its reads raise for a missing file, a directory or a truncated / corrupt one, as a one-line
+    CheckpointError naming the file (read_tensors here; the tensor-parallel loader's slice reads)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: listed in the index but missing") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{file}: a directory; expected a safetensors file") from None
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({e})") from None
+
+
 def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """(hub key, tensor, file) for every tensor of `files`, one at a time; a key stored in two files is refused."""
     seen: dict[str, Path] = {}
     for file in files:
-        try:
-            with safe_open(file, framework="pt") as f:
-                keys = list(f.keys())
-                for key in keys:
-                    if key in seen:
-                        raise CheckpointError(f"{key} is stored twice, in {seen[key]} and in {file}; a tensor must "
-                                              "be in one shard only")
-                    seen[key] = file
-                for key in keys:
-                    yield key, f.get_tensor(key), file
-        except FileNotFoundError:
-            raise CheckpointError(f"{file}: listed in the index but missing") from None
-        except IsADirectoryError:
-            raise CheckpointError(f"{file}: a directory; expected a safetensors file") from None
-        except SafetensorError as e:
-            raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({e})") from None
+        with safetensors_errors(file), safe_open(file, framework="pt") as f:
+            keys = list(f.keys())
+            for key in keys:
+                if key in seen:
+                    raise CheckpointError(f"{key} is stored twice, in {seen[key]} and in {file}; a tensor must be in "
+                                          "one shard only")
+                seen[key] = file
+            for key in keys:
+                yield key, f.get_tensor(key), file
 
 
 def dtype_name(dtype: torch.dtype) -> str:

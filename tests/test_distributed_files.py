@@ -3,7 +3,6 @@ every rank runs) against the single-process one on checkpoint files that are not
 the same files with the same one-line CheckpointError naming the file and key, and converts mixed float dtypes
 the same way."""
 
-import json
 import re
 
 import pytest
@@ -14,22 +13,15 @@ import dsv3
 from dsv3.checkpoint import CheckpointError, hub_state_dict
 from dsv3.quant import quantize, save_quantized
 
-INDEX = "model.safetensors.index.json"
-SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+from test_checkpoint_files import IDS, INDEX, NORM, Q, SHARDS, tiny_model
+from test_checkpoint_files import write_sharded as write_tensors_sharded
+
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"
-NORM = "model.layers.0.input_layernorm.weight"
-Q = "model.layers.0.self_attn.q_b_proj"
-IDS = torch.tensor([[0, 5, 17, 300]])
 
 
 @pytest.fixture(autouse=True)
 def one_process(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-
-
-def tiny_model(seed: int = 0) -> dsv3.Transformer:
-    torch.manual_seed(seed)
-    return dsv3.Transformer(dsv3.ModelConfig.tiny()).eval()
 
 
 def rewrite(path, edit) -> None:
@@ -39,16 +31,7 @@ def rewrite(path, edit) -> None:
 
 
 def write_sharded(path, model, index=None) -> None:
-    tensors = hub_state_dict(model)
-    path.mkdir(parents=True, exist_ok=True)
-    keys = sorted(tensors)
-    parts = dict(zip(SHARDS, (keys[::2], keys[1::2])))
-    for name, part in parts.items():
-        save_file({k: tensors[k] for k in part}, path / name)
-    if index is None:
-        index = {"weight_map": {k: name for name, part in parts.items() for k in part}}
-    (path / INDEX).write_text(json.dumps(index))
-    model.config.to_json(path / "config.json")
+    write_tensors_sharded(path, hub_state_dict(model), model.config, index)
 
 
 def same_error(path, expected: str, **kwargs) -> str:

@@ -13,17 +13,15 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from ..config import ModelConfig
 from ..hub import (FP8_BLOCK, FP32_KEYS, CheckpointError, check_dtype, dequantize_fp8, dtype_name, few, is_float8,
-                   save_pretrained, shard_files, to_model_key)
+                   safetensors_errors, save_pretrained, shard_files, to_model_key)
 from ..model import Transformer
 from ..quant import QuantizationError, QuantizedLinear
 from ..quant.apply import loads_quantized, prepare_for_load
@@ -39,20 +37,6 @@ def hub_key(key: str, n_layers: int) -> str:
         k, rest = key[4:].split(".", 1)
         return f"model.layers.{n_layers + int(k)}.{rest}"
     return key
-
-
-@contextmanager
-def safetensors_errors(file: Path) -> Iterator[None]:
-    """hub.read_tensors' wrapping of what safe_open and its reads raise, for the slice reads here: a missing file,
-    a directory or a truncated / corrupt one is a one-line CheckpointError naming the file, as in one process."""
-    try:
-        yield
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: listed in the index but missing") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{file}: a directory; expected a safetensors file") from None
-    except SafetensorError as e:
-        raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
