@@ -51,8 +51,9 @@ def test_truncated_lazily_opened_image_is_an_image_error():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"lora_alpha": "32"}, "vision.lora_alpha: expected a positive finite number"),
-    ({"lora_alpha": math.nan}, "vision.lora_alpha: expected a positive finite number"),
+    ({"lora_alpha": "32"}, "vision.lora_alpha: expected a finite number"),
+    ({"lora_alpha": math.nan}, "vision.lora_alpha: expected a finite number"),
+    ({"lora_rank": 4, "lora_alpha": 0.0}, "vision.lora_alpha: expected a positive finite number when lora_rank > 0"),
     ({"layer_norm_eps": True}, "vision.layer_norm_eps: expected a positive finite number"),
     ({"image_newline": "no"}, "vision.image_newline: expected true or false"),
     ({"num_channels": 1}, "vision.num_channels: expected 3"),
@@ -65,6 +66,11 @@ def test_truncated_lazily_opened_image_is_an_image_error():
 def test_every_config_field_is_type_and_range_checked(overrides, message):
     with pytest.raises(ValueError, match=message):
         VisionConfig(**{**VISION, **overrides})
+
+
+def test_lora_alpha_is_free_without_lora():
+    """`dsv3 train-vl --lora-rank 0` writes lora_alpha 2 x 0: a VL model without LoRA deltas loads."""
+    assert VisionConfig(**{**VISION, "lora_rank": 0, "lora_alpha": 0.0}).lora_alpha == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +110,8 @@ def truncate(d):
 
 @pytest.mark.parametrize("edit, file, message", [
     (lambda d: (d / "config.json").write_text("{not json"), "config.json", "not a readable JSON file"),
-    (edit_config(lora_alpha="32"), "config.json", "vision.lora_alpha: expected a positive finite number"),
-    (edit_config(lora_alpha=math.nan), "config.json", "vision.lora_alpha: expected a positive finite number"),
+    (edit_config(lora_alpha="32"), "config.json", "vision.lora_alpha: expected a finite number"),
+    (edit_config(lora_alpha=math.nan), "config.json", "vision.lora_alpha: expected a finite number"),
     (edit_config(image_newline="no"), "config.json", "vision.image_newline: expected true or false"),
     (edit_config(num_channels=1), "config.json", "vision.num_channels: expected 3"),
     (edit_config(lora_targets=["nope_proj"]), "config.json", r"vision.lora_targets: \['nope_proj'\] are not linear"),

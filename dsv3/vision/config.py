@@ -19,7 +19,7 @@ _RULES: dict[str, tuple[float | None, str]] = {
     **dict.fromkeys(("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
                      "num_attention_heads", "intermediate_size", "downsample"), (1, "a positive integer")),
     "conv_stem": (1, "a list of positive channel counts"),
-    "layer_norm_eps": (0, "a positive finite number"), "lora_alpha": (0, "a positive finite number"),
+    "layer_norm_eps": (0, "a positive finite number"), "lora_alpha": (-math.inf, "a finite number"),
     "image_newline": (None, "true or false"),
     "image_token_id": (0, "an integer >= 0"), "lora_rank": (0, "an integer >= 0"),
     "image_token": (None, "a non-empty string"), "language_model": (None, "a non-empty string (a directory)"),
@@ -89,6 +89,8 @@ class VisionConfig:
                 ok = _fits(value, hint, low)
             if not ok:
                 bad(f.name, f"expected {what}")
+        if self.lora_rank and self.lora_alpha <= 0:  # unused without LoRA (train-vl writes 2 x rank: 0 there)
+            bad("lora_alpha", "expected a positive finite number when lora_rank > 0")
         if self.num_channels != 3:
             bad("num_channels", "expected 3: images are decoded to RGB")
         if self.image_size % self.patch_size:
