@@ -9,7 +9,6 @@ and assigns each tensor as it is read, so the weights are never held twice.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from pathlib import Path
 
 import torch
@@ -17,8 +16,9 @@ import torch
 from .config import ModelConfig
 from .distributed import checkpoint as parallel_checkpoint
 from .distributed import world_size
-from .hub import (FP8_BLOCK, FP32_KEYS, HUB_FILES, CheckpointError, check_dtype, dequantize_fp8, dtype_name, few,
-                  hub_state_dict, is_float8, read_tensors, resolve_model, shard_files, to_model_key)
+from .checkpoint_headers import check_stored, compute_dtype, stored_tensors, without_absent_mtp
+from .hub import (FP8_BLOCK, FP32_KEYS, HUB_FILES, CheckpointError, dequantize_fp8, hub_state_dict, read_tensors,
+                  resolve_model, shard_files, to_model_key)
 from .hub import save_pretrained as save_plain
 from .model import Transformer
 from .quant import apply as quant
@@ -54,73 +54,25 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
         raise type(e)(f"{path / 'config.json'}: {e}") from None
     if quantized:
         return quant.load_quantized(path, config, dtype, device)
+    stored = stored_tensors(path)
+    config = without_absent_mtp(path, config, stored)
     with torch.device("meta"):
         model = Transformer(config)
-    expected = model.state_dict()
-    files = shard_files(path)
+    n_layers = config.num_hidden_layers
+    check_stored(path, stored, {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()},
+                 n_layers, quantized=False)  # every key, shape and dtype, before anything is read
+    model_dtype = compute_dtype(stored, dtype)
     state: dict[str, torch.Tensor] = {}
-    scales: dict[str, torch.Tensor] = {}
-    where: dict[str, tuple[str, Path]] = {}  # model name -> (hub key, file) of state's and scales' tensors
-    unexpected: list[str] = []
-    for key, tensor, file in read_tensors(files):
-        if key.endswith(".weight_scale_inv"):  # FP8 block scales, keyed by the weight they scale
+    scales: dict[str, torch.Tensor] = {}  # FP8 block scales, keyed by the weight they scale
+    for key, tensor, _ in read_tensors(shard_files(path)):
+        if key.endswith(".weight_scale_inv"):
             weight_key = key.removesuffix("_scale_inv")
-            name = to_model_key(weight_key, config.num_hidden_layers) or weight_key
-            check_dtype(file, key, tensor, torch.float32)
-            scales[name] = tensor
-            where[name + "_scale_inv"] = (key, file)
-            continue
-        name = to_model_key(key, config.num_hidden_layers)
-        if name is None:
-            continue
-        if name not in expected:
-            unexpected.append(key)
-            continue
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{file.name}: {key} has shape {tuple(tensor.shape)}, "
-                                  f"expected {tuple(expected[name].shape)} from config.json")
-        state[name] = tensor
-        where[name] = (key, file)
-    missing = set(expected) - set(state)
-    if config.num_nextn_predict_layers and all(k.startswith("mtp.") for k in expected if k not in state) \
-            and not any(k.startswith("mtp.") for k in state):
-        # transformers drops the MTP layer when it re-saves a checkpoint: keep the main model, say so.
-        warnings.warn(f"{path}: config.json declares {config.num_nextn_predict_layers} MTP layer(s) but the "
-                      "checkpoint has none (re-saved by transformers?); loading without the MTP head")
-        config = dataclasses.replace(config, num_nextn_predict_layers=0)
-        with torch.device("meta"):
-            model = Transformer(config)
-        expected = model.state_dict()
-        missing = set(expected) - set(state)
-    if missing or unexpected:
-        parts = ([f"missing keys: {few(missing)}"] if missing else []) + (
-            [f"unexpected keys: {few(unexpected)}"] if unexpected else [])
-        raise CheckpointError(f"{path}: checkpoint does not match config.json ({'; '.join(parts)})")
-    for name, tensor in state.items():
-        if tensor.dtype != torch.float8_e4m3fn:  # FP8 weights: checked against their scales below
-            check_dtype(where[name][1], where[name][0], tensor, expected[name].dtype)
-    for name in scales:
-        if name not in state or state[name].dtype != torch.float8_e4m3fn:
-            key, file = where[name + "_scale_inv"]
-            found = f"is {dtype_name(state[name].dtype)}" if name in state else "is missing"
-            raise CheckpointError(f"{file}: {key} has no FP8 weight beside it ({name} {found}; expected "
-                                  "float8_e4m3fn)")
-    # one dtype for the model (the router aside): `dtype`, else the embedding's as stored, so that a checkpoint
-    # mixing float dtypes loads as one (as transformers casts to one dtype); FP8 weights dequantise to it too
-    embed = state["model.embed_tokens.weight"].dtype
-    model_dtype = dtype or (embed if not is_float8(embed) else torch.bfloat16)
+            scales[to_model_key(weight_key, n_layers) or weight_key] = tensor
+        elif (name := to_model_key(key, n_layers)) is not None:
+            state[name] = tensor
     for name, tensor in state.items():
         if tensor.dtype == torch.float8_e4m3fn:
-            key, file = where[name]
-            if name not in scales:
-                raise CheckpointError(f"{file}: FP8 weight {key} has no {key}_scale_inv beside it")
-            if tensor.dim() != 2:
-                raise CheckpointError(f"{file}: FP8 weight {key} has shape {tuple(tensor.shape)}; FP8 block "
-                                      "scales apply to 2-D weights only")
-            try:
-                tensor = dequantize_fp8(tensor, scales[name], model_dtype)
-            except CheckpointError as e:
-                raise CheckpointError(f"{where[name + '_scale_inv'][1]}: {key}_scale_inv: {e}") from None
+            tensor = dequantize_fp8(tensor, scales[name], model_dtype)
         target = torch.float32 if FP32_KEYS.match(name) else model_dtype
         state[name] = tensor.to(device=device, dtype=target)
     model.load_state_dict(state, assign=True)

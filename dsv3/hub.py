@@ -184,17 +184,11 @@ def safetensors_errors(file: Path) -> Iterator[None]:
 
 
 def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """(hub key, tensor, file) for every tensor of `files`, one at a time; a key stored in two files is refused."""
-    seen: dict[str, Path] = {}
+    """(hub key, tensor, file) for every tensor of `files`, one at a time (the loaders check the headers first:
+    dsv3.checkpoint_headers)."""
     for file in files:
         with safetensors_errors(file), safe_open(file, framework="pt") as f:
-            keys = list(f.keys())
-            for key in keys:
-                if key in seen:
-                    raise CheckpointError(f"{key} is stored twice, in {seen[key]} and in {file}; a tensor must be in "
-                                          "one shard only")
-                seen[key] = file
-            for key in keys:
+            for key in f.keys():
                 yield key, f.get_tensor(key), file
 
 

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "dsv3"
 # tokenizer/sampling/generation/fast; the modules above these (train, engine, eval, server, cli) may import any
 LEVELS = {"dsv3.config": 0, "dsv3.atomic": 0, "dsv3.layers": 1, "dsv3.rope": 1, "dsv3.cache": 1,
           "dsv3.attention": 2, "dsv3.dsa": 2, "dsv3.moe": 2, "dsv3.model": 3, "dsv3.hub": 4,
+          "dsv3.checkpoint_headers": 4,
           "dsv3.distributed": 5, "dsv3.distributed.init": 5, "dsv3.distributed.layers": 5, "dsv3.distributed.moe": 5,
           "dsv3.distributed.parallelize": 5, "dsv3.distributed.checkpoint": 5, "dsv3.distributed.data_parallel": 5,
           "dsv3.distributed.console": 5, "dsv3.distributed.plan": 5, "dsv3.distributed.quantized": 5,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import warnings
 from pathlib import Path
 
 import torch
@@ -20,8 +19,9 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from ..config import ModelConfig
-from ..hub import (FP8_BLOCK, FP32_KEYS, CheckpointError, check_dtype, dequantize_fp8, dtype_name, few, is_float8,
-                   safetensors_errors, save_pretrained, shard_files, to_model_key)
+from ..checkpoint_headers import Stored, check_stored, compute_dtype, stored_tensors, without_absent_mtp
+from ..hub import (FP8_BLOCK, FP32_KEYS, CheckpointError, dequantize_fp8, safetensors_errors, save_pretrained,
+                   to_model_key)
 from ..model import Transformer
 from ..quant import QuantizationError, QuantizedLinear
 from ..quant.apply import loads_quantized, prepare_for_load
@@ -39,59 +39,9 @@ def hub_key(key: str, n_layers: int) -> str:
     return key
 
 
-@dataclasses.dataclass(frozen=True)
-class Stored:
-    """A tensor as the safetensors header describes it (nothing is read): its file, shape and dtype."""
-    file: Path
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    def meta(self) -> torch.Tensor:
-        """An empty meta tensor of this shape and dtype, for the hub checks that look at those only."""
-        return torch.empty(self.shape, dtype=self.dtype, device="meta")
-
-
-# safetensors' dtype names (the header's "dtype" field)
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-           "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "C64": torch.complex64,
-           "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16}
-
-
-def stored_tensors(path: Path) -> dict[str, Stored]:
-    """hub key -> Stored for every tensor of the checkpoint at path, from the headers of hub.shard_files (the index
-    checked, names outside the directory refused); a key stored in two files is refused as hub.read_tensors does."""
-    out: dict[str, Stored] = {}
-    for file in shard_files(path):
-        with safetensors_errors(file), safe_open(file, framework="pt") as f:
-            keys = list(f.keys())
-            for key in keys:
-                if key in out:
-                    raise CheckpointError(f"{key} is stored twice, in {out[key].file} and in {file}; a tensor must "
-                                          "be in one shard only")
-            for key in keys:
-                piece = f.get_slice(key)
-                dtype = _DTYPES.get(piece.get_dtype())
-                out[key] = Stored(file, tuple(piece.get_shape()),
-                                  dtype if dtype is not None else f.get_tensor(key).dtype)
-    return out
-
-
 def tensor_files(path: Path) -> dict[str, Path]:
     """hub key -> the safetensors file holding it (the index's weight_map, or the keys of model.safetensors)."""
     return {key: stored.file for key, stored in stored_tensors(path).items()}
-
-
-def compute_dtype(stored: dict[str, Stored], dtype: torch.dtype | None) -> torch.dtype:
-    """The model's dtype as the single-process loader picks it: `dtype`, else the embedding's as stored (bfloat16
-    for an FP8 or non-float one): a checkpoint mixing float dtypes loads as one."""
-    embed = stored.get("model.embed_tokens.weight")
-    if dtype is not None:
-        return dtype
-    if embed is None or not embed.dtype.is_floating_point or is_float8(embed.dtype):
-        return torch.bfloat16
-    return embed.dtype
 
 
 def read_slice(f, key: str, s: Shard, fp8: bool, dtype: torch.dtype | None) -> torch.Tensor:
@@ -134,77 +84,6 @@ def full_state(model: Transformer) -> dict[str, tuple[tuple[int, ...], torch.dty
     return out
 
 
-def check_stored(path: Path, model: Transformer, stored: dict[str, Stored], quantized: bool) -> None:
-    """Refuse, from the headers alone and before anything is read, what dsv3.checkpoint.load_pretrained (plain
-    and FP8 checkpoints) or dsv3.quant.apply.load_quantized (quantized: packed layers in `model`) refuse, in their
-    order and with their messages: unexpected or missing keys, wrong shapes, dtypes that do not fit the key
-    (hub.check_dtype), FP8 weights without their scales or scales without their FP8 weights, scales of the wrong
-    shape. Every rank checks the whole checkpoint, so all refuse it alike."""
-    n_layers = model.config.num_hidden_layers
-    expected = full_state(model)
-    names = {key: to_model_key(key, n_layers) for key in stored}
-    if quantized:
-        present = {name for name in names.values() if name is not None}
-        missing, unexpected = set(expected) - present, present - set(expected)
-        if missing or unexpected:
-            parts = ([f"missing keys: {few(missing)}"] if missing else []) + (
-                [f"unexpected keys: {few(unexpected)}"] if unexpected else [])
-            raise CheckpointError(f"{path}: quantized checkpoint does not match config.json ({'; '.join(parts)})")
-        for key, name in names.items():
-            if name is None:
-                continue
-            shape, dtype = expected[name]
-            if stored[key].shape != shape:
-                raise CheckpointError(f"{path}: {name} has shape {stored[key].shape}, expected {shape} from "
-                                      "config.json and quantization_config")
-            check_dtype(stored[key].file, key, stored[key].meta(), dtype)
-        return
-    state: dict[str, str] = {}  # model name -> hub key, of the weights (not the FP8 scales)
-    scales: dict[str, str] = {}  # model name of the weight -> hub key of its weight_scale_inv
-    unexpected = []
-    for key, name in names.items():
-        if key.endswith(".weight_scale_inv"):
-            weight_key = key.removesuffix("_scale_inv")
-            check_dtype(stored[key].file, key, stored[key].meta(), torch.float32)
-            scales[to_model_key(weight_key, n_layers) or weight_key] = key
-            continue
-        if name is None:
-            continue
-        if name not in expected:
-            unexpected.append(key)
-            continue
-        if stored[key].shape != expected[name][0]:
-            raise CheckpointError(f"{stored[key].file.name}: {key} has shape {stored[key].shape}, "
-                                  f"expected {expected[name][0]} from config.json")
-        state[name] = key
-    missing = set(expected) - set(state)
-    if missing or unexpected:
-        parts = ([f"missing keys: {few(missing)}"] if missing else []) + (
-            [f"unexpected keys: {few(unexpected)}"] if unexpected else [])
-        raise CheckpointError(f"{path}: checkpoint does not match config.json ({'; '.join(parts)})")
-    for name, key in state.items():
-        if stored[key].dtype != torch.float8_e4m3fn:
-            check_dtype(stored[key].file, key, stored[key].meta(), expected[name][1])
-    for name, scale_key in scales.items():
-        if name not in state or stored[state[name]].dtype != torch.float8_e4m3fn:
-            found = f"is {dtype_name(stored[state[name]].dtype)}" if name in state else "is missing"
-            raise CheckpointError(f"{stored[scale_key].file}: {scale_key} has no FP8 weight beside it ({name} "
-                                  f"{found}; expected float8_e4m3fn)")
-    for name, key in state.items():
-        if stored[key].dtype != torch.float8_e4m3fn:
-            continue
-        file = stored[key].file
-        if name not in scales:
-            raise CheckpointError(f"{file}: FP8 weight {key} has no {key}_scale_inv beside it")
-        if len(stored[key].shape) != 2:
-            raise CheckpointError(f"{file}: FP8 weight {key} has shape {stored[key].shape}; FP8 block scales apply "
-                                  "to 2-D weights only")
-        try:  # on meta tensors: hub's own check of the scale's shape, nothing computed
-            dequantize_fp8(stored[key].meta(), stored[scales[name]].meta())
-        except CheckpointError as e:
-            raise CheckpointError(f"{stored[scales[name]].file}: {key}_scale_inv: {e}") from None
-
-
 def read_slices(path: Path, model: Transformer, dtype: torch.dtype | None, device, *,
                 quantized: bool | None = None,
                 stored: dict[str, Stored] | None = None) -> tuple[dict[str, torch.Tensor], int]:
@@ -215,8 +94,8 @@ def read_slices(path: Path, model: Transformer, dtype: torch.dtype | None, devic
     stored = stored_tensors(path) if stored is None else stored
     if quantized is None:
         quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
-    check_stored(path, model, stored, quantized)
     n_layers = model.config.num_hidden_layers
+    check_stored(path, stored, full_state(model), n_layers, quantized)
     modules = dict(model.named_modules())
     model_dtype = compute_dtype(stored, dtype)
     state, read, handles = {}, 0, {}
@@ -262,13 +141,8 @@ def load_parallel(path: Path, config: ModelConfig, dtype: torch.dtype | None, de
     """This rank's share of the checkpoint at path as a parallelized Transformer, reading only its slices.
     Quantized checkpoints (dsv3 int8/int4; FP8 with keep_fp8) give quantized parallel layers. What the
     single-process loader refuses is refused here too, with the same message (check_stored)."""
-    n_layers = config.num_hidden_layers
     stored = stored_tensors(path)
-    if config.num_nextn_predict_layers and not any((to_model_key(k, n_layers) or "").startswith("mtp.")
-                                                   for k in stored):
-        warnings.warn(f"{path}: config.json declares {config.num_nextn_predict_layers} MTP layer(s) but the "
-                      "checkpoint has none (re-saved by transformers?); loading without the MTP head")
-        config = dataclasses.replace(config, num_nextn_predict_layers=0)
+    config = without_absent_mtp(path, config, stored)
     try:
         quantized = loads_quantized(config.quantization_config, keep_fp8)
     except QuantizationError as e:  # as dsv3.checkpoint.load_pretrained words it

@@ -22,8 +22,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..hub import (FP32_KEYS, CheckpointError, check_dtype, few, is_float8, read_tensors, save_pretrained,
-                   shard_files, to_model_key)
+from ..checkpoint_headers import check_stored, compute_dtype, stored_tensors
+from ..hub import FP32_KEYS, CheckpointError, read_tensors, save_pretrained, shard_files, to_model_key
 from ..model import Transformer
 from ..rope import RotaryEmbedding
 from .base import QuantizationError, QuantizedLinear
@@ -192,35 +192,24 @@ def load_quantized(path: Path, config, dtype: torch.dtype | None, device) -> nn.
     embedding's dtype). Every tensor's dtype is checked against what its key needs (hub.check_dtype): int8 for an
     Int8Linear's weight, uint8 for an Int4Linear's qweight, float8_e4m3fn for an FP8Linear's, floats elsewhere.
     """
-    state: dict[str, torch.Tensor] = {}
-    where: dict[str, tuple[str, Path]] = {}  # model name -> (hub key, file)
-    for key, tensor, file in read_tensors(shard_files(path)):
-        name = to_model_key(key, config.num_hidden_layers)
-        if name is not None:
-            state[name] = tensor
-            where[name] = (key, file)
-    embed = state.get("model.embed_tokens.weight")
-    compute = dtype or (embed.dtype if embed is not None and embed.dtype.is_floating_point
-                        and not is_float8(embed.dtype) else torch.bfloat16)
+    n_layers = config.num_hidden_layers
+    stored = stored_tensors(path)
+    compute = compute_dtype(stored, dtype)
     with torch.device("meta"):
         model = Transformer(config)
     try:
-        prepare_for_load(model, config.quantization_config, {k: (t.shape, t.dtype) for k, t in state.items()},
-                         compute)
+        prepare_for_load(model, config.quantization_config,
+                         {name: (t.shape, t.dtype) for key, t in stored.items()
+                          if (name := to_model_key(key, n_layers)) is not None}, compute)
     except QuantizationError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    expected = model.state_dict()
-    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-    if missing or unexpected:
-        parts = ([f"missing keys: {few(missing)}"] if missing else []) + (
-            [f"unexpected keys: {few(unexpected)}"] if unexpected else [])
-        raise CheckpointError(f"{path}: quantized checkpoint does not match config.json ({'; '.join(parts)})")
+    check_stored(path, stored, {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()},
+                 n_layers, quantized=True)  # every key, shape and dtype, before anything is read
     quantized = set(quantized_layers(model))
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected "
-                                  f"{tuple(expected[name].shape)} from config.json and quantization_config")
-        check_dtype(where[name][1], where[name][0], tensor, expected[name].dtype)
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor, _ in read_tensors(shard_files(path)):
+        if (name := to_model_key(key, n_layers)) is None:
+            continue
         module, _, leaf = name.rpartition(".")
         if module in quantized and leaf != "bias":
             target = tensor.dtype
