@@ -434,7 +434,7 @@ def _adapter_pairs(model: nn.Module, tensors: dict[str, torch.Tensor], config: d
     return pairs
 
 
-def _plan(model: nn.Module, pairs: dict, config: dict, where: str) -> list:
+def _plan(model: nn.Module, pairs: dict, config: dict, r_default: int, alpha_default: float, where: str) -> list:
     """Check every pair against the model and the config's ranks; [(name, module, base, A, B, r, alpha)]."""
     plans = []
     for name, (A, B, key, pattern_name) in pairs.items():
@@ -450,10 +450,10 @@ def _plan(model: nn.Module, pairs: dict, config: dict, where: str) -> list:
         if A.shape[1] != in_f or B.shape != (out_f, r):
             raise AdapterError(f"{where}: {key}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit the "
                                f"model's {name} ({out_f} x {in_f}); expected lora_A [r, {in_f}], lora_B [{out_f}, r]")
-        r_cfg = pattern_value(config.get("rank_pattern"), pattern_name, config.get("r", 8))
+        r_cfg = pattern_value(config.get("rank_pattern"), pattern_name, r_default)
         if r_cfg != r:
             raise AdapterError(f"{where}: {key}: tensors have rank {r} but adapter_config says r={r_cfg!r}")
-        alpha = pattern_value(config.get("alpha_pattern"), pattern_name, config.get("lora_alpha", 8))
+        alpha = pattern_value(config.get("alpha_pattern"), pattern_name, alpha_default)
         plans.append((name, module, base, A, B, r, alpha))
     return plans
 
@@ -476,7 +476,7 @@ def load_adapter(model: nn.Module, directory: str | Path, *, merge: bool = False
     rslora, dropout = config.get("use_rslora", False), config.get("lora_dropout", 0.0)
     # check everything before touching the model
     pairs = _adapter_pairs(model, read_adapter_weights(weights), config, str(weights))
-    plans = _plan(model, pairs, config, str(weights))
+    plans = _plan(model, pairs, config, r_default, alpha_default, str(weights))
     for name, module, base, A, B, r, alpha in plans:
         if isinstance(module, LoRALinear) and module.r == r and not module.merged:  # keep its dropout, parameters
             wrapper = module

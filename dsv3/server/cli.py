@@ -458,9 +458,8 @@ def add_cli(subparsers) -> None:
     # running under an orchestrator: docs/deploy.md
     p.add_argument("--log-format", choices=["text", "json"], help="text lines (default) or one JSON object per line, "
                    "each with the request id (x-request-id) of the request it belongs to")
-    p.add_argument("--drain-timeout", type=float, help="on SIGTERM: seconds the requests in flight get "
-                   "to finish while new ones get 503 and /ready answers 503 (default 25; keep below the "
-                   "orchestrator's grace)")
+    p.add_argument("--drain-timeout", type=float, help="on SIGTERM: seconds the requests in flight get to finish "
+                   "while new ones get 503 and /ready answers 503 (default 25; keep below the orchestrator's grace)")
     p.add_argument("--workers", type=int, help="server processes: only 1; scale out with replicas behind a load "
                    "balancer (docs/deploy.md)")
     # request limits and trust boundaries: docs/security.md
