@@ -19,6 +19,7 @@ from ..attention import MLA
 from ..layers import MLP, RMSNorm
 from ..moe import Gate, MoE
 from .layers import FusedRMSNorm, RealRope, StoredHidden
+from .matvec import cpu_decode_backend
 from .moe import ArgmaxGate, CompiledMoE
 
 MIXINS = ((MLP, StoredHidden), (MLA, RealRope), (RMSNorm, FusedRMSNorm), (Gate, ArgmaxGate), (MoE, CompiledMoE))
@@ -56,11 +57,11 @@ def compiled_decode_step(device_type: str):
     recompiles once, then both dims are dynamic). On a GPU: CUDA graphs (mode "reduce-overhead") and
     coordinate-descent tuning of the Triton kernels, which also turns one-row matmuls into fused multiply-and-sum
     kernels (as gpt-fast sets it): one-row matrix-vector products near the memory bandwidth, fused with the norms
-    before them. On CPU: inductor's C++ wrapper (the ~100 kernel and matmul calls of a step are made from C++, not
-    Python: ~15% faster per token on the bundled model, ~1 minute more to compile)."""
+    before them. On CPU: `cpu_decode_backend` (dsv3/fast/matvec.py), inductor with its C++ wrapper and the same
+    multiply-and-sum for one-row products."""
     if device_type == "cuda":  # {"triton.cudagraphs": True} is what mode="reduce-overhead" sets
         return torch.compile(static_step, options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
-    return torch.compile(static_step, options={"cpp_wrapper": True})
+    return torch.compile(static_step, backend=cpu_decode_backend)
 
 
 @functools.cache
