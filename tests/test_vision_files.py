@@ -1,6 +1,7 @@
 """Bad vision inputs get one clear line, never a raw Pillow/torch/safetensors/json error or a silently wrong result:
-16-bit, 32-bit and float images (dsv3/vision/preprocess.py to_rgb), truncated lazily opened images, and broken VL
-checkpoint directories for load_vl (config.json's "vision" section, model.safetensors' keys, shapes, dtypes)."""
+16-bit, 32-bit and float images (dsv3/vision/preprocess.py to_rgb), transparent pixels (composited onto white, as
+transformers' convert_to_rgb does), truncated lazily opened images, and broken VL checkpoint directories for load_vl
+(config.json's "vision" section, model.safetensors' keys, shapes, dtypes)."""
 
 import io
 import json
@@ -17,15 +18,16 @@ from safetensors.torch import load_file, save_file
 from dsv3 import ModelConfig, Transformer, save_pretrained
 from dsv3.lora import apply_lora
 from dsv3.vision import ImageError, VisionConfig, VisionLanguageModel, decode_image, load_vl, save_vl, to_pixels
+from dsv3.vision.preprocess import to_rgb
 
 VOCAB = 128
 VISION = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
               intermediate_size=64, image_token_id=VOCAB)
 
 
-def png(image: Image.Image) -> bytes:
+def png(image: Image.Image, **options) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", **options)
     return buf.getvalue()
 
 
@@ -42,6 +44,53 @@ def test_16_bit_png_is_scaled_to_8_bits_not_clipped(level, grey):
 def test_int_and_float_images_are_refused_not_guessed(mode, value):
     with pytest.raises(ImageError, match=f"image mode {mode} .* has no known range"):
         to_pixels(Image.new(mode, (8, 8), value), 16)
+
+
+WHITE, RED, BLUE = (255, 255, 255), (200, 0, 40), (0, 0, 255)
+
+
+@pytest.mark.parametrize("transparency", [0, bytes([0, 255, 255])], ids=["index", "per-index-alpha"])
+def test_transparent_palette_png_on_disk_decodes_white(tmp_path, transparency):
+    """Palette index 0 is black and transparent: convert("RGB") alone would show it black."""
+    image = Image.new("P", (4, 2), 0)
+    image.putpalette([0, 0, 0, *RED, *BLUE])
+    image.putpixel((1, 0), 1), image.putpixel((2, 1), 2)
+    path = tmp_path / "palette.png"
+    image.save(path, transparency=transparency)
+    decoded = decode_image(path.read_bytes())  # what dsv3 serve and dsv3.vision.chat call on image bytes
+    assert decoded.mode == "RGB" and decoded.getpixel((0, 0)) == WHITE and decoded.getpixel((3, 1)) == WHITE
+    assert decoded.getpixel((1, 0)) == RED and decoded.getpixel((2, 1)) == BLUE
+
+
+def blend(colour, alpha):
+    return tuple(round((c * alpha + 255 * (255 - alpha)) / 255) for c in colour)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA"])
+def test_half_transparent_pixels_blend_onto_white(mode):
+    colour = RED if mode != "LA" else (90, 90, 90)
+    if mode == "PA":
+        image = Image.new("PA", (2, 2), (1, 128))
+        image.putpalette([0, 0, 0, *colour])
+    else:
+        image = Image.new(mode, (2, 2), (*colour, 128) if mode == "RGBA" else (colour[0], 128))
+    image.putpixel((1, 1), (1, 255) if mode == "PA" else (*colour, 255) if mode == "RGBA" else (colour[0], 255))
+    decoded = to_rgb(image) if mode == "PA" else decode_image(png(image))  # Pillow cannot write PA as PNG
+    expected = blend(colour, 128)  # (200, 0, 40) -> (228, 127, 147)
+    assert all(abs(a - b) <= 1 for a, b in zip(decoded.getpixel((0, 0)), expected)), decoded.getpixel((0, 0))
+    assert decoded.getpixel((1, 1)) == colour
+    x = to_pixels(image, 2)[:, 0, 0]  # a PIL image from Python takes the same path
+    torch.testing.assert_close(x, torch.tensor(expected) / 127.5 - 1, atol=1 / 127.5, rtol=0)
+
+
+@pytest.mark.parametrize("mode, key, opaque", [("L", 10, (200,) * 3), ("RGB", (1, 2, 3), (200, 0, 0)),
+                                               ("I;16", 40000, (156,) * 3)])
+def test_png_trns_colour_key_is_transparent(mode, key, opaque):
+    """A tRNS chunk on a greyscale / RGB PNG makes one level transparent; 16-bit levels are compared before scaling."""
+    image = Image.new(mode, (3, 1), key)
+    image.putpixel((1, 0), opaque if mode == "RGB" else {"L": 200, "I;16": 40000 - 1}[mode])
+    decoded = decode_image(png(image, transparency=key))
+    assert [decoded.getpixel((x, 0)) for x in range(2)] == [WHITE, opaque]
 
 
 def test_truncated_lazily_opened_image_is_an_image_error():

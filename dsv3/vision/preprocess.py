@@ -3,7 +3,8 @@
 Resize-pad, as DeepSeek-VL2 does for its global view (arXiv:2412.10302 §2): scale the longer side to S keeping the
 aspect ratio, centre on an S x S canvas of mid grey. VL2's dynamic tiling (local 384-px tiles + the global view,
 `<view_separator>` between them) is not built: our images are small (docs/vision.md §1).
-Any Pillow mode becomes 8-bit RGB (16-bit greyscale scaled down, 32-bit int and float refused: to_rgb).
+Any Pillow mode becomes 8-bit RGB (16-bit greyscale scaled down, 32-bit int and float refused, transparent pixels
+composited onto white: to_rgb).
 Pixels are normalised as SigLIP does: (x/255 - 0.5) / 0.5, so in [-1, 1].
 """
 
@@ -15,11 +16,14 @@ import io
 import re
 import warnings
 
+import numpy as np
 import torch
 from PIL import Image
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 PAD = (127, 127, 127)
+# modes with an alpha band (La / RGBa: premultiplied); Pillow's Image.has_transparency_data (10.1+) tests the same
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 
 
 class ImageError(ValueError):
@@ -52,7 +56,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     0..255, as libpng strips 16 bits to 8: Pillow's convert("RGB") clips it instead (1000/65535 turns white).
     32-bit integer (I) and float (F) images carry no agreed range (Pillow's own convert("F") of an 8-bit image gives
     0..255, numpy users expect 0..1), so they are refused rather than guessed. A lazily opened image is loaded here:
-    truncated or corrupt data raise ImageError."""
+    truncated or corrupt data raise ImageError.
+    Transparency (an alpha band, ALPHA_MODES, or a `transparency` entry: a PNG/GIF palette's transparent index or
+    per-index alphas, a PNG tRNS colour key) is composited onto white, as transformers' image processors do
+    (`image_transforms.convert_to_rgb`: convert("RGBA"), alpha_composite over a white RGBA canvas, convert("RGB")):
+    convert("RGB") alone drops the alpha and shows whatever colour the transparent pixels hold, often black."""
     try:
         image.load()
     except Exception as e:  # truncated streams: OSError; broken chunks: SyntaxError, ValueError
@@ -61,11 +69,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise ImageError(f"image mode {image.mode} ({'32-bit integer' if image.mode == 'I' else 'float'} pixels) "
                          "has no known range; expected an 8-bit image (mode L, RGB, RGBA...) or 16-bit greyscale")
     if image.mode.startswith("I;16"):
-        image = image.convert("I").point(lambda v: v / 257 + 0.5).convert("L")  # + 0.5: point truncates
+        image = _sixteen_to_eight(image)
     try:
+        if image.mode in ALPHA_MODES or "transparency" in image.info:
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
         return image.convert("RGB")
     except ValueError:  # modes Pillow cannot convert, e.g. La
         raise ImageError(f"image mode {image.mode} cannot be converted to RGB") from None
+
+
+def _sixteen_to_eight(image: Image.Image) -> Image.Image:
+    """I;16 greyscale -> L, levels scaled by 1/257 and rounded; a tRNS level (`transparency`, 16-bit) -> LA, alpha 0
+    exactly where the 16-bit level equals it (compared before scaling, which maps 257 levels onto each 8-bit one)."""
+    wide = image.convert("I")
+    grey = wide.point(lambda v: v / 257 + 0.5).convert("L")  # + 0.5: point truncates
+    key = image.info.get("transparency")
+    if isinstance(key, int):
+        opaque = (np.asarray(wide) != key).astype(np.uint8) * 255
+        grey = Image.merge("LA", (grey, Image.fromarray(opaque)))
+    return grey
 
 
 DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+)?(;[^,;]*)*;base64,(.*)", re.S | re.I)
