@@ -11,7 +11,9 @@ docs/eval-lora-quant.md §3.
     load_adapter(other_model, "out/adapter")    # also reads adapters that PEFT made on transformers' DeepseekV3
 
 On-disk keys are `base_model.model.<hub module path>.lora_A.weight` / `.lora_B.weight` (PEFT strips the adapter
-name); MTP modules (`mtp.k.*` in memory) use their hub path `model.layers.{num_hidden_layers + k}.*`.
+name); MTP modules (`mtp.k.*` in memory) use their hub path `model.layers.{num_hidden_layers + k}.*`, and the
+safetensors header records num_hidden_layers (`BASE_LAYERS`), so `load_adapter` tells them from the main layers of a
+deeper base (an adapter that records none, as PEFT's, never adapts the MTP layer: see `_model_path`).
 
 Layout for transformers 5 (what `PeftModel.from_pretrained` on DeepseekV3ForCausalLM expects; see
 `adapter_tensors`): attention linears are PEFT `target_modules`; dense-MLP and shared-expert linears are
@@ -45,9 +47,9 @@ from torch import nn
 
 from .atomic import write_file
 from .layers import linear_weight
-from .lora_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_TARGETS, PEFT_PREFIX, AdapterError,
+from .lora_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_LAYERS, LORA_TARGETS, PEFT_PREFIX, AdapterError,
                           check_factors, check_selected, check_target_parameters, pattern_value,
-                          read_adapter_config, read_adapter_weights)
+                          read_adapter_config, read_adapter_weights, read_base_layers)
 
 
 @dataclass
@@ -250,9 +252,23 @@ def _hub_path(name: str, n_layers: int) -> str:
     return f"model.layers.{n_layers + int(m.group(1))}.{m.group(2)}" if m else name
 
 
-def _model_path(path: str, n_layers: int) -> str:
+def _model_path(path: str, n_layers: int, base_layers: int | None, where: str) -> str:
+    """Hub path -> dsv3's. `model.layers.L` with L >= the adapter's recorded base layer count is MTP module
+    `mtp.{L - base}`. A main layer the model lacks is refused, and so is every L >= n_layers when the adapter records
+    no count: PEFT's never adapt the MTP layer (transformers' DeepseekV3 has none), so that key is a deeper base's."""
     m = re.match(r"model\.layers\.(\d+)\.(.*)", path)
-    return f"mtp.{int(m.group(1)) - n_layers}.{m.group(2)}" if m and int(m.group(1)) >= n_layers else path
+    if m is None:
+        return path
+    layer = int(m.group(1))
+    if base_layers is not None and layer >= base_layers:
+        return f"mtp.{layer - base_layers}.{m.group(2)}"
+    if layer >= n_layers:
+        base = f"the adapter's base had {base_layers}" if base_layers is not None else \
+            f"the adapter records no base {BASE_LAYERS}, so it adapts no MTP layer"
+        raise AdapterError(f"{where}: {PEFT_PREFIX}{path}.lora_A.weight targets layer {layer}, but the model has "
+                           f"{n_layers} layers (0-{n_layers - 1}; {base}): was the adapter trained on another base "
+                           "model?")
+    return path
 
 
 _ROUTED = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)")
@@ -359,7 +375,8 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
         "lora_bias": False, **fields,
     }
     write_file(directory / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-    write_file(directory / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    metadata = {"format": "pt", BASE_LAYERS: str(model.config.num_hidden_layers)}  # tells MTP keys: _model_path
+    write_file(directory / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata=metadata))
     return directory
 
 
@@ -373,20 +390,19 @@ def _fused_expert_factors(name: str, A: torch.Tensor, B: torch.Tensor, n_experts
     return [(A[e * R:(e + 1) * R], B[:, e::n_experts]) for e in range(n_experts)]
 
 
-def _fused_pairs(model: nn.Module, path: str, container: str, A: torch.Tensor, B: torch.Tensor, config: dict,
-                 where: str) -> dict:
+def _fused_pairs(model: nn.Module, path: str, container: str, target: str, A: torch.Tensor, B: torch.Tensor,
+                 config: dict, where: str) -> dict:
     """Transformers 5 fused experts, adapted through PEFT target_parameters, split into per-expert pairs.
 
     PEFT nests one ParamWrapper per targeted parameter (`experts.lora_A`, `experts.base_layer.lora_A`) in an order
     that depends on how target_parameters was written, so the shapes tell which is which: gate_up_proj maps
-    D -> 2I, down_proj maps I -> D (2I = D and I = D cannot both hold).
+    D -> 2I, down_proj maps I -> D (2I = D and I = D cannot both hold). target: the container's dsv3 path.
     """
-    n_layers = model.config.num_hidden_layers
     try:
-        experts = model.get_submodule(_model_path(container, n_layers))
+        experts = model.get_submodule(target)
     except AttributeError:
         raise AdapterError(f"{where}: {path}: fused routed-expert tensors, but this model's "
-                           f"{_model_path(container, n_layers)} does not exist (a dense layer?)") from None
+                           f"{target} does not exist (a dense layer?)") from None
     inter, hidden = _in_out(experts[0].gate_proj)[1], _in_out(experts[0].gate_proj)[0]
     if A.shape[1] == hidden and B.shape[0] == 2 * inter:
         param = "gate_up_proj"
@@ -399,7 +415,7 @@ def _fused_pairs(model: nn.Module, path: str, container: str, A: torch.Tensor, B
     label, pattern_name = f"{path} ({param})", f"{container}.{param}"
     pairs = {}
     for e, (Ae, Be) in enumerate(_fused_expert_factors(path, A, B, len(experts))):
-        base = _model_path(f"{container}.{e}", n_layers)
+        base = f"{target}.{e}"
         if param == "gate_up_proj":  # rows [gate; up], one A for both: exact as two adapters sharing A
             pairs[f"{base}.gate_proj"] = (Ae.clone(), Be[:inter].clone(), label, pattern_name)
             pairs[f"{base}.up_proj"] = (Ae.clone(), Be[inter:].clone(), label, pattern_name)
@@ -408,10 +424,11 @@ def _fused_pairs(model: nn.Module, path: str, container: str, A: torch.Tensor, B
     return pairs
 
 
-def _adapter_pairs(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict, where: str):
+def _adapter_pairs(model: nn.Module, tensors: dict[str, torch.Tensor], config: dict, where: str,
+                   base_layers: int | None = None):
     """{dsv3 module path: (A [r, in], B [out, r], label for errors, module name for rank/alpha patterns)}.
 
-    Fused routed experts (PEFT target_parameters) are split per expert.
+    Fused routed experts (PEFT target_parameters) are split per expert. base_layers: `read_base_layers`.
     """
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -425,12 +442,14 @@ def _adapter_pairs(model: nn.Module, tensors: dict[str, torch.Tensor], config: d
     for path, ab in groups.items():
         check_factors(path, ab, where)
         A, B = ab["lora_A"], ab["lora_B"]
+        target = _model_path(path, model.config.num_hidden_layers, base_layers, where)
         fused = re.fullmatch(r"(.*\.mlp\.experts)((?:\.base_layer)*)", path)
         if fused:
-            pairs.update(_fused_pairs(model, path, fused.group(1), A, B, config, where))
+            container = target.removesuffix(fused.group(2))
+            pairs.update(_fused_pairs(model, path, fused.group(1), container, A, B, config, where))
         else:
             check_selected(config, path, None, where)
-            pairs[_model_path(path, model.config.num_hidden_layers)] = (A, B, path, path)
+            pairs[target] = (A, B, path, path)
     return pairs
 
 
@@ -475,7 +494,8 @@ def load_adapter(model: nn.Module, directory: str | Path, *, merge: bool = False
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     rslora, dropout = config.get("use_rslora", False), config.get("lora_dropout", 0.0)
     # check everything before touching the model
-    pairs = _adapter_pairs(model, read_adapter_weights(weights), config, str(weights))
+    tensors = read_adapter_weights(weights)
+    pairs = _adapter_pairs(model, tensors, config, str(weights), read_base_layers(weights))
     plans = _plan(model, pairs, config, r_default, alpha_default, str(weights))
     for name, module, base, A, B, r, alpha in plans:
         if isinstance(module, LoRALinear) and module.r == r and not module.merged:  # keep its dropout, parameters

@@ -2,8 +2,10 @@
 
 What `dsv3.lora.load_adapter` reads before it touches a model: `read_adapter_config` (a LoRA config with valid
 values, refusing every PEFT feature dsv3 does not implement), `read_adapter_weights` (a safetensors file with at
-least one tensor), and the checks on what the files hold without the model: `check_factors` (each module has a
-finite float lora_A and lora_B matrix), `check_target_parameters` (target_parameters dsv3 can read),
+least one tensor), `read_base_layers` (the base's layer count that `save_adapter` records in the safetensors
+header, which tells MTP keys from main-layer ones), and the checks on what the files hold without the model:
+`check_factors` (each module has a finite float lora_A and lora_B matrix), `check_target_parameters`
+(target_parameters dsv3 can read),
 `check_selected` (the config's own target_modules / target_parameters / exclude_modules / layers_to_transform
 select every module that has tensors, as PEFT decides it), `pattern_value` (rank_pattern / alpha_pattern lookup).
 Errors are `AdapterError`, naming the file and the field or key. The file names, the key prefix and the linear
@@ -19,7 +21,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 # Linear layers of the DeepSeek-V3 family by their HF names (attention; dense MLP, shared and routed experts).
@@ -28,6 +30,9 @@ LORA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_pr
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+# safetensors header metadata key: the num_hidden_layers of the base the adapter was saved on (hub layers from it on
+# are the MTP layers); PEFT writes only {"format": "pt"} and ignores other keys
+BASE_LAYERS = "num_hidden_layers"
 
 
 class AdapterError(ValueError):
@@ -139,6 +144,18 @@ def read_adapter_weights(weights: Path) -> dict[str, torch.Tensor]:
     if not tensors:  # would load as a silent no-op
         raise AdapterError(f"{weights}: holds no tensors (zero LoRA pairs)")
     return tensors
+
+
+def read_base_layers(weights: Path) -> int | None:
+    """The base's num_hidden_layers recorded in an adapter's safetensors header (`save_adapter` writes it), or None
+    (PEFT's adapters and other tools' record none). Call after read_adapter_weights: the file is known to be valid."""
+    with safe_open(str(weights), framework="pt") as f:
+        value = (f.metadata() or {}).get(BASE_LAYERS)
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()):
+        raise AdapterError(f"{weights}: header metadata {BASE_LAYERS}={value!r}: expected a layer count (digits)")
+    return int(value)
 
 
 def check_target_parameters(config: dict, where: str) -> None:

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dsv3
@@ -22,9 +23,14 @@ EXPERTS = "base_model.model.model.layers.1.mlp.experts"
 IDS = torch.randint(0, 1024, (1, 7), generator=torch.Generator().manual_seed(3))
 
 
-def base():
+def base(**config):
     torch.manual_seed(0)
-    return dsv3.Transformer(dsv3.ModelConfig.tiny()).eval()
+    return dsv3.Transformer(dsv3.ModelConfig.tiny(**config)).eval()
+
+
+def header(weights):
+    with safe_open(str(weights), framework="pt") as f:
+        return f.metadata()
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +43,9 @@ def good(tmp_path_factory):
     return save_adapter(model, tmp_path_factory.mktemp("good"))
 
 
-def variant(tmp_path, good, config=None, raw=None, tensors=None):
-    """A copy of `good` with the config edited (config(dict)), replaced (raw bytes) or the tensors edited."""
+def variant(tmp_path, good, config=None, raw=None, tensors=None, metadata=None):
+    """A copy of `good` with the config edited (config(dict)), replaced (raw bytes), the tensors edited or the header
+    metadata edited (metadata(dict); kept as save_adapter wrote it otherwise)."""
     d = tmp_path / "adapter"
     shutil.copytree(good, d)
     if raw is not None:
@@ -47,17 +54,18 @@ def variant(tmp_path, good, config=None, raw=None, tensors=None):
         c = json.loads((d / ADAPTER_CONFIG).read_text())
         config(c)
         (d / ADAPTER_CONFIG).write_text(json.dumps(c))
-    if tensors is not None:
-        t = load_file(d / ADAPTER_WEIGHTS)
-        tensors(t)
-        save_file(t, d / ADAPTER_WEIGHTS)
+    if tensors is not None or metadata is not None:
+        t, meta = load_file(d / ADAPTER_WEIGHTS), header(d / ADAPTER_WEIGHTS)
+        (tensors or (lambda _: None))(t)
+        (metadata or (lambda _: None))(meta)
+        save_file(t, d / ADAPTER_WEIGHTS, metadata=meta)
     return d
 
 
-def refused(d, file, what):
+def refused(d, file, what, model=None):
     """load_adapter refuses with one line that starts with the file's path and names `what`."""
     with pytest.raises(AdapterError) as e:
-        load_adapter(base(), d, merge=True)
+        load_adapter(model or base(), d, merge=True)
     message = str(e.value)
     assert "\n" not in message and message.startswith(f"{d / file}: ") and what in message, message
 
@@ -181,3 +189,39 @@ def test_configs_that_select_every_tensor_load(tmp_path, good, targets):
     reference = load_adapter(base(), good)(IDS)
     d = variant(tmp_path, good, config=lambda c: c.update(target_modules=targets, layers_to_transform=[0, 1, 2, 3]))
     torch.testing.assert_close(load_adapter(base(), d)(IDS), reference)
+
+
+# MTP: the hub names the MTP layer model.layers.{num_hidden_layers}; save_adapter records num_hidden_layers in the
+# safetensors header, so a key is an MTP key only by the adapter's own base, never by the model it is loaded on.
+def test_the_mtp_layer_round_trips_through_the_header(good):
+    assert header(good / ADAPTER_WEIGHTS) == {"format": "pt", "num_hidden_layers": "3"}
+    assert "base_model.model.model.layers.3.self_attn.o_proj.lora_A.weight" in load_file(good / ADAPTER_WEIGHTS)
+    assert "mtp.0.self_attn.o_proj" in lora_modules(load_adapter(base(), good))
+
+
+def test_the_mtp_key_stays_on_the_mtp_layer_of_a_deeper_model(good):
+    mods = lora_modules(load_adapter(base(num_hidden_layers=4), good))
+    assert "mtp.0.self_attn.o_proj" in mods and "model.layers.3.self_attn.o_proj" not in mods
+
+
+@pytest.fixture(scope="module")
+def deeper(tmp_path_factory):
+    """An adapter saved on a 4-layer base without the MTP layer (as `dsv3 finetune` saves): layers.3 is a main layer."""
+    model = apply_lora(base(num_hidden_layers=4), 4, 8, ["o_proj"], include_mtp=False)
+    return save_adapter(model, tmp_path_factory.mktemp("deeper"))
+
+
+def test_a_deeper_bases_layer_is_refused_not_put_on_the_mtp_layer(tmp_path, deeper):
+    key = "base_model.model.model.layers.3.self_attn.o_proj.lora_A.weight"
+    refused(deeper, ADAPTER_WEIGHTS, f"{key} targets layer 3, but the model has 3 layers (0-2; the adapter's base "
+                                     "had 4): was the adapter trained on another base model?")
+    # PEFT records no layer count (transformers' DeepseekV3 has no MTP layer): layer 3 cannot be an MTP key either
+    peft_like = variant(tmp_path, deeper, metadata=lambda m: m.pop("num_hidden_layers"))
+    refused(peft_like, ADAPTER_WEIGHTS, f"{key} targets layer 3, but the model has 3 layers (0-2; the adapter "
+                                        "records no base num_hidden_layers, so it adapts no MTP layer)")
+    assert "model.layers.3.self_attn.o_proj" in lora_modules(load_adapter(base(num_hidden_layers=4), peft_like))
+
+
+def test_a_bad_layer_count_in_the_header_is_refused(tmp_path, good):
+    d = variant(tmp_path, good, metadata=lambda m: m.update(num_hidden_layers="three"))
+    refused(d, ADAPTER_WEIGHTS, "header metadata num_hidden_layers='three': expected a layer count")
