@@ -130,3 +130,14 @@ def test_model_functions_are_shorter_than_60_lines():
             for node in ast.walk(ast.parse(MODS[m].read_text()))
             if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 >= 60]
     assert not long, long
+
+
+def test_importing_dsv3_loads_no_compiler():
+    """`import dsv3` (every CLI command's start) loads neither dynamo nor inductor: importing inductor's compile_fx
+    alone takes ~2 s here. dsv3/fast imports them inside the functions that compile."""
+    import subprocess
+    import sys
+    code = ("import sys, dsv3; print(sorted(m for m in ('torch._dynamo', 'torch._inductor', "
+            "'torch.fx.experimental.symbolic_shapes') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

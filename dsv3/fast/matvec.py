@@ -16,9 +16,6 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch._inductor.compile_fx import compile_fx
-from torch._inductor.decomposition import select_decomp_table
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
 
@@ -26,6 +23,7 @@ aten = torch.ops.aten
 def one_row_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [1, K] @ b [K, N] -> [1, N] as Σ_k a_k b_kn, for CPU tensors of one row known when compiling (a batch of
     one is a static size in torch.compile); otherwise NotImplemented (inductor's own rules decide)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true  # imported when tracing (~0.3 s)
     if a.device.type == "cpu" and statically_known_true(a.shape[0] == 1):
         return (a.unsqueeze(2) * b.unsqueeze(0)).sum(1)
     return NotImplemented
@@ -34,6 +32,7 @@ def one_row_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def decompositions() -> dict:
     """Inductor's decomposition table with `one_row_mm` tried before its own `mm` rule."""
+    from torch._inductor.decomposition import select_decomp_table  # inductor: imported when compiling (~2 s)
     table = dict(select_decomp_table())
     inductor_mm = table[aten.mm.default]
 
@@ -49,5 +48,7 @@ def cpu_decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object
     not Python: ~15% faster a token on the bundled model) and `decompositions()`. AOTAutograd's cache is off for it:
     its key does not cover the decomposition table, so it would hand back a graph compiled without `one_row_mm`
     (inductor's own cache, keyed on the decomposed graph, still serves)."""
-    with torch._functorch.config.patch(enable_autograd_cache=False):
+    from torch._inductor.compile_fx import compile_fx
+    functorch = torch._functorch.config  # the cache came with torch 2.5
+    with functorch.patch({"enable_autograd_cache": False} if hasattr(functorch, "enable_autograd_cache") else {}):
         return compile_fx(gm, example_inputs, decompositions=decompositions(), config_patches={"cpp_wrapper": True})
