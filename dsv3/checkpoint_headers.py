@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .hub import (CheckpointError, check_dtype, dequantize_fp8, dtype_name, few, is_float8, safetensors_errors,
-                  shard_files, to_model_key)
+from .hub import (INDEX, CheckpointError, check_dtype, dequantize_fp8, dtype_name, few, index_weight_map, is_float8,
+                  safetensors_errors, shard_files, to_model_key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,8 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 def stored_tensors(path: Path) -> dict[str, Stored]:
     """hub key -> Stored for every tensor of the checkpoint at path, from the headers of shard_files (the index
-    checked, names outside the directory refused); a key stored in two files is refused."""
+    checked, names outside the directory refused); a key stored in two files is refused, and so is a key that the
+    index does not list under the shard holding it (check_listed)."""
     out: dict[str, Stored] = {}
     for file in shard_files(path):
         with safetensors_errors(file), safe_open(file, framework="pt") as f:
@@ -55,7 +56,24 @@ def stored_tensors(path: Path) -> dict[str, Stored]:
                 dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
                 out[key] = Stored(file, tuple(piece.get_shape()),
                                   dtype if dtype is not None else f.get_tensor(key).dtype)
+    check_listed(path, out)
     return out
+
+
+def check_listed(path: Path, stored: dict[str, Stored]) -> None:
+    """Refuse a sharded checkpoint whose shards hold a key that the index does not list under them: the index says
+    which shard holds each tensor, so a shard holding more means the two disagree (a stale index, shards of another
+    save), and what loads would depend on which of them a loader believes. Run after every header is read, so that
+    a key stored twice is named as such first."""
+    weight_map = index_weight_map(path)
+    if weight_map is None:
+        return
+    for key, tensor in stored.items():
+        listed = weight_map.get(key)
+        if listed != tensor.file.name:
+            where = "does not list" if listed is None else f"lists under {listed}"
+            raise CheckpointError(f"{tensor.file}: holds {key}, which {INDEX} {where}; the index and its shards "
+                                  "disagree (expected each shard to hold only the keys the index lists under it)")
 
 
 def compute_dtype(stored: dict[str, Stored], dtype: torch.dtype | None) -> torch.dtype:

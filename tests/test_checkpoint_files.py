@@ -1,6 +1,7 @@
 """Checkpoint files that are not what they claim: saves over an earlier (sharded) save, malformed indexes, shards
-outside the directory, duplicate keys, tensors of the wrong dtype, bad quantization configs. Each gets a one-line
-CheckpointError naming the file and key, never a raw torch/safetensors error or a silently wrong model."""
+outside the directory, duplicate keys, shards the index disagrees with, tensors of the wrong dtype, NaN or inf
+values, bad quantization configs. Each gets a one-line CheckpointError naming the file and key, never a raw
+torch/safetensors error or a silently wrong model."""
 
 import dataclasses
 import json
@@ -155,6 +156,29 @@ def test_weights_file_that_is_a_directory_is_named(tmp_path, sharded):
     assert load_error(tmp_path).startswith(f"{bad}: a directory")
 
 
+@pytest.mark.parametrize("parallel", [False, True])  # the tensor-parallel loader reads the same headers
+@pytest.mark.parametrize("moved", [False, True])
+def test_shard_holding_a_key_its_index_does_not_list_there_is_refused(tmp_path, monkeypatch, parallel, moved):
+    """A stale index: a shard holds a tensor the index does not list (moved: lists under the other shard)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    model = tiny_model()
+    write_sharded(tmp_path, hub_state_dict(model), model.config)
+    index = json.loads((tmp_path / INDEX).read_text())
+    first, second = load_file(tmp_path / SHARDS[0]), load_file(tmp_path / SHARDS[1])
+    key = sorted(second)[0]
+    if moved:  # the shards still hold every tensor once: only the index's word for where it lives is wrong
+        save_file({**first, key: second.pop(key)}, tmp_path / SHARDS[0])
+        save_file(second, tmp_path / SHARDS[1])
+    else:
+        del index["weight_map"][key]
+    (tmp_path / INDEX).write_text(json.dumps(index))
+    shard = SHARDS[0] if moved else SHARDS[1]
+    where = f"lists under {SHARDS[1]}" if moved else "does not list"
+    assert load_error(tmp_path, parallel=parallel) == (
+        f"{tmp_path / shard}: holds {key}, which {INDEX} {where}; the index and its shards disagree (expected each "
+        "shard to hold only the keys the index lists under it)")
+
+
 def test_key_in_two_shards_is_refused_naming_both(tmp_path):
     model = tiny_model()
     tensors = hub_state_dict(model)
@@ -221,6 +245,72 @@ def test_keep_fp8_plain_weight_beside_a_scale_is_refused(tmp_path):
     assert load_error(path, keep_fp8=True) == (f"{path / 'model.safetensors'}: {Q}.weight has dtype bfloat16, "
                                                "expected float8_e4m3fn")
     assert f"{Q}.weight_scale_inv has no FP8 weight beside it" in load_error(path)
+
+
+# ---------------------------------------------------------------------------------------------- non-finite values
+def set_values(tensor: torch.Tensor, values) -> torch.Tensor:
+    """`tensor` with its first len(values) elements replaced (a copy; FP8 tensors set as their bytes)."""
+    out = tensor.clone()
+    flat = out.view(torch.uint8).view(-1) if out.dtype == torch.float8_e4m3fn else out.view(-1)
+    flat[:len(values)] = torch.tensor(values, dtype=flat.dtype)
+    return out
+
+
+def non_finite(file, key, count: int) -> str:
+    return f"{file}: {key} holds {count} non-finite values (NaN or inf); expected finite values"
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("key, values", [
+    (NORM, [NAN]),
+    (Q + ".weight", [INF, 1.0, -INF, NAN]),
+    ("model.layers.1.mlp.gate.weight", [NAN, NAN]),  # float32, the router's
+    ("model.layers.3.eh_proj.weight", [-INF]),  # the MTP layer's
+])
+def test_non_finite_values_are_refused_naming_file_and_key(saved, key, values):
+    rewrite(saved, lambda t: t.update({key: set_values(t[key], values)}))
+    count = sum(v != v or abs(v) == INF for v in values)
+    assert load_error(saved) == non_finite(saved / "model.safetensors", key, count)
+
+
+def test_non_finite_values_in_a_shard_are_refused_naming_the_shard(tmp_path):
+    model = tiny_model()
+    tensors = hub_state_dict(model)
+    tensors[NORM] = set_values(tensors[NORM], [NAN, 0.0, INF])
+    write_sharded(tmp_path, tensors, model.config)
+    shard = next(name for name in SHARDS if NORM in load_file(tmp_path / name))
+    assert load_error(tmp_path) == non_finite(tmp_path / shard, NORM, 2)
+
+
+@pytest.mark.parametrize("keep_fp8", [False, True])  # dequantised by load_pretrained, kept by load_quantized
+@pytest.mark.parametrize("key, values, count", [
+    (".weight", [0x7F], 1), (".weight", [0xFF, 0x7E, 0xFE, 0x7F], 2),  # e4m3fn's NaN codes; 0x7E = 448 is finite
+    (".weight_scale_inv", [INF], 1),
+])
+def test_fp8_non_finite_values_are_refused(tmp_path, keep_fp8, key, values, count):
+    path = fp8_checkpoint(tmp_path)
+    rewrite(path, lambda t: t.update({Q + key: set_values(t[Q + key], values)}))
+    assert load_error(path, keep_fp8=keep_fp8) == non_finite(path / "model.safetensors", Q + key, count)
+
+
+@pytest.mark.parametrize("scheme, key", [("int8", ".weight_scale"), ("int4", ".scales"), ("int4", ".zeros")])
+def test_quantized_non_finite_scales_are_refused(tmp_path, scheme, key):
+    save_quantized(quantize(tiny_model(), scheme, group_size=32, pad=True), tmp_path)
+    rewrite(tmp_path, lambda t: t.update({Q + key: set_values(t[Q + key], [NAN])}))
+    assert load_error(tmp_path) == non_finite(tmp_path / "model.safetensors", Q + key, 1)
+
+
+@pytest.mark.parametrize("scheme, key", [("int8", ".weight"), ("int4", ".qweight")])
+def test_packed_weights_with_the_fp8_nan_bytes_load(tmp_path, scheme, key):
+    """e4m3fn's NaN bytes 0x7F and 0xFF are ordinary values here: int8 127 and -1, int4 nibble pairs (15, 7) and
+    (15, 15)."""
+    save_quantized(quantize(tiny_model(), scheme, group_size=32, pad=True), tmp_path)
+    values = [0x7F, -1] if scheme == "int8" else [0x7F, 0xFF]
+    rewrite(tmp_path, lambda t: t.update({Q + key: set_values(t[Q + key], values)}))
+    with torch.no_grad():
+        assert dsv3.load_pretrained(tmp_path)(IDS).isfinite().all()
 
 
 @pytest.mark.parametrize("scheme, key, make, expected", [
