@@ -11,7 +11,7 @@ import torch
 
 import dsv3
 from dsv3 import ModelConfig, Transformer
-from dsv3.fast.matvec import one_row_mm
+from dsv3.fast.matvec import FEW_ROWS, few_row_product
 from dsv3.fast.moe import argmax_top_indices, every_expert, fused_gather
 from dsv3.moe import MoE
 
@@ -460,25 +460,30 @@ def test_compiled_decode_step_gives_the_eager_tokens(small):
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
-def test_one_row_mm_is_the_matrix_product_and_leaves_more_rows_to_the_library():
-    """dsv3/fast/matvec.py: a one-row product becomes a multiply-and-sum equal to a @ b on random inputs (weights
-    as nn.Linear stores them: b is Wᵀ, K contiguous); two rows, or a GPU tensor, keep inductor's own rule."""
+def test_few_row_product_is_the_matrix_product_and_leaves_the_rest_to_the_library():
+    """dsv3/fast/matvec.py: products of up to FEW_ROWS rows with K contiguous in b (nn.Linear's Wᵀ, transposed
+    keys) become a multiply-and-sum equal to a @ b on random inputs, 2-D and batched; more rows, a strided K, or a
+    tensor off the CPU keep inductor's own rule."""
     g = torch.Generator().manual_seed(5)
-    a, w = torch.randn(1, 96, generator=g), torch.randn(80, 96, generator=g)
-    torch.testing.assert_close(one_row_mm(a, w.T), a @ w.T, rtol=1e-5, atol=1e-5)
-    assert one_row_mm(torch.randn(2, 96, generator=g), w.T) is NotImplemented
-    assert one_row_mm(a.to("meta"), w.T.to("meta")) is NotImplemented  # not a CPU tensor
+    w, keys = torch.randn(80, 96, generator=g), torch.randn(3, 40, 96, generator=g)  # [N, K], [B, S, K]
+    for rows in range(1, FEW_ROWS + 1):
+        a, q = torch.randn(rows, 96, generator=g), torch.randn(3, rows, 96, generator=g)
+        torch.testing.assert_close(few_row_product(a, w.T), a @ w.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(few_row_product(q, keys.mT), q @ keys.mT, rtol=1e-5, atol=1e-5)
+    assert few_row_product(torch.randn(FEW_ROWS + 1, 96, generator=g), w.T) is NotImplemented
+    assert few_row_product(torch.randn(1, 80, generator=g), w) is NotImplemented  # K strided in b
+    assert few_row_product(a.to("meta"), w.T.to("meta")) is NotImplemented  # not a CPU tensor
 
 
-def test_compiled_cpu_decode_step_reads_one_row_weights_itself(small):
-    """At batch 1 the compiled CPU decode step calls no library matmul (each one-row product is a generated loop
-    over the weight, dsv3/fast/matvec.py), and gives the eager logits; at batch 2 the library serves the rows."""
+def test_compiled_cpu_decode_step_reads_few_row_weights_itself(small):
+    """At batch 1 the compiled CPU decode step calls no library matmul (each projection is a generated loop over
+    the weight, dsv3/fast/matvec.py), and gives the eager logits; past FEW_ROWS rows the library serves them."""
     from torch._inductor.utils import run_and_get_code
     from dsv3.fast.matvec import cpu_decode_backend
     from dsv3.generation import _step
     model = dsv3.fast.prepare(small)
     step = torch.compile(dsv3.fast.static_step, backend=cpu_decode_backend)
-    for B, library in ((1, False), (2, True)):
+    for B, library in ((1, False), (FEW_ROWS + 1, True)):
         ids = torch.randint(2, model.config.vocab_size, (B, 5), generator=torch.Generator().manual_seed(B))
         with torch.inference_mode():
             cache, ref_cache = model.new_cache(B, 12), model.new_cache(B, 12)
