@@ -2,7 +2,7 @@
 thread, the same token ids, llama.cpp running a GGUF that llama.cpp's own converter made from the bundled checkpoint.
 
     pip install -e ".[bench]"                  # llama-cpp-python + gguf: builds llama.cpp from source (minutes)
-    python bench/cpu_peers.py [--prompt-len 256] [--new-tokens 64] [--repeat 9] [--types f32] [--compile]
+    python bench/cpu_peers.py [--prompt-len 256] [--new-tokens 64] [--repeat 9] [--types f32] [--compile] [--bf16]
 
 Each round runs every engine once (prefill, then --new-tokens greedy tokens) in turn, so a change in the machine's
 load hits all alike; the table gives the median and the best (min) round and each figure's ratio against llama.cpp
@@ -123,6 +123,8 @@ def main() -> None:
     p.add_argument("--types", default="f32", help="GGUF types for llama.cpp, e.g. f32,f16,q8_0,q4_0 (f32 is always "
                    "run; the others aborted llama.cpp's context set-up here, see the module docstring)")
     p.add_argument("--compile", action="store_true", help="also dsv3's generate(..., compile=True)")
+    p.add_argument("--bf16", action="store_true", help="also dsv3 with bf16 weights and activations (llama.cpp's "
+                   "peer for it: --types f16); compiled too with --compile")
     p.add_argument("--cache", type=Path, default=Path("runs/cpu_peers"), help="converter and GGUF files")
     args = p.parse_args()
     import llama_cpp
@@ -152,16 +154,18 @@ def main() -> None:
     expected = dsv3.generate(ours, prompt, n)[0, args.prompt_len:].tolist()
     print(f"{platform.processor() or platform.machine()} | torch {torch.__version__} | llama-cpp-python "
           f"{llama_cpp.__version__} | bundled model, {args.prompt_len}-token prompt, {n} greedy tokens, one thread")
-    variants = {"dsv3 eager": False} | ({"dsv3 compile=True": True} if args.compile else {})
-    for name, compile in variants.items():
+    models = {"": ours} | ({" bf16": dsv3.load_pretrained(model_dir, dtype=torch.bfloat16)} if args.bf16 else {})
+    variants = {f"dsv3 {mode}{tag}": (model, compile) for tag, model in models.items()
+                for mode, compile in [("eager", False)] + [("compile=True", True)] * args.compile}
+    for name, (model, compile) in variants.items():
         start = time.perf_counter()
-        dsv3.generate(ours, prompt, 2, compile=compile)  # compiles here, once
+        dsv3.generate(model, prompt, 2, compile=compile)  # compiles here, once
         if compile:
             print(f"{name}: compile {time.perf_counter() - start:.0f} s (not counted)")
 
-    def ours_fns(name, compile):
-        return {f"{name} prefill": lambda: dsv3.generate(ours, prompt, 1, compile=compile),
-                f"{name} N": lambda: dsv3.generate(ours, prompt, n, compile=compile)}
+    def ours_fns(name, model, compile):
+        return {f"{name} prefill": lambda: dsv3.generate(model, prompt, 1, compile=compile),
+                f"{name} N": lambda: dsv3.generate(model, prompt, n, compile=compile)}
 
     # one llama.cpp model in the process at a time (a second Llama aborted in llama_init_from_model with 0.3.36):
     # each GGUF type's rounds alternate with dsv3's, so every ratio compares figures of the same rounds
@@ -175,8 +179,8 @@ def main() -> None:
         print(f"check {name}: logits relative error vs dsv3 {err:.1e}; greedy tokens equal for the first {same}/{n}",
               flush=True)
         fns, decode_s = {}, []
-        for ours_name, compile in variants.items():
-            fns |= ours_fns(ours_name, compile)
+        for ours_name, (model, compile) in variants.items():
+            fns |= ours_fns(ours_name, model, compile)
         fns[f"{name} prefill"] = lambda: peer.prefill(ids)
         fns[f"{name} N"] = lambda: decode_s.append(peer.generate(ids, n)[1])
         times = turn_times(fns, args.repeat)

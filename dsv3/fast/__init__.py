@@ -1,5 +1,6 @@
 """Speed that needs the compiler, kept beside the model: compiled decode/prefill steps, static caches, CUDA graphs,
-and the compiled forms of the MoE, MLP, RMSNorm and RoPE (`prepare`). The model modules hold the architecture only.
+the CPU decode step's compiler (matvec.py), and the compiled forms of the MoE, MLP, RMSNorm and RoPE (`prepare`).
+The model modules hold the architecture only.
 
     model = dsv3.fast.prepare(model)                    # idempotent; eager results are unchanged
     step = dsv3.fast.compiled_decode_step("cpu")        # step(model, tokens [B], cache, pos [B]) -> logits [B, V]
