@@ -494,6 +494,26 @@ def test_compiled_cpu_decode_step_reads_few_row_weights_itself(small):
         assert bool(re.search(r"aoti_torch_cpu_(add)?mm_out", "".join(code))) is library
 
 
+def test_compiled_cpu_decode_step_reads_int8_weights_itself():
+    """An int8 model's compiled CPU decode step at batch 1 takes the cast-and-matmul form (dsv3.fast.layers.FewRowInt8),
+    which the few-row reduction reads as int8 in one loop: no library int8 kernel in the generated code, and the
+    eager logits (the kernel's)."""
+    from torch._inductor.utils import run_and_get_code
+    from dsv3.fast.matvec import cpu_decode_backend
+    from dsv3.generation import _step
+    torch.manual_seed(0)
+    model = dsv3.fast.prepare(dsv3.quantize(Transformer(ModelConfig.tiny(**COMPILE_SIZED)).eval(), "int8"))
+    step = torch.compile(dsv3.fast.static_step, backend=cpu_decode_backend)
+    ids = torch.randint(2, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        cache, ref_cache = model.new_cache(1, 12), model.new_cache(1, 12)
+        model(ids, cache, 0), model(ids, ref_cache, 0)
+        torch._dynamo.reset()
+        logits, code = run_and_get_code(step, model, ids[:, -1], cache, torch.full((1,), 5))
+        torch.testing.assert_close(logits, _step(model, ids[:, -1], ref_cache, 5), rtol=1e-4, atol=1e-4)
+    assert "_weight_int8pack_mm" not in "".join(code)
+
+
 def test_compiled_prefill_is_one_unbroken_graph_for_every_prompt_length(small):
     """On CPU, compile=True also runs the prefill through torch.compile with dynamic shapes: no graph break (the
     MoE's expert stacks are built eagerly first, and its grouped matmuls are an opaque op), the eager logits, and

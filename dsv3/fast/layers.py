@@ -1,8 +1,8 @@
 """Compiled-graph forms of the small building blocks: the SwiGLU hidden stored once, RoPE in real arithmetic,
-RMSNorm through `F.rms_norm`.
+RMSNorm through `F.rms_norm`, int8 layers of a few rows as a cast and a matmul.
 
-Mixins that `dsv3.fast.prepare` adds to the model's MLP, MLA and RMSNorm classes. Eager, each override is its base
-method.
+Mixins that `dsv3.fast.prepare` adds to the model's MLP, MLA, RMSNorm and Int8Linear classes. Eager, each override
+is its base method.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 
 from ..layers import rms_norm_reference
 from ..rope import apply_rope_reference
+from .matvec import FEW_ROWS
 
 
 def stored(x: torch.Tensor) -> torch.Tensor:
@@ -55,3 +56,16 @@ class FusedRMSNorm:
         if torch.compiler.is_compiling():
             return rms_norm_reference(x, self.weight, self.eps)
         return super().forward(x)
+
+
+class FewRowInt8:
+    """For `dsv3.quant.int8.Int8Linear`: in a compiled CPU graph, x2d [M, in] with M <= FEW_ROWS takes the layer's
+    cast-and-matmul form, (x @ qᵀ) · scale, whose product dsv3/fast/matvec.py makes a reduction: one loop that reads
+    the int8 weight itself, the cast fused (gpt-fast's int8 path). The library kernel, `_weight_int8pack_mm`, is
+    opaque to inductor: the bundled model's compiled int8 decode step took 4.5-5.1 ms with it, 3.4-3.7 without
+    (docs/results.md, stop 35). Same values: the cast of q is exact, and both multiply by the same scale."""
+
+    def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x2d.is_cpu and x2d.shape[0] <= FEW_ROWS:
+            return self._cast_matmul(x2d)
+        return super().forward_kernel(x2d)

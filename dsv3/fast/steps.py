@@ -1,8 +1,8 @@
 """Compiled decode and prefill steps, applied from the outside (as gpt-fast compiles `decode_one_token`).
 
-`prepare(model)` swaps the classes of the model's MLP, MLA, RMSNorm, Gate and MoE modules for subclasses with the
-compiled forms of dsv3/fast/layers.py and moe.py (eager, they compute exactly what the base classes do) and builds
-the MoE's expert stacks, which compiled graphs read but cannot build. `generate(compile=True)` and
+`prepare(model)` swaps the classes of the model's MLP, MLA, RMSNorm, Gate, MoE and Int8Linear modules for
+subclasses with the compiled forms of dsv3/fast/layers.py and moe.py (eager, they compute exactly what the base
+classes do) and builds the MoE's expert stacks, which compiled graphs read but cannot build. `generate(compile=True)` and
 `Engine(compile=True)` call it; so does anyone who runs `torch.compile(model)` themselves.
 """
 
@@ -18,11 +18,13 @@ from torch import nn
 from ..attention import MLA
 from ..layers import MLP, RMSNorm
 from ..moe import Gate, MoE
-from .layers import FusedRMSNorm, RealRope, StoredHidden
+from ..quant.int8 import Int8Linear
+from .layers import FewRowInt8, FusedRMSNorm, RealRope, StoredHidden
 from .matvec import cpu_decode_backend
 from .moe import ArgmaxGate, CompiledMoE
 
-MIXINS = ((MLP, StoredHidden), (MLA, RealRope), (RMSNorm, FusedRMSNorm), (Gate, ArgmaxGate), (MoE, CompiledMoE))
+MIXINS = ((MLP, StoredHidden), (MLA, RealRope), (RMSNorm, FusedRMSNorm), (Gate, ArgmaxGate), (MoE, CompiledMoE),
+          (Int8Linear, FewRowInt8))
 
 
 @functools.cache
