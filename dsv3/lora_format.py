@@ -5,9 +5,9 @@ values, refusing every PEFT feature dsv3 does not implement), `read_adapter_weig
 least one tensor), `read_base_layers` (the base's layer count that `save_adapter` records in the safetensors
 header, which tells MTP keys from main-layer ones), and the checks on what the files hold without the model:
 `check_factors` (each module has a finite float lora_A and lora_B matrix), `check_target_parameters`
-(target_parameters dsv3 can read),
-`check_selected` (the config's own target_modules / target_parameters / exclude_modules / layers_to_transform
-select every module that has tensors, as PEFT decides it), `pattern_value` (rank_pattern / alpha_pattern lookup).
+(target_parameters dsv3 can read), `check_selected` (the config's own target_modules / target_parameters /
+exclude_modules / layers_to_transform select every module that has tensors, as PEFT decides it), `pattern_value`
+(rank_pattern / alpha_pattern lookup).
 Errors are `AdapterError`, naming the file and the field or key. The file names, the key prefix and the linear
 names an adapter may target live here too; `dsv3.lora` writes the same files (`save_adapter`) and maps them onto
 the model. Facts: docs/eval-lora-quant.md §3.2.

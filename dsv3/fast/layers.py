@@ -11,7 +11,7 @@ import torch
 
 from ..layers import rms_norm_reference
 from ..rope import apply_rope_reference
-from .matvec import FEW_ROWS
+from .matvec import few_rows
 
 
 def stored(x: torch.Tensor) -> torch.Tensor:
@@ -59,13 +59,14 @@ class FusedRMSNorm:
 
 
 class FewRowInt8:
-    """For `dsv3.quant.int8.Int8Linear`: in a compiled CPU graph, x2d [M, in] with M <= FEW_ROWS takes the layer's
+    """For `dsv3.quant.int8.Int8Linear`: in a compiled CPU graph, x2d [M, in] with `few_rows(M)` takes the layer's
     cast-and-matmul form, (x @ qᵀ) · scale, whose product dsv3/fast/matvec.py makes a reduction: one loop that reads
     the int8 weight itself, the cast fused (gpt-fast's int8 path). The library kernel, `_weight_int8pack_mm`, is
-    opaque to inductor: the bundled model's compiled int8 decode step took 4.5-5.1 ms with it, 3.4-3.7 without
-    (docs/results.md, stop 35). Same values: the cast of q is exact, and both multiply by the same scale."""
+    opaque to inductor: the bundled model's compiled int8 decode step took 4.5-5.1 ms a token with it, 3.2-3.6 without
+    (docs/results.md, stop 35). Same values: the cast of q is exact, and both multiply by the same scale. A dynamic
+    row count keeps the kernel: there the product stays a library call, fed a converted copy of the weight."""
 
     def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x2d.is_cpu and x2d.shape[0] <= FEW_ROWS:
+        if torch.compiler.is_compiling() and x2d.is_cpu and few_rows(x2d.shape[0]):
             return self._cast_matmul(x2d)
         return super().forward_kernel(x2d)

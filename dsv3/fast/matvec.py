@@ -25,13 +25,18 @@ aten = torch.ops.aten
 FEW_ROWS = 4
 
 
-def few_row_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [..., M, K] @ b [..., K, N] -> [..., M, N] as Σ_k a_mk b_kn, for CPU tensors whose M <= FEW_ROWS is known
-    when compiling (a batch size is a static size in torch.compile until a second one is seen) and whose K is b's
-    contiguous dimension; otherwise NotImplemented (inductor's own rules decide)."""
+def few_rows(rows: int | torch.SymInt) -> bool:
+    """rows <= FEW_ROWS, known when compiling, without adding a guard: a batch size is a static size in
+    torch.compile until a second one is seen, and a dynamic one is never "few"."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true  # imported when tracing (~0.3 s)
-    if (a.device.type == "cpu" and statically_known_true(a.shape[-2] <= FEW_ROWS)
-            and statically_known_true(b.stride(-2) == 1)):
+    return statically_known_true(rows <= FEW_ROWS)
+
+
+def few_row_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [..., M, K] @ b [..., K, N] -> [..., M, N] as Σ_k a_mk b_kn, for CPU tensors with `few_rows(M)` and K b's
+    contiguous dimension; otherwise NotImplemented (inductor's own rules decide)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    if a.device.type == "cpu" and few_rows(a.shape[-2]) and statically_known_true(b.stride(-2) == 1):
         return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
     return NotImplemented
 

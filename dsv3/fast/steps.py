@@ -2,8 +2,9 @@
 
 `prepare(model)` swaps the classes of the model's MLP, MLA, RMSNorm, Gate, MoE and Int8Linear modules for
 subclasses with the compiled forms of dsv3/fast/layers.py and moe.py (eager, they compute exactly what the base
-classes do) and builds the MoE's expert stacks, which compiled graphs read but cannot build. `generate(compile=True)` and
-`Engine(compile=True)` call it; so does anyone who runs `torch.compile(model)` themselves.
+classes do) and builds the MoE's expert stacks, which compiled graphs read but cannot build.
+`generate(compile=True)` and `Engine(compile=True)` call it; so does anyone who runs `torch.compile(model)`
+themselves.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def compiled_decode_step(device_type: str):
     coordinate-descent tuning of the Triton kernels, which also turns one-row matmuls into fused multiply-and-sum
     kernels (as gpt-fast sets it): one-row matrix-vector products near the memory bandwidth, fused with the norms
     before them. On CPU: `cpu_decode_backend` (dsv3/fast/matvec.py), inductor with its C++ wrapper and the same
-    multiply-and-sum for one-row products."""
+    multiply-and-sum for products of a few rows."""
     if device_type == "cuda":  # {"triton.cudagraphs": True} is what mode="reduce-overhead" sets
         return torch.compile(static_step, options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
     return torch.compile(static_step, backend=cpu_decode_backend)
