@@ -140,6 +140,7 @@ def _decode(model: torch.nn.Module, input_ids: torch.Tensor, params: list[Sampli
     pad = torch.zeros(B, dtype=torch.long, device=device)  # per row: the stop token it hit, or pad_token_id
 
     step_fn = decode_step(compile, device.type)
+    fast.arrange(model)  # the storage order each weight's few-row products read fastest
     if compile:
         fast.prepare(model)
     # a compiled step sees the cache length as a shape: round it up so that nearby lengths share one graph

@@ -1,5 +1,5 @@
-"""bench/ab.py (the paired A/B of this tree against an earlier commit: its round logic, its bad-revision error) and
-bench/cpu_profile.py (where a decode step's time goes). Timings are printed by the benchmarks, never asserted."""
+"""bench/ab.py (the paired A/B of this tree against an earlier commit: its round logic, its bad-revision error),
+bench/cpu_profile.py (where a decode step's time goes) and bench/cpu_layout.py (the storage-order grid). Timings are printed by the benchmarks, never asserted."""
 
 import subprocess
 import sys
@@ -65,6 +65,18 @@ def test_unknown_base_is_one_clear_line():
                          capture_output=True, text=True)
     assert out.returncode != 0
     assert "--base no-such-revision-xyz" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cpu_layout_prints_the_grid_and_marks_what_dsv3_stores_by_columns():
+    out = subprocess.run([sys.executable, str(BENCH / "cpu_layout.py"), "--sizes", "64,512"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    grid = out.stdout.splitlines()[-2:]  # rows N = 64, 512; columns K = 64, 512
+    assert [line.split()[0] for line in grid] == ["64", "512"]
+    assert [cell.endswith("*") for line in grid for cell in line.split()[1:]] == [False, False, True, False]
+    bad = subprocess.run([sys.executable, str(BENCH / "cpu_layout.py"), "--sizes", "64,x"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--sizes: expected comma-separated integers, got '64,x'" in bad.stderr
 
 
 def test_cpu_profile_counts_modules_and_top_level_ops():

@@ -21,7 +21,7 @@ LEVELS = {"dsv3.config": 0, "dsv3.atomic": 0, "dsv3.layers": 1, "dsv3.rope": 1, 
           "dsv3.quant.base": 5,
           "dsv3.quant.experts": 5, "dsv3.quant.fp8": 5, "dsv3.quant.int4": 5, "dsv3.quant.int8": 5, "dsv3.arguments": 5,
           "dsv3.tokenizer": 6, "dsv3.sampling": 6, "dsv3.generation": 6, "dsv3.fast": 6, "dsv3.fast.layers": 6,
-          "dsv3.fast.matvec": 6, "dsv3.fast.moe": 6, "dsv3.fast.steps": 6, "dsv3.fast.triton_moe": 6,
+          "dsv3.fast.layout": 6, "dsv3.fast.matvec": 6, "dsv3.fast.moe": 6, "dsv3.fast.steps": 6, "dsv3.fast.triton_moe": 6,
           "dsv3.vision.config": 0, "dsv3.vision.preprocess": 0, "dsv3.vision.data": 0, "dsv3.vision.encoder": 1,
           "dsv3.vision.prompt": 1, "dsv3.vision.projector": 2, "dsv3.vision.model": 6, "dsv3.vision": 6}
 MODEL = ["dsv3.config", "dsv3.layers", "dsv3.rope", "dsv3.cache", "dsv3.attention", "dsv3.dsa", "dsv3.moe",
