@@ -76,7 +76,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     path = args.model or dsv3.bundled_model_path()
-    model = dsv3.load_pretrained(path, dtype=getattr(torch, args.dtype))
+    model = dsv3.fast.arrange(dsv3.load_pretrained(path, dtype=getattr(torch, args.dtype)))  # as generate does
     prompt = torch.randint(3, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     n = args.steps
     with torch.inference_mode():

@@ -23,7 +23,7 @@ def prefers_columns(weight: torch.Tensor) -> bool:
     512 long and twice its input (bench/cpu_layout.py's grid: 1.2-2.5x faster there; up to 1.5x slower where N is
     256 or less, or where K exceeds N). GPUs and other dtypes keep rows: bf16 gains nothing on the same CPUs."""
     rows, cols = weight.shape
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and rows >= max(2 * cols, 512)
+    return weight.dtype == torch.float32 and rows >= max(2 * cols, 512) and weight.device.type == "cpu"
 
 
 def by_columns(weight: torch.Tensor) -> bool:
@@ -34,12 +34,13 @@ def by_columns(weight: torch.Tensor) -> bool:
 def arrange(model: nn.Module) -> nn.Module:
     """Store each nn.Linear weight of `model` as `prefers_columns` says (in place, idempotent; a weight that moved
     to another dtype or device goes back to rows). The parameters stay the same objects, usable for training:
-    the copies are made outside inference mode. Returns the model."""
+    the copies are made outside inference mode. Returns the model. When nothing moves it costs ~0.5 ms on the
+    bundled model (300 linears, most of it walking the modules), which `generate` pays once a call."""
     with torch.inference_mode(False), torch.no_grad():
         for module in model.modules():
-            if not isinstance(module, nn.Linear) or module.weight.dim() != 2:
+            weight = module._parameters.get("weight") if isinstance(module, nn.Linear) else None  # no __getattr__
+            if weight is None or weight.dim() != 2:
                 continue
-            weight = module.weight
             columns = prefers_columns(weight)
             if columns != by_columns(weight):
                 weight.data = weight.data.t().contiguous().t() if columns else weight.data.contiguous()
