@@ -143,7 +143,7 @@ def test_int8_cpu_kernel_takes_misaligned_weights_and_inputs():
 
 @pytest.mark.parametrize("group_size, in_dim", [(32, 96), (64, 256), (128, 200), (256, 512)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_cpu_kernel_matches_reference(group_size, in_dim, dtype):
+def test_int4_cpu_kernel_matches_reference(group_size, in_dim, dtype, monkeypatch):
     lin = linear(80, in_dim, dtype)  # 80 rows: one full 64-row block of the AVX512 layout and a partial one
     q = Int4Linear.from_linear(lin, group_size=group_size)  # in_dim 200 is padded to 256 for g128
     assert q.layout == "cpu" and q.scales is None  # repacked when placed: no second copy of the weights
@@ -154,6 +154,10 @@ def test_int4_cpu_kernel_matches_reference(group_size, in_dim, dtype):
     q.impl, q.dense_above_rows = "auto", 100  # 150 rows > 100: dequantised once from the CPU layout, one matmul
     assert torch.equal(q(x), q.forward_dense(x)) and torch.equal(q(x[0, :20]), q.forward_kernel(x[0, :20]))
     assert rel(q(x), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # a large weight is dequantised in slabs of whole layout blocks (here one block each: the full block, then the
+    # partial one): the same products, by smaller matmuls
+    monkeypatch.setattr(dsv3.quant.int4, "CPU_SLAB_ELEMENTS", 1)
+    assert rel(q.forward_dense(x), q(x)) < (1e-6 if dtype == torch.float32 else 1e-2)
     # the state dict (and so every checkpoint) sees the portable layout, exactly, and dequantize leaves the layout
     fresh = Int4Linear.from_linear(lin, group_size=group_size)
     fresh._unpack_kernel()
@@ -432,11 +436,17 @@ def test_dense_above_rows_takes_the_most_specific_measured_crossover(monkeypatch
     table = {"cpu": 64, "cpu/avx2": 8, "cpu/avx2/float32": 0, "cuda": 16}
     cpu = torch.device("cpu")
     monkeypatch.setattr(base, "cpu_capability", lambda: "avx2")
-    assert base.dense_above_rows(table, cpu, torch.float32) == 0
-    assert base.dense_above_rows(table, cpu, torch.bfloat16) == 8
-    assert base.dense_above_rows(table, torch.device("cuda"), torch.bfloat16) == 16
-    assert base.dense_above_rows(table, torch.device("meta"), torch.bfloat16) == sys.maxsize
+    assert base.placement_entry(table, cpu, torch.float32) == 0
+    assert base.placement_entry(table, cpu, torch.bfloat16) == 8
+    assert base.placement_entry(table, torch.device("cuda"), torch.bfloat16) == 16
+    assert base.placement_entry(table, torch.device("meta"), torch.bfloat16) == sys.maxsize
     monkeypatch.setattr(base, "cpu_capability", lambda: "avx512")
-    assert base.dense_above_rows(table, cpu, torch.float32) == 64
+    assert base.placement_entry(table, cpu, torch.float32) == 64
     q = Int8Linear.from_linear(linear(16, 32, torch.float32))  # placed under the patched level
     assert q.dense_above_rows == Int8Linear.DENSE_ABOVE_ROWS["cpu"]
+    # int4's dense path costs ~as much as dequantising 32768 weights on top of the weight's own: small layers
+    # switch later (128 rows for a large layer, 384 for 64x256, 149 for 768x256)
+    sizes = [(64, 256), (768, 256), (2048, 2048)]
+    layers = [Int4Linear.from_linear(linear(*size, torch.bfloat16), group_size=32) for size in sizes]
+    assert [q.dense_above_rows for q in layers] == [384, 149, 129]
+    assert Int4Linear.from_linear(linear(64, 256, torch.float32), group_size=32).dense_above_rows == 128

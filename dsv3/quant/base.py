@@ -27,6 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 Impl = Literal["auto", "reference", "kernel"]
+# CPU dense paths dequantise a large weight this many elements (4 MiB of float32) at a time, each slab multiplied
+# while it is in cache. A whole-weight float32 temporary above glibc's 32 MiB mmap ceiling is mapped afresh at every
+# call and its page faults cost more than the read: an fp8 2048x7168 layer at one row, 86 ms whole against 13 in
+# 146-row slabs (AVX2 EPYC, one thread; 7168x2048: 89 against 12.9 in 512-row slabs, 1408x2048: 5.4 against 3.2;
+# docs/results.md).
+CPU_SLAB_ELEMENTS = 1 << 20
 
 
 def cpu_capability() -> str:
@@ -35,13 +41,13 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability().lower()
 
 
-def dense_above_rows(table: dict[str, int], device: torch.device, dtype: torch.dtype) -> int:
-    """The most specific entry of a DENSE_ABOVE_ROWS table for this placement (sys.maxsize when none)."""
+def placement_entry(table: dict[str, int], device: torch.device, dtype: torch.dtype, default: int = sys.maxsize) -> int:
+    """The most specific entry of a DENSE_ABOVE_ROWS / DENSE_FIXED_WEIGHTS table for this placement."""
     keys = [device.type]
     if device.type == "cpu":
         level = f"cpu/{cpu_capability()}"
         keys = [f"{level}/{str(dtype).removeprefix('torch.')}", level, *keys]
-    return next((table[k] for k in keys if k in table), sys.maxsize)
+    return next((table[k] for k in keys if k in table), default)
 
 
 class QuantizationError(ValueError):
@@ -58,6 +64,10 @@ class QuantizedLinear(nn.Module):
     # <capability> is torch's CPU kernel level (`cpu_capability`) and <dtype> the compute dtype ("bfloat16").
     # Subclasses set their measured crossovers (bench/quant.py prints kernel against dense path by rows).
     DENSE_ABOVE_ROWS: dict[str, int] = {}
+    # The dense path's fixed cost per call (its unpacking and dequantising ops), in weights whose dequantising
+    # costs as much: a layer of W weights switches above rows · (1 + fixed / W), so small layers switch later.
+    # Same keys as DENSE_ABOVE_ROWS; absent: 0.
+    DENSE_FIXED_WEIGHTS: dict[str, int] = {}
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -144,7 +154,9 @@ class QuantizedLinear(nn.Module):
         device = next(iter(self.buffers())).device
         self._dense = None
         self.kernel_ready = device.type != "meta" and self.kernel_supported(device, self.dtype)
-        self.dense_above_rows = dense_above_rows(self.DENSE_ABOVE_ROWS, device, self.dtype)
+        rows = placement_entry(self.DENSE_ABOVE_ROWS, device, self.dtype)
+        fixed = placement_entry(self.DENSE_FIXED_WEIGHTS, device, self.dtype, default=0)
+        self.dense_above_rows = rows + rows * fixed // (self.in_features * self.out_features)
         if self.kernel_ready:
             self._prepare_kernel()
 

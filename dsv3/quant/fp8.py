@@ -34,15 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from ..hub import FP8_BLOCK, dequantize_fp8, dequantize_fp8_rows, fp8_row_scales
-from .base import QuantizedLinear
+from .base import CPU_SLAB_ELEMENTS, QuantizedLinear
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 FP8_ROW_MULTIPLE = 16  # activation rows per cuBLAS blockwise fp8 GEMM: a multiple of this (table above)
-# CPU: the weight is read into float32 this many elements (4 MiB) at a time, each slab multiplied while it is in
-# cache. A whole-weight float32 temporary above glibc's 32 MiB mmap ceiling is mapped afresh at every call and its
-# page faults cost more than the read: a 2048x7168 layer at one row, 86 ms whole against 13 in 146-row slabs
-# (AVX2 EPYC, one thread; 7168x2048: 89 against 12.9 in 512-row slabs, 1408x2048: 5.4 against 3.2; docs/results.md).
-CPU_SLAB_ELEMENTS = 1 << 20
 
 
 def quantize_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:

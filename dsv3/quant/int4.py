@@ -22,8 +22,9 @@ module (`.to`) see the portable layout again.
   partial block pairs rows 2j (low) and 2j + 1 (high). `unpack_cpu_layout` inverts that with a few tensor ops; the
   repack checks the round trip exactly and otherwise leaves the layer without its dense path.
 - CUDA layout: unpacked by running the kernel on rows of the identity with scale 1, zero 8 (exact: q <= 15).
-Many rows on a CPU (above DENSE_ABOVE_ROWS): unpack + dequantise once (`dequantize`, straight from the CPU layout),
-one dense matmul.
+Many rows on a CPU (above DENSE_ABOVE_ROWS, later for small layers: DENSE_FIXED_WEIGHTS): unpack + dequantise once
+per call straight from the CPU layout, in slabs of whole layout blocks that stay in cache, one dense matmul each
+(`forward_dense`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .base import QuantizedLinear, QuantizationError
+from .base import CPU_SLAB_ELEMENTS, QuantizedLinear, QuantizationError
 
 GROUP_SIZES = (32, 64, 128, 256)
 _UNPACK_CHUNK = 1024  # identity rows per kernel call when unpacking
@@ -74,22 +75,26 @@ def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) 
 CPU_BLOCKS = (64, 32)  # output rows per block of the CPU kernel layout: AVX512, AVX2 builds
 
 
-def unpack_cpu_layout(packed: torch.Tensor, out_features: int, in_features: int, block: int) -> torch.Tensor:
-    """`_convert_weight_to_int4pack_for_cpu`'s bytes -> qᵀ uint8 [in, out] (see the module docstring), the
+def unpack_cpu_layout(packed: torch.Tensor, out_features: int, in_features: int, block: int, start: int = 0,
+                      stop: int | None = None) -> torch.Tensor:
+    """`_convert_weight_to_int4pack_for_cpu`'s bytes -> qᵀ uint8 [in, stop - start] for output rows start..stop
+    (default: all; start a multiple of `block`, stop too or out_features; see the module docstring), the
     orientation the layout unpacks to without a transpose: rows of `block` values are moved whole.
 
     Full blocks: [out // block, in, block/2] bytes, row j low nibble, row j + block/2 high; the tail block
     (out % block rows): [in, tail/2] bytes, row 2j low, 2j + 1 high.
     """
+    stop = out_features if stop is None else stop
     flat, full = packed.reshape(-1), out_features // block * block
-    head = flat[:full * in_features // 2].view(-1, in_features, block // 2)  # [NB, in, block/2]
-    q_t = torch.empty(in_features, out_features, dtype=torch.uint8, device=packed.device)
-    blocks = q_t[:, :full].view(in_features, -1, block).transpose(0, 1)  # [NB, in, block]
+    n = min(stop, full) - start  # this range's rows in full blocks
+    head = flat[start * in_features // 2:(start + n) * in_features // 2].view(-1, in_features, block // 2)
+    q_t = torch.empty(in_features, stop - start, dtype=torch.uint8, device=packed.device)
+    blocks = q_t[:, :n].view(in_features, -1, block).transpose(0, 1)  # [blocks, in, block]
     blocks[..., :block // 2] = head & 0xF
     blocks[..., block // 2:] = head >> 4
-    if full < out_features:
+    if stop > full:
         tail = flat[full * in_features // 2:].view(in_features, -1)
-        q_t[:, full:] = torch.stack((tail & 0xF, tail >> 4), dim=-1).flatten(1)
+        q_t[:, n:] = torch.stack((tail & 0xF, tail >> 4), dim=-1).flatten(1)
     return q_t
 
 
@@ -119,7 +124,12 @@ class Int4Linear(QuantizedLinear):
     # AVX2 (2-core AMD EPYC, g32, 768x256, 1 / 16 / 128 rows, us): bf16 kernel 45 / 283 / 2177 against dense
     # 1262 / 6428 / 40856 (unpacking and the bf16 matmul are slow without AVX-512): the kernel at every row count;
     # fp32 kernel 516 / 9031 / 56052 against dense 763 / 1154 / 1416: the dense path from 2 rows.
+    # AVX-512 EPYC, bf16, g32 (stop 36), kernel against dense path: a 2048x2048 weight crosses over at 64-128 rows,
+    # 1408x2048 and 768x256 at 64-128, 256x128 at ~256, the 16-25k-weight layers (64x256, 96x256, 192x96) at
+    # 256-512: the dense path's ~25 ops cost ~100 us whatever the size. 128 · (1 + 32768 / weights) follows them:
+    # bundled-model prefill 1.31x -> 1.19x bf16's time, all layers at 128 against small ones on the kernel.
     DENSE_ABOVE_ROWS = {"cpu": 128, "cpu/avx2/bfloat16": sys.maxsize, "cpu/avx2/float32": 1}
+    DENSE_FIXED_WEIGHTS = {"cpu/avx512/bfloat16": 1 << 15}
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, group_size: int = 128, **_) -> "Int4Linear":
@@ -140,14 +150,37 @@ class Int4Linear(QuantizedLinear):
             if self.impl == "auto":
                 self.impl = "reference"
         if self.cpu_block is not None:  # dequantised in the transposed orientation the layout unpacks to
-            scale, zero = self.scale_and_zero.float().permute(2, 0, 1).contiguous()  # [groups, out] each
-            q_t = unpack_cpu_layout(self.qweight, self.out_features, self.padded_in, self.cpu_block)
-            w_t = dequantize_groups(q_t.view(-1, self.group_size, self.out_features), scale[:, None], zero[:, None])
-            return w_t.view(self.padded_in, -1)[:self.in_features].to(dtype).t()
+            return self._dequantize_cpu_rows(dtype).t()
         q, scales, zeros = self._plain_tensors()
         w = dequantize_groups(q.reshape(self.out_features, -1, self.group_size), scales.float()[..., None],
                               zeros.float()[..., None])
         return w.view(self.out_features, -1)[:, :self.in_features].to(dtype)
+
+    def _dequantize_cpu_rows(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """CPU layout: Wᵀ [in, stop - start] for output rows start..stop (`unpack_cpu_layout`'s range)."""
+        stop = self.out_features if stop is None else stop
+        sz = self._buffers["scale_and_zero"][:, start:stop]
+        scale, zero = sz.float().permute(2, 0, 1).contiguous()  # [groups, n] each
+        q_t = unpack_cpu_layout(self._buffers["qweight"], self.out_features, self.padded_in, self.cpu_block, start,
+                                stop)
+        w_t = dequantize_groups(q_t.view(-1, self.group_size, stop - start), scale[:, None], zero[:, None])
+        return w_t.view(self.padded_in, -1)[:self.in_features].to(dtype)
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Many rows on a CPU: x [..., in] @ Wᵀ dequantised once per call, in slabs of whole layout blocks of
+        about CPU_SLAB_ELEMENTS weights, each multiplied while it is in cache (one slab for a small layer). A
+        whole-weight float32 temporary of a large layer costs page faults at every call: 2048x2048 g32 at 16 rows,
+        25.9 ms whole against ~5 in slabs (docs/results.md, stop 36)."""
+        if self.cpu_block is None:
+            return super().forward_dense(x)
+        rows = max(1, CPU_SLAB_ELEMENTS // (self.padded_in * self.cpu_block)) * self.cpu_block
+        if rows >= self.out_features:
+            y = x @ self._dequantize_cpu_rows(x.dtype)
+        else:
+            y = x.new_empty(*x.shape[:-1], self.out_features)
+            for r in range(0, self.out_features, rows):
+                y[..., r:r + rows] = x @ self._dequantize_cpu_rows(x.dtype, r, min(r + rows, self.out_features))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     # ----------------------------------------------------------------- kernel
     def kernel_supported(self, device: torch.device, dtype: torch.dtype) -> bool:
