@@ -124,6 +124,13 @@ def job_checkpoint(payload: dict) -> dict:
             dsv3.save_pretrained(model, payload["save"])
     out.update(quantized_checks(payload["quantized"], payload["ids"]))
     out.update(console_checks())
+    try:
+        dsv3.load_pretrained(payload["nan"], dtype=torch.float32)
+        error = None
+    except dsv3.checkpoint.CheckpointError as e:
+        error = str(e)
+    out["nan_errors"] = [None] * dist.get_world_size()
+    dist.all_gather_object(out["nan_errors"], error)
     return out
 
 

@@ -187,6 +187,17 @@ def write_checkpoints(tmp_path) -> tuple[dsv3.Transformer, dict]:
     return model, {"plain": plain, "fp8": fp8}
 
 
+def write_nan_checkpoint(model: dsv3.Transformer, path) -> str:
+    """model saved with one NaN in the last row of the dense gate projection: a row that only the last rank reads."""
+    tensors = dsv3.checkpoint.hub_state_dict(model)
+    tensors["model.layers.0.mlp.gate_proj.weight"][-1, 0] = float("nan")
+    path.mkdir()
+    from safetensors.torch import save_file
+    save_file(tensors, path / "model.safetensors")
+    model.config.to_json(path / "config.json")
+    return str(path)
+
+
 def write_quantized_checkpoints(tmp_path) -> dict:
     """A tiny model whose W=2 slices hold whole 128-blocks (FP8) and 64-groups (int4), saved by dsv3.quant as
     fp8 (DeepSeek's layout and choice of layers: eh_proj stays high precision), int8 and int4 (with attention
@@ -206,7 +217,8 @@ def write_quantized_checkpoints(tmp_path) -> dict:
 
 def test_sliced_loading_and_gathered_saving(tmp_path):
     """Plain, FP8 (dequantised) and quantized checkpoints (FP8 kept, int8, int4) at W=2: each rank reads its slices
-    only; the quantized ones stay quantized, in their parallel classes, and FP8's bytes per rank are plan()'s."""
+    only; the quantized ones stay quantized, in their parallel classes, and FP8's bytes per rank are plan()'s. A
+    non-finite value in one rank's slice stops every rank."""
     model, paths = write_checkpoints(tmp_path)
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     load, quantized = {}, {}
@@ -216,8 +228,14 @@ def test_sliced_loading_and_gathered_saving(tmp_path):
         for name, (path, keep) in write_quantized_checkpoints(tmp_path).items():
             quantized[name] = (path, keep, dsv3.load_pretrained(path, dtype=torch.float32, keep_fp8=keep)(ids))
     saved = tmp_path / "saved"
-    results = spawn(2, "checkpoint", {"load": load, "quantized": quantized, "ids": ids, "save": str(saved)},
-                    tmp_path)
+    nan = write_nan_checkpoint(model, tmp_path / "nan")
+    results = spawn(2, "checkpoint", {"load": load, "quantized": quantized, "ids": ids, "save": str(saved),
+                                      "nan": nan}, tmp_path)
+    # a NaN in rank 1's slice only: both ranks raise (neither waits for the other at a collective), rank 0 naming
+    # rank 1 and its message
+    own = (f"{nan}/model.safetensors: model.layers.0.mlp.gate_proj.weight holds 1 non-finite values (NaN or inf); "
+           "expected finite values")
+    assert results["nan_errors"] == [f"rank 1 could not read its part of the checkpoint: {own}", own]
     for name in quantized:
         assert results[f"{name}_logits"] < 1e-5, (name, results[f"{name}_logits"])
         scheme = {"fp8_kept": "FP8", "int8": "Int8", "int4": "Int4"}[name]

@@ -20,14 +20,14 @@ from safetensors import safe_open
 
 from ..config import ModelConfig
 from ..checkpoint_headers import Stored, check_stored, compute_dtype, stored_tensors, without_absent_mtp
-from ..hub import (FP8_BLOCK, FP32_KEYS, CheckpointError, dequantize_fp8, safetensors_errors, save_pretrained,
-                   to_model_key)
+from ..hub import (FP8_BLOCK, FP32_KEYS, CheckpointError, check_finite, dequantize_fp8, safetensors_errors,
+                   save_pretrained, to_model_key)
 from ..model import Transformer
 from ..quant import QuantizationError, QuantizedLinear
 from ..quant.apply import loads_quantized, prepare_for_load
 from ..quant.experts import stack_experts
 from ..rope import RotaryEmbedding
-from .init import rank, world_size
+from .init import active, rank, world_size
 from .parallelize import Shard, parallelize, shards
 
 
@@ -98,23 +98,42 @@ def read_slices(path: Path, model: Transformer, dtype: torch.dtype | None, devic
     check_stored(path, stored, full_state(model), n_layers, quantized)
     modules = dict(model.named_modules())
     model_dtype = compute_dtype(stored, dtype)
-    state, read, handles = {}, 0, {}
-    for name, s in shards(model).items():
-        key = hub_key(s.key, n_layers)
-        file = stored[key].file
-        with safetensors_errors(file):
-            if file not in handles:
-                handles[file] = safe_open(file, framework="pt")
-            fp8 = not quantized and stored[key].dtype == torch.float8_e4m3fn
-            tensor = read_slice(handles[file], key, s, fp8, model_dtype)
-        read += tensor.numel() * tensor.element_size()
-        owner, _, leaf = name.rpartition(".")
-        if isinstance(modules[owner], QuantizedLinear) and leaf != "bias":  # packed tensors keep their format
-            target = tensor.dtype
-        else:
-            target = torch.float32 if FP32_KEYS.match(s.key) else model_dtype
-        state[name] = tensor.to(device=device, dtype=target).contiguous()  # the packed kernels want rows
+    state, read, handles, failed = {}, 0, {}, None
+    try:
+        for name, s in shards(model).items():
+            key = hub_key(s.key, n_layers)
+            file = stored[key].file
+            with safetensors_errors(file):
+                if file not in handles:
+                    handles[file] = safe_open(file, framework="pt")
+                fp8 = not quantized and stored[key].dtype == torch.float8_e4m3fn
+                tensor = read_slice(handles[file], key, s, fp8, model_dtype)
+            check_finite(file, key, tensor)  # this rank's slice (FP8: dequantised, so its scales are checked too)
+            read += tensor.numel() * tensor.element_size()
+            owner, _, leaf = name.rpartition(".")
+            if isinstance(modules[owner], QuantizedLinear) and leaf != "bias":  # packed tensors keep their format
+                target = tensor.dtype
+            else:
+                target = torch.float32 if FP32_KEYS.match(s.key) else model_dtype
+            state[name] = tensor.to(device=device, dtype=target).contiguous()  # the packed kernels want rows
+    except Exception as error:  # noqa: BLE001 - re-raised below, on every rank
+        failed = error
+    raise_together(failed)
     return state, read
+
+
+def raise_together(error: Exception | None) -> None:
+    """Raise on every rank when any rank failed to read its slices: each reads different bytes, and a rank raising
+    alone would leave the others waiting at their next collective. The failing rank raises its own error, the
+    others a CheckpointError that names that rank and repeats its message. One all_gather per load."""
+    if active():
+        messages = [None] * world_size()
+        dist.all_gather_object(messages, None if error is None else str(error))
+        first = next(((r, m) for r, m in enumerate(messages) if m is not None), None)
+        if error is None and first is not None:
+            raise CheckpointError(f"rank {first[0]} could not read its part of the checkpoint: {first[1]}")
+    if error is not None:
+        raise error
 
 
 def quantized_meta_model(path: Path, config: ModelConfig, dtype: torch.dtype | None,
