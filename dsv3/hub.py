@@ -88,22 +88,29 @@ def fp8_row_scales(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = F
     CPU, NaN codes, or scales · 2^8 that overflow."""
     if not weight.is_cpu or e4m3_nan_codes(weight):
         return None
-    rows = scale_inv.float().repeat_interleave(block, 0)[:weight.shape[0]] * _E4M3_TO_HALF_SCALE
+    rows = scaled_block_rows(scale_inv, weight.shape[0], block)
     return rows if rows.isfinite().all() else None
+
+
+def scaled_block_rows(scale_inv: torch.Tensor, out_features: int, block: int = FP8_BLOCK) -> torch.Tensor:
+    """scale_inv [..., ceil(out/block), in blocks] -> float32 [..., out, in blocks]: each row's block scales · 2^8,
+    unchecked (`fp8_row_scales` checks them)."""
+    return scale_inv.float().repeat_interleave(block, -2)[..., :out_features, :] * _E4M3_TO_HALF_SCALE
 
 
 def dequantize_fp8_rows(weight: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype,
                         block: int = FP8_BLOCK) -> torch.Tensor:
-    """dequantize_fp8 for a CPU weight without NaN codes, given `fp8_row_scales` (finite): the values · 2^-8 from
-    e4m3_to_half_scaled times the scales · 2^8 are the reference's real products, rounded once, so the same bits;
-    each block's scale multiplies its 128 columns through a [out, blocks, 128] view, not a weight-sized copy."""
-    in_dim = weight.shape[1]
-    w = e4m3_to_half_scaled(weight).float()  # [out, in]
+    """dequantize_fp8 for a CPU weight [..., out, in] without NaN codes, given its scales as `fp8_row_scales` gives
+    them ([..., out, in blocks], finite): the values · 2^-8 from e4m3_to_half_scaled times the scales · 2^8 are the
+    reference's real products, rounded once, so the same bits; each block's scale multiplies its 128 columns
+    through a [..., out, blocks, 128] view, not a weight-sized copy. Leading dims: stacked experts."""
+    in_dim = weight.shape[-1]
+    w = e4m3_to_half_scaled(weight).float()  # [..., out, in]
     full = in_dim // block * block
     if full:
-        w[:, :full].unflatten(1, (-1, block)).mul_(rows[:, :full // block, None])
+        w[..., :full].unflatten(-1, (-1, block)).mul_(rows[..., :full // block, None])
     if full < in_dim:  # the last, partial block of columns
-        w[:, full:].mul_(rows[:, -1:])
+        w[..., full:].mul_(rows[..., -1:])
     return w.to(dtype)
 
 

@@ -71,9 +71,10 @@ class ExpertStacks:
         self.tensors: tuple[torch.Tensor, torch.Tensor] | None = None
         self.linears: tuple[nn.Linear, ...] = ()
 
-    def get(self, experts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def get(self, experts: nn.ModuleList, few_on_cpu: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(gate_up, down), or None where the fast paths must not run: an expert linear is not a plain nn.Linear,
-        or gradients must reach the expert modules."""
+        or gradients must reach the expert modules. few_on_cpu: "auto" routes a few pairs on a CPU (quantized
+        stacks may leave those to the expert modules)."""
         linears = self.expert_linears(experts)
         if linears is None or (torch.is_grad_enabled() and linears[0].weight.requires_grad):
             return None
@@ -272,7 +273,8 @@ class MoE(nn.Module):
     def plan(self, x: torch.Tensor, pairs: int, decode_step: bool) -> tuple[RoutedPath, tuple]:
         """The path `routed` runs for x: [N, D] and N·K = `pairs`, and the stacks it runs on (() for the expert
         modules: training, or experts that do not stack here, as quantized ones on a CPU keep their kernels)."""
-        stacks = None if self.path == "loop" else self.stacks.get(self.experts)
+        few_on_cpu = self.path == "auto" and x.is_cpu and pairs <= self.few_pairs
+        stacks = None if self.path == "loop" else self.stacks.get(self.experts, few_on_cpu)
         if stacks is None:
             if self.path not in ("auto", "loop", "pairs"):
                 raise ValueError(f"MoE.path={self.path!r} needs stacked experts (plain nn.Linear, or quantized ones on a "

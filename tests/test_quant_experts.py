@@ -30,7 +30,8 @@ def quantized_moe(scheme, kwargs, dtype=torch.float32, device="cpu") -> MoE:
 def test_stacks_dequantise_as_each_expert_and_hold_one_copy(scheme, kwargs):
     moe = quantized_moe(scheme, kwargs)
     assert isinstance(moe.stacks, QuantizedExpertStacks)  # installed by quantize
-    assert moe.stacks.get(moe.experts) is None  # on a CPU: the per-expert kernels (the loop)
+    # on a CPU int8 / int4 experts keep their kernels (the loop); fp8 has none there: stacked
+    assert (moe.stacks.get(moe.experts) is None) == (scheme != "fp8")
     expected = [[moe.experts[e]._modules[p].dequantize(torch.float32) for p in PROJECTIONS]
                 for e in range(moe.n_experts)]
     stacks = QuantizedExpertStacks(cpu=True)
@@ -73,9 +74,9 @@ def test_moe_paths_on_stacked_quantized_experts_match_the_reference(scheme, kwar
     torch.testing.assert_close(fused_gather(x, weights, indices, *moe.stacks.tensors), expected, **TOL[dtype])
 
 
-@pytest.mark.parametrize("scheme,kwargs", SCHEMES)
+@pytest.mark.parametrize("scheme,kwargs", SCHEMES[:2])
 def test_unstacked_quantized_experts_on_a_cpu_run_pairs_through_their_modules(scheme, kwargs, monkeypatch):
-    """On a CPU quantized experts keep their own kernels (no stacks): "auto" runs a few (token, expert) pairs
+    """On a CPU int8 / int4 experts keep their own kernels (no stacks): "auto" runs a few (token, expert) pairs
     through the expert modules, many pairs and training through the loop; all equal the reference."""
     moe = quantized_moe(scheme, kwargs, torch.bfloat16)
     called = []
@@ -92,6 +93,35 @@ def test_unstacked_quantized_experts_on_a_cpu_run_pairs_through_their_modules(sc
     called.clear()
     moe.routed(x[:1], weights[:1], indices[:1])  # gradients enabled: the loop
     assert called == ["routed_loop"]
+
+
+def test_fp8_experts_on_a_cpu_are_stacked_and_read_by_moving_bits(monkeypatch):
+    """fp8 has no CPU kernel (each expert's own forward dequantises), so its experts stack on a CPU too: "auto"
+    runs many pairs through the grouped matmuls, dequantising every expert at once by moving bits
+    (`dsv3.hub.dequantize_fp8_rows`) unless an expert holds a NaN code, which the reference carries; a few pairs go
+    through the expert layers. Both equal the reference."""
+    import dsv3.quant.experts as experts
+    moe = quantized_moe("fp8", {}, torch.bfloat16)
+    called, reads = [], []
+    for name in ("routed_gather", "routed_grouped", "routed_loop", "routed_pairs"):
+        original = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, _n=name, _f=original: called.append(_n) or _f(*a))
+    monkeypatch.setattr(experts, "dequantize_fp8_rows", lambda *a: reads.append(a[0].shape) or
+                        dsv3.hub.dequantize_fp8_rows(*a))
+    with torch.no_grad():
+        for rows in (1, 6):  # 3 and 18 pairs; few_pairs is 16
+            x = torch.randn(rows, 96, dtype=torch.bfloat16)
+            weights, indices, _ = moe.gate(x)
+            torch.testing.assert_close(moe.routed(x, weights, indices), moe.routed_reference(x, weights, indices),
+                                       **TOL[torch.bfloat16])
+        assert called == ["routed_pairs", "routed_grouped"]
+        assert reads == [(8, 48, 96), (8, 48, 96), (8, 96, 48)]  # gate, up, down of every expert, once each
+        nan = moe.experts[2].up_proj.weight.view(torch.uint8).clone()
+        nan[0, 0] = 0x7F  # a NaN code: that layer's stack (up) takes the reference, which keeps the NaN
+        moe.experts[2].up_proj.load_state_dict({"weight": nan.view(torch.float8_e4m3fn),
+                                               "weight_scale_inv": moe.experts[2].up_proj.weight_scale_inv})
+        reads.clear()
+        assert moe.stacks.dense(torch.bfloat16)[0][2].isnan().any() and reads == [(8, 48, 96), (8, 96, 48)]
 
 
 def test_unquantized_or_mixed_experts_keep_the_plain_stacks_or_the_loop():
