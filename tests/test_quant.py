@@ -177,9 +177,15 @@ def test_fp8_cpu_path_matches_reference(out_dim, in_dim, dtype):
     x = torch.randn(70, in_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
     for m in (1, 3, 70):
         y = q(x[:m])
-        assert y.dtype == dtype and torch.equal(y, q.forward_kernel(x[:m]))
+        path = q.forward_dense if m > q.dense_above_rows else q.forward_kernel  # dense: AVX-512 bf16, many rows
+        assert y.dtype == dtype and torch.equal(y, path(x[:m]))
         assert rel(y, x[:m].float() @ exact.t()) < (1e-6 if dtype == torch.float32 else 4e-3)  # bf16 output
         assert rel(y, q.forward_reference(x[:m])) < (1e-6 if dtype == torch.float32 else 8e-3)
+    # the dense path (the weight dequantised to x's dtype, the reference's bits) wherever it is forced, in slabs too
+    q.dense_above_rows, ref = 0, q.forward_reference(x)
+    for q.slab_rows in (q.slab_rows, 7):
+        assert rel(q(x), ref) < (1e-6 if dtype == torch.float32 else 8e-3)
+    q.slab_rows = q.out_features
     # a large weight is read in slabs of rows (here 7 rows, not dividing out_dim): the same products, summed in
     # another order by the smaller matmuls
     whole = q.forward_slabs(x.float())

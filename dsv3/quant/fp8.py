@@ -117,15 +117,30 @@ class FP8Linear(QuantizedLinear):
             return self.forward_slabs(x2d.float()).to(x2d.dtype)
         return self.forward_scaled_mm(x2d)
 
+    # CPU with AVX-512 and bf16 activations (stop 36), float32 kernel against the bf16 matmul on the bf16 weight (the
+    # reference's product), us at 1 / 16 / 64 / 256 rows: 64x256 30|269, 34|53, 60|60, 131|93; 768x256 91|139,
+    # 160|158, 370|254, 1135|610; 1408x2048 975|2390, 2460|2754, 7080|5757, 25993|14013. oneDNN's bf16 matmul
+    # overtakes the float32 one at ~16-64 rows, later for small layers (as int4's dense path: DENSE_FIXED_WEIGHTS).
+    DENSE_ABOVE_ROWS = {"cpu/avx512/bfloat16": 32}
+    DENSE_FIXED_WEIGHTS = {"cpu/avx512/bfloat16": 1 << 15}
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """CPU, many rows: x [..., in] @ the weight dequantised to x's dtype (the reference's weight, the same bits),
+        in slabs."""
+        if self.row_scales is None:
+            return super().forward_dense(x)
+        y = self.forward_slabs(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
     def forward_slabs(self, x: torch.Tensor) -> torch.Tensor:
-        """CPU: x [N, in] float32 -> [N, out], the weight read into float32 `slab_rows` rows at a time (one slab
-        for a small layer; CPU_SLAB_ELEMENTS)."""
+        """CPU: x [N, in] -> [N, out] in x's dtype, the weight read into that dtype `slab_rows` rows at a time (one
+        slab for a small layer; CPU_SLAB_ELEMENTS)."""
         w, scales, n = self._buffers["weight"], self.row_scales, self.slab_rows
         if n >= self.out_features:
-            return F.linear(x, dequantize_fp8_rows(w, scales, torch.float32))
+            return F.linear(x, dequantize_fp8_rows(w, scales, x.dtype))
         y = x.new_empty(x.shape[0], self.out_features)
         for r in range(0, self.out_features, n):
-            y[:, r:r + n] = F.linear(x, dequantize_fp8_rows(w[r:r + n], scales[r:r + n], torch.float32))
+            y[:, r:r + n] = F.linear(x, dequantize_fp8_rows(w[r:r + n], scales[r:r + n], x.dtype))
         return y
 
     def _prepare_scaled_mm(self) -> None:
