@@ -370,6 +370,21 @@ def test_keep_fp8_keeps_deepseek_fp8_checkpoint_in_fp8(tiny, tmp_path):
         assert torch.equal(kept(IDS), dense(IDS))
 
 
+@pytest.mark.parametrize("scheme, kwargs", [("int8", {}), ("int4", {"group_size": 32}), ("fp8", {})])
+def test_quantizing_weights_stored_by_columns_packs_them_by_rows(scheme, kwargs):
+    """After a CPU decode (`dsv3.generate` stores long-output float32 weights by columns, dsv3.fast.arrange) a model
+    quantizes to the same packed tensors, laid out for the kernels, and computes what it would have."""
+    torch.manual_seed(0)
+    model = dsv3.Transformer(dsv3.ModelConfig.tiny(intermediate_size=512)).eval()  # gate/up: 512 x 64
+    arranged = dsv3.fast.arrange(copy.deepcopy(model))
+    assert dsv3.fast.layout.by_columns(arranged.model.layers[0].mlp.gate_proj.weight)
+    rows, columns = quantize(model, scheme, **kwargs), quantize(arranged, scheme, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(rows.state_dict().values(), columns.state_dict().values()))
+    assert all(t.is_contiguous() for m in columns.modules() if isinstance(m, QuantizedLinear) for t in m.buffers())
+    with torch.no_grad():
+        assert torch.equal(columns(IDS), rows(IDS))
+
+
 def test_keep_fp8_refuses_a_checkpoint_without_fp8(tiny, tmp_path):
     dsv3.save_pretrained(tiny, tmp_path)
     with pytest.raises(QuantizationError, match="keep_fp8=True but config.json's quantization_config is None"):

@@ -50,6 +50,13 @@ def placement_entry(table: dict[str, int], device: torch.device, dtype: torch.dt
     return next((table[k] for k in keys if k in table), default)
 
 
+def linear_rows(linear: nn.Linear) -> torch.Tensor:
+    """The weight to quantize, [out, in], stored row by row: a CPU decode may have stored it by columns
+    (dsv3.fast.arrange), and packed tensors made from it element by element would keep those strides, which the
+    kernels refuse (`_weight_int8pack_mm`: "expect B to be contiguous")."""
+    return linear.weight.detach().contiguous()
+
+
 class QuantizationError(ValueError):
     """A layer that cannot be quantized as asked, or a quantized checkpoint that does not fit: names the layer."""
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..hub import FP8_BLOCK, dequantize_fp8, dequantize_fp8_rows, fp8_row_scales
-from .base import CPU_SLAB_ELEMENTS, QuantizedLinear
+from .base import CPU_SLAB_ELEMENTS, QuantizedLinear, linear_rows
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 FP8_ROW_MULTIPLE = 16  # activation rows per cuBLAS blockwise fp8 GEMM: a multiple of this (table above)
@@ -88,7 +88,7 @@ class FP8Linear(QuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, **_) -> "FP8Linear":
-        w = linear.weight.detach()
+        w = linear_rows(linear)
         layer = cls(linear.in_features, linear.out_features, w.dtype, linear.bias, w.device)
         layer.weight, layer.weight_scale_inv = quantize_fp8(w)
         layer._place()

@@ -34,7 +34,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .base import CPU_SLAB_ELEMENTS, QuantizedLinear, QuantizationError
+from .base import CPU_SLAB_ELEMENTS, QuantizationError, QuantizedLinear, linear_rows
 
 GROUP_SIZES = (32, 64, 128, 256)
 _UNPACK_CHUNK = 1024  # identity rows per kernel call when unpacking
@@ -133,7 +133,7 @@ class Int4Linear(QuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, group_size: int = 128, **_) -> "Int4Linear":
-        w = linear.weight.detach()
+        w = linear_rows(linear)
         layer = cls(linear.in_features, linear.out_features, group_size, w.dtype, linear.bias, w.device)
         w = F.pad(w.float(), (0, layer.padded_in - layer.in_features))
         q, layer.scales, layer.zeros = quantize_int4(w, group_size)

@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .base import QuantizedLinear
+from .base import QuantizedLinear, linear_rows
 
 INT8_MAX = 127
 # torch 2.13's AVX-512 `_weight_int8pack_mm`, from 4 rows up, reads its operands with aligned vector loads: an input
@@ -59,7 +59,7 @@ class Int8Linear(QuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, **_) -> "Int8Linear":
-        w = linear.weight.detach()
+        w = linear_rows(linear)
         layer = cls(linear.in_features, linear.out_features, w.dtype, linear.bias, w.device)
         layer.weight, scale = quantize_int8(w)
         layer.weight_scale = scale.to(w.dtype)
