@@ -30,8 +30,10 @@ def quantized_moe(scheme, kwargs, dtype=torch.float32, device="cpu") -> MoE:
 def test_stacks_dequantise_as_each_expert_and_hold_one_copy(scheme, kwargs):
     moe = quantized_moe(scheme, kwargs)
     assert isinstance(moe.stacks, QuantizedExpertStacks)  # installed by quantize
-    # on a CPU int8 / int4 experts keep their kernels (the loop); fp8 has none there: stacked
-    assert (moe.stacks.get(moe.experts) is None) == (scheme != "fp8")
+    # on a CPU int4 experts keep their kernel layout (no stacks); int8 and fp8 ones stack (dsv3.quant.experts
+    # `stacks_on_cpu`), except for a few pairs in eager
+    assert (moe.stacks.get(moe.experts) is None) == (scheme == "int4")
+    assert moe.stacks.get(moe.experts, few_on_cpu=True) is None
     expected = [[moe.experts[e]._modules[p].dequantize(torch.float32) for p in PROJECTIONS]
                 for e in range(moe.n_experts)]
     stacks = QuantizedExpertStacks(cpu=True)
@@ -122,6 +124,27 @@ def test_fp8_experts_on_a_cpu_are_stacked_and_read_by_moving_bits(monkeypatch):
                                                "weight_scale_inv": moe.experts[2].up_proj.weight_scale_inv})
         reads.clear()
         assert moe.stacks.dense(torch.bfloat16)[0][2].isnan().any() and reads == [(8, 48, 96), (8, 96, 48)]
+
+
+def test_which_quantized_experts_stack_on_a_cpu():
+    """fp8 (no CPU kernel) and int8 stack on a CPU, int8 only where each expert's weight stays CPU_ALIGN-aligned as a
+    view of the stack (its kernel's aligned loads crash the process otherwise); int4 keeps tinygemm's layout."""
+    from dsv3.layers import MLP
+    from dsv3.quant.experts import stacks_on_cpu
+    from dsv3.quant.fp8 import FP8Linear
+    from dsv3.quant.int4 import Int4Linear
+    from dsv3.quant.int8 import CPU_ALIGN, Int8Linear
+
+    def expert(cls, dim, inter, **kw):
+        mlp = MLP(dim, inter).to(torch.bfloat16)
+        for p in PROJECTIONS:
+            setattr(mlp, p, cls.from_linear(getattr(mlp, p), **kw))
+        return mlp
+
+    assert stacks_on_cpu(expert(FP8Linear, 36, 20))
+    assert stacks_on_cpu(expert(Int8Linear, 256, 64)) and (36 * 20) % CPU_ALIGN
+    assert not stacks_on_cpu(expert(Int8Linear, 36, 20))
+    assert not stacks_on_cpu(expert(Int4Linear, 256, 64, group_size=32))
 
 
 def test_unquantized_or_mixed_experts_keep_the_plain_stacks_or_the_loop():

@@ -4,8 +4,8 @@ A quantized model keeps its experts one `QuantizedLinear` each (the hub layout).
 sync per layer and a kernel launch per used expert (the MoE's per-expert loop), which made eager quantized decoding
 on an H200 2-4x slower than bf16 and batch 64 7-20x slower (docs/performance.md §B7), and a compiled graph ran every
 expert on every row. Here, on a GPU, the experts' packed tensors are stacked per projection, [E, out, ...], in their
-portable layouts, and each expert's buffers become views of the stack (no second copy); fp8 experts are stacked on
-a CPU too (FP8_AUTO_PATHS). `QuantizedExpertStacks` takes the place of the MoE's `ExpertStacks` (`stack_experts`),
+portable layouts, and each expert's buffers become views of the stack (no second copy); fp8 and int8 experts are
+stacked on a CPU too (`stacks_on_cpu`). `QuantizedExpertStacks` takes the place of the MoE's `ExpertStacks` (`stack_experts`),
 with the same interface, so the MoE's own paths run:
 - gather (decoding): `GatheredRows[flat]` dequantises the N·K chosen experts' weights, [N·K, out, in]; inside a
   compiled graph inductor fuses the gather, the dequantisation and the matmul's reduction, so each chosen expert's
@@ -31,7 +31,7 @@ from ..hub import FP8_BLOCK, dequantize_fp8_rows, scaled_block_rows
 from ..moe import MoE
 from .fp8 import FP8Linear
 from .int4 import Int4Linear, dequantize_groups, unpack_nibbles
-from .int8 import Int8Linear
+from .int8 import CPU_ALIGN, Int8Linear
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -98,10 +98,11 @@ class GatheredRows:
 
 
 # The routed path for quantized experts under `MoE.path = "auto"`, by (device is a CPU, torch._grouped_mm runs, N·K <=
-# MoE.few_pairs), as dsv3/moe.py's AUTO_PATHS for plain ones. On a CPU int8 / int4 stacks are not built (`get`): each
-# expert's own kernel (int8/int4 matvec, no host sync to fear) is faster than dequantising its weights. On a GPU a
-# few pairs (decoding) gather and dequantise the chosen experts, with no host sync; many pairs (a prefill, a large
-# batch) dequantise every expert once per layer and run the grouped matmuls (docs/performance.md §B7).
+# MoE.few_pairs), as dsv3/moe.py's AUTO_PATHS for plain ones. On a CPU each expert's own kernel (int8/int4 matvec,
+# no host sync to fear) is faster than dequantising its weights: int4 stacks are not built (`get`), int8 ones serve
+# compiled graphs only. On a GPU a few pairs (decoding) gather and dequantise the chosen experts, with no host sync;
+# many pairs (a prefill, a large batch) dequantise every expert once per layer and run the grouped matmuls
+# (docs/performance.md §B7).
 QUANTIZED_AUTO_PATHS: dict[tuple[bool, bool, bool], str] = {
     # (cpu,  grouped, few)
     (True, True, True): "loop", (True, True, False): "loop", (True, False, True): "loop", (True, False, False): "loop",
@@ -111,7 +112,7 @@ QUANTIZED_AUTO_PATHS: dict[tuple[bool, bool, bool], str] = {
 # fp8 experts on a CPU, where no fp8 kernel exists and each expert's own forward dequantises its weight anyway: for
 # many pairs the stacks dequantise every expert in one chain of ops per projection, not one per expert, and run the
 # grouped matmuls (bundled model, AVX-512 EPYC, bf16: prefill 1.60x -> 1.35x bf16's time). A few pairs take the
-# expert layers (`get`); under an explicit path, or with `cpu`, a few gather.
+# expert layers (`get`, `stacks_on_cpu`); under an explicit path, or with `cpu`, a few gather.
 FP8_AUTO_PATHS = QUANTIZED_AUTO_PATHS | {(True, True, True): "gather", (True, True, False): "grouped",
                                          (True, False, True): "gather"}
 
@@ -121,14 +122,14 @@ class QuantizedExpertStacks:
     tensors stacked per projection (gate, up, down), the owner of their memory, with the interface of
     dsv3.moe.ExpertStacks: `get` -> (gate_up, down) as `GatheredRows` or None, `dense`, `drop`, `tensors`.
 
-    `get` returns None (the MoE's per-expert loop) on a CPU unless `cpu` or the experts are fp8, while gradients
-    are on, or when the experts are not all QuantizedLinears of one scheme and shape (int4: one group size) without
-    a bias. It rebuilds the stacks when an expert was replaced, moved or reloaded into new tensors since they were
-    built.
+    `get` returns None (the MoE's per-expert loop) on a CPU unless `cpu` or `stacks_on_cpu` (and then not for a few
+    pairs in eager), while gradients are on, or when the experts are not all QuantizedLinears of one scheme and
+    shape (int4: one group size) without a bias. It rebuilds the stacks when an expert was replaced, moved or
+    reloaded into new tensors since they were built.
     """
 
     def __init__(self, cpu: bool = False) -> None:
-        self.cpu = cpu  # stack int8 / int4 on a CPU too (explicit MoE paths, tests); "auto" still takes the loop
+        self.cpu = cpu  # stack on a CPU whatever the scheme (explicit MoE paths, tests); "auto" still loops int8/4
         self.tensors: tuple[GatheredRows, GatheredRows] | None = None
         self.layers: list[tuple[nn.Module, ...]] = []
         self.projections: tuple[ExpertStack, ...] = ()
@@ -136,10 +137,7 @@ class QuantizedExpertStacks:
     def get(self, experts: nn.ModuleList, few_on_cpu: bool = False) -> tuple[GatheredRows, GatheredRows] | None:
         # called by every MoE forward: the cheap checks first, the full `stackable` scan only when (re)building
         first = experts[0]  # its tensors' device (buffers if quantized; parameters if replaced by a plain layer)
-        # fp8 on a CPU: stacked for many pairs; a few (decoding) take the expert layers, each dequantising its own
-        # weight: 8% faster a bundled-model step than gathering from the stacks
-        fp8 = isinstance(first._modules.get("gate_proj"), FP8Linear) and not few_on_cpu
-        if torch.is_grad_enabled() or (not self.cpu and not fp8
+        if torch.is_grad_enabled() or (not self.cpu and (few_on_cpu or not stacks_on_cpu(first))
                                        and next(chain(first.buffers(), first.parameters())).is_cpu):
             return None
         if self.tensors is None or not self.current(experts):
@@ -177,6 +175,21 @@ class QuantizedExpertStacks:
         """Every expert dequantised: (gate_up [E, 2I, D], down [E, D, I]), for the grouped matmuls."""
         gate, up, down = self.projections
         return torch.cat((gate.rows(None, dtype), up.rows(None, dtype)), dim=1), down.rows(None, dtype)
+
+
+def stacks_on_cpu(expert: nn.Module) -> bool:
+    """Whether experts like this one stack on a CPU (for many pairs, and for compiled graphs, which then gather the
+    chosen experts instead of running all of them; a few pairs in eager keep the expert layers, each dequantising
+    only its own weight: 8% faster a bundled-model fp8 step than gathering from the stacks):
+    - fp8: no CPU kernel, so each expert's forward dequantises anyway (FP8_AUTO_PATHS);
+    - int8, where every expert's weight stays CPU_ALIGN-aligned as a view of the stack (`_weight_int8pack_mm` reads
+      it with aligned vector loads; "auto" keeps running the experts' kernels in eager);
+    - not int4: its stacks hold the portable layout, and the experts would lose tinygemm's."""
+    layers = [expert._modules.get(p) for p in PROJECTIONS]
+    if all(isinstance(layer, FP8Linear) for layer in layers):
+        return True
+    return all(isinstance(layer, Int8Linear) and layer.out_features * layer.in_features % CPU_ALIGN == 0
+               for layer in layers)
 
 
 def stackable(experts: nn.ModuleList) -> list[tuple[nn.Module, ...]] | None:
