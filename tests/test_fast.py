@@ -542,6 +542,10 @@ def test_generate_and_the_engine_arrange_the_weights_on_cpu():
     model.lm_head.weight.data = model.lm_head.weight.data.contiguous()
     Engine(model, tokenizer=None)  # the engine reads its tokenizer only when requests arrive
     assert dsv3.fast.layout.by_columns(model.lm_head.weight)
+    with torch.inference_mode():  # a model made under inference mode keeps inference tensors, and generates
+        made = Transformer(ModelConfig.tiny()).eval()
+        made.load_state_dict(model.state_dict())
+    assert torch.equal(dsv3.generate(made, ids, 5), torch.cat(ref, 1)) and made.lm_head.weight.is_inference()
 
 
 def test_compiled_cpu_decode_step_reads_int8_weights_itself():

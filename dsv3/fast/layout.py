@@ -33,15 +33,17 @@ def by_columns(weight: torch.Tensor) -> bool:
 
 def arrange(model: nn.Module) -> nn.Module:
     """Store each nn.Linear weight of `model` as `prefers_columns` says (in place, idempotent; a weight that moved
-    to another dtype or device goes back to rows). The parameters stay the same objects, usable for training:
-    the copies are made outside inference mode. Returns the model. When nothing moves it costs ~0.5 ms on the
-    bundled model (300 linears, most of it walking the modules), which `generate` pays once a call."""
-    with torch.inference_mode(False), torch.no_grad():
-        for module in model.modules():
-            weight = module._parameters.get("weight") if isinstance(module, nn.Linear) else None  # no __getattr__
-            if weight is None or weight.dim() != 2:
-                continue
-            columns = prefers_columns(weight)
-            if columns != by_columns(weight):
+    to another dtype or device goes back to rows). The parameters stay the same objects, and keep what they were:
+    each copy is made in the inference mode its parameter was made in (a normal tensor still trains after
+    `generate`; a model loaded under `torch.inference_mode()` keeps inference tensors). Returns the model. When
+    nothing moves it costs ~0.5 ms on the bundled model (300 linears, most of it walking the modules), which
+    `generate` pays once a call."""
+    for module in model.modules():
+        weight = module._parameters.get("weight") if isinstance(module, nn.Linear) else None  # no __getattr__
+        if weight is None or weight.dim() != 2:
+            continue
+        columns = prefers_columns(weight)
+        if columns != by_columns(weight):
+            with torch.inference_mode(weight.is_inference()), torch.no_grad():
                 weight.data = weight.data.t().contiguous().t() if columns else weight.data.contiguous()
     return model
