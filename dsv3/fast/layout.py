@@ -40,7 +40,7 @@ def arrange(model: nn.Module) -> nn.Module:
     `generate` pays once a call."""
     for module in model.modules():
         weight = module._parameters.get("weight") if isinstance(module, nn.Linear) else None  # no __getattr__
-        if weight is None or weight.dim() != 2:
+        if weight is None:
             continue
         columns = prefers_columns(weight)
         if columns != by_columns(weight):

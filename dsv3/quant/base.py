@@ -20,7 +20,7 @@ Where the kernel runs is decided once, when the layer is placed (`from_linear`, 
 from __future__ import annotations
 
 import sys
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +41,27 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability().lower()
 
 
-def placement_entry(table: dict[str, int], device: torch.device, dtype: torch.dtype, default: int = sys.maxsize) -> int:
+def placement_entry(table: dict[str, int], device: torch.device, dtype: torch.dtype,
+                    default: int = sys.maxsize) -> int:
     """The most specific entry of a DENSE_ABOVE_ROWS / DENSE_FIXED_WEIGHTS table for this placement."""
     keys = [device.type]
     if device.type == "cpu":
         level = f"cpu/{cpu_capability()}"
         keys = [f"{level}/{str(dtype).removeprefix('torch.')}", level, *keys]
     return next((table[k] for k in keys if k in table), default)
+
+
+def slab_product(x: torch.Tensor, out_features: int, rows: int,
+                 weight: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """x [..., in] @ Wᵀ -> [..., out] for a weight made (dequantised) `rows` output rows at a time, each slab
+    multiplied while it is in cache (CPU_SLAB_ELEMENTS): weight(start, stop) -> W[start:stop], [stop - start, in].
+    One call when rows >= out_features."""
+    if rows >= out_features:
+        return F.linear(x, weight(0, out_features))
+    y = x.new_empty(*x.shape[:-1], out_features)
+    for r in range(0, out_features, rows):
+        y[..., r:r + rows] = F.linear(x, weight(r, min(r + rows, out_features)))
+    return y
 
 
 def linear_rows(linear: nn.Linear) -> torch.Tensor:

@@ -5,8 +5,8 @@ sync per layer and a kernel launch per used expert (the MoE's per-expert loop), 
 on an H200 2-4x slower than bf16 and batch 64 7-20x slower (docs/performance.md §B7), and a compiled graph ran every
 expert on every row. Here, on a GPU, the experts' packed tensors are stacked per projection, [E, out, ...], in their
 portable layouts, and each expert's buffers become views of the stack (no second copy); fp8 and int8 experts are
-stacked on a CPU too (`stacks_on_cpu`). `QuantizedExpertStacks` takes the place of the MoE's `ExpertStacks` (`stack_experts`),
-with the same interface, so the MoE's own paths run:
+stacked on a CPU too (`stacks_on_cpu`). `QuantizedExpertStacks` takes the place of the MoE's `ExpertStacks`
+(`stack_experts`), with the same interface, so the MoE's own paths run:
 - gather (decoding): `GatheredRows[flat]` dequantises the N·K chosen experts' weights, [N·K, out, in]; inside a
   compiled graph inductor fuses the gather, the dequantisation and the matmul's reduction, so each chosen expert's
   weights are read once, at their packed size (gpt-fast's int8 Mixtral path);

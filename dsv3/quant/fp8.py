@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..hub import FP8_BLOCK, dequantize_fp8, dequantize_fp8_rows, fp8_row_scales
-from .base import CPU_SLAB_ELEMENTS, QuantizedLinear, linear_rows
+from .base import CPU_SLAB_ELEMENTS, QuantizedLinear, linear_rows, slab_product
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 FP8_ROW_MULTIPLE = 16  # activation rows per cuBLAS blockwise fp8 GEMM: a multiple of this (table above)
@@ -135,13 +135,9 @@ class FP8Linear(QuantizedLinear):
     def forward_slabs(self, x: torch.Tensor) -> torch.Tensor:
         """CPU: x [N, in] -> [N, out] in x's dtype, the weight read into that dtype `slab_rows` rows at a time (one
         slab for a small layer; CPU_SLAB_ELEMENTS)."""
-        w, scales, n = self._buffers["weight"], self.row_scales, self.slab_rows
-        if n >= self.out_features:
-            return F.linear(x, dequantize_fp8_rows(w, scales, x.dtype))
-        y = x.new_empty(x.shape[0], self.out_features)
-        for r in range(0, self.out_features, n):
-            y[:, r:r + n] = F.linear(x, dequantize_fp8_rows(w[r:r + n], scales[r:r + n], x.dtype))
-        return y
+        w, scales = self._buffers["weight"], self.row_scales
+        return slab_product(x, self.out_features, self.slab_rows,
+                            lambda start, stop: dequantize_fp8_rows(w[start:stop], scales[start:stop], x.dtype))
 
     def _prepare_scaled_mm(self) -> None:
         k_blocks = self.in_features // FP8_BLOCK

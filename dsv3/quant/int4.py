@@ -34,7 +34,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .base import CPU_SLAB_ELEMENTS, QuantizationError, QuantizedLinear, linear_rows
+from .base import CPU_SLAB_ELEMENTS, QuantizationError, QuantizedLinear, linear_rows, slab_product
 
 GROUP_SIZES = (32, 64, 128, 256)
 _UNPACK_CHUNK = 1024  # identity rows per kernel call when unpacking
@@ -174,12 +174,8 @@ class Int4Linear(QuantizedLinear):
         if self.cpu_block is None:
             return super().forward_dense(x)
         rows = max(1, CPU_SLAB_ELEMENTS // (self.padded_in * self.cpu_block)) * self.cpu_block
-        if rows >= self.out_features:
-            y = x @ self._dequantize_cpu_rows(x.dtype)
-        else:
-            y = x.new_empty(*x.shape[:-1], self.out_features)
-            for r in range(0, self.out_features, rows):
-                y[..., r:r + rows] = x @ self._dequantize_cpu_rows(x.dtype, r, min(r + rows, self.out_features))
+        y = slab_product(x, self.out_features, rows,
+                         lambda start, stop: self._dequantize_cpu_rows(x.dtype, start, stop).t())
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     # ----------------------------------------------------------------- kernel
