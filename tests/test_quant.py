@@ -22,7 +22,7 @@ from dsv3.moe import MoE
 from dsv3.quant import (FP8Linear, Int4Linear, Int8Linear, QuantizationError, QuantizedLinear, quantize, quantize_fp8,
                         quantize_int4, quantized_layers, save_quantized, skipped)
 from dsv3.quant.fp8 import FP8_BLOCK, FP8_ROW_MULTIPLE, padded_rows, quantize_activations
-from dsv3.quant.int4 import pack_nibbles, unpack_nibbles
+from dsv3.quant.int4 import kernel_width, pack_nibbles, unpack_nibbles
 from quant_utils import e4m3_bound, linear, rel
 from server_utils import COMPILE_SIZED
 
@@ -141,7 +141,7 @@ def test_int8_cpu_kernel_takes_misaligned_weights_and_inputs():
     assert x.data_ptr() % 64 and rel(q.forward_kernel(x), q.forward_reference(x)) < 1e-2
 
 
-@pytest.mark.parametrize("group_size, in_dim", [(32, 96), (64, 256), (128, 200), (256, 512)])
+@pytest.mark.parametrize("group_size, in_dim", [(32, 96), (64, 256), (128, 200), (128, 64), (256, 512)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_cpu_kernel_matches_reference(group_size, in_dim, dtype, monkeypatch):
     lin = linear(80, in_dim, dtype)  # 80 rows: one full 64-row block of the AVX512 layout and a partial one
@@ -305,7 +305,9 @@ def test_errors_name_the_layer(tiny):
     with pytest.raises(QuantizationError, match=r"already quantized \(model.layers.0.self_attn.q_a_proj is int4\)"):
         quantize(padded, "int8")
     q_b = padded.model.layers[0].self_attn.q_b_proj
-    assert q_b.padded_in == 64 and q_b.qweight.shape == (q_b.out_features, 32)
+    # one stored group of 64 over 32 columns and 32 zeros; the kernel runs the 32 columns in one group of 32
+    assert q_b.padded_in == 64 and q_b.state_dict()["scales"].shape == (q_b.out_features, 1)
+    assert (q_b.kernel_in, q_b.kernel_group) == (32, 32) and q_b.qweight.numel() == q_b.out_features * 32 // 2
 
 
 @pytest.mark.parametrize("scheme, kwargs", [("int8", {}), ("int4", {"group_size": 32, "pad": True}), ("fp8", {})])
@@ -427,6 +429,18 @@ def test_serve_quantize_flag(tmp_path):
     assert reply.json()["usage"]["completion_tokens"] == 3
 
 
+def test_int4_kernel_width_pads_to_32_columns_not_to_a_group():
+    """The kernels run K columns in groups of g (K % g == 0, g divides the stored group): no more padding than 32
+    needs, the stored group size where it divides the width."""
+    assert kernel_width(7168, 128) == (7168, 128) and kernel_width(256, 32) == (256, 32)
+    assert kernel_width(96, 128) == (96, 32) and kernel_width(64, 128) == (64, 64)
+    assert kernel_width(200, 128) == (224, 32) and kernel_width(100, 256) == (128, 128)
+    q = Int4Linear.from_linear(torch.nn.Linear(96, 64, bias=False), group_size=128)
+    x = torch.randn(5, 96)
+    torch.testing.assert_close(q.forward_kernel(x), q.forward_reference(x), rtol=1e-5, atol=1e-5)
+    assert q.qweight.numel() == 64 * 96 // 2  # the kernel layout holds 96 columns, not 128
+
+
 def test_int4_portable_layout_is_row_major_after_the_cpu_kernel_layout():
     """A CPU-placed int4 layer unpacks from the kernel layout (a transpose) into contiguous nibbles: `.cuda()` packs
     them with aten._convert_weight_to_int4pack, which refuses strided input (seen on an H200)."""
@@ -442,7 +456,7 @@ def test_int4_stores_no_padded_columns_and_loads_old_padded_files_too():
     lin = torch.nn.Linear(96, 32, bias=False)
     q = Int4Linear.from_linear(lin, group_size=128)
     state = q.state_dict()
-    assert state["qweight"].shape == (32, 48)
+    assert state["qweight"].shape == (32, 48) and q.nbytes() == sum(t.numel() * t.element_size() for t in state.values())
     x = torch.randn(3, 96)
     for stored in (state, {**state, "qweight": F.pad(state["qweight"], (0, 16), value=0x88)}):
         fresh = Int4Linear(96, 32, group_size=128, dtype=torch.float32)

@@ -10,7 +10,9 @@ State (the on-disk format too): `qweight` uint8 [out, in_padded/2], two values p
 nibble and 2j+1 in the high one; `scales`, `zeros` bf16 [out, in_padded/group_size]. Bytes per weight:
 0.5 + 4/group_size, i.e. 0.266 of bf16 at g128 (4.25 bits), 0.3125 at g32.
 An input width that is not a multiple of group_size is zero-padded when asked (`pad=True`): the extra columns
-hold zeros and are dropped by the reference path (the kernel pads x instead).
+hold zeros and are dropped by the reference path. The kernels need less (`kernel_width`): a width padded to a
+multiple of 32 and a group size that divides it, so a placed layer keeps only that many columns, each group's
+scale and zero repeated over its sub-groups (the same function), and pads x to match.
 
 Kernel: `aten._weight_int4pack_mm_for_cpu` (CPU) and `aten._weight_int4pack_mm` (CUDA, sm80+, bf16 only) read the
 weights from their own tiled layouts (`_convert_weight_to_int4pack[_for_cpu]`). When the layer is placed on such
@@ -72,6 +74,15 @@ def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) 
     return torch.mul(q, scale).add_(zero - 8 * scale)
 
 
+def kernel_width(in_features: int, group_size: int) -> tuple[int, int]:
+    """(K, g): the input width and group size the fused kernels run a layer at. They need K % g == 0 with g in
+    GROUP_SIZES, so a width that group_size does not divide is padded only to a multiple of 32, and g is the largest
+    group size dividing both K and group_size: each stored group is group_size / g kernel groups with its scale and
+    zero. On the bundled model at g128, a 64-wide expert down projection reads half the bytes the padded one did."""
+    k = -(-in_features // GROUP_SIZES[0]) * GROUP_SIZES[0]
+    return k, max(g for g in GROUP_SIZES if group_size % g == 0 and k % g == 0)
+
+
 CPU_BLOCKS = (64, 32)  # output rows per block of the CPU kernel layout: AVX512, AVX2 builds
 
 
@@ -109,6 +120,7 @@ class Int4Linear(QuantizedLinear):
         super().__init__(in_features, out_features, dtype, bias)
         self.group_size = group_size
         self.padded_in = -(-in_features // group_size) * group_size
+        self.kernel_in, self.kernel_group = kernel_width(in_features, group_size)  # while in a kernel layout
         groups = self.padded_in // group_size
         self.register_buffer("qweight", torch.zeros(out_features, self.padded_in // 2, dtype=torch.uint8,
                                                     device=device))
@@ -160,11 +172,11 @@ class Int4Linear(QuantizedLinear):
         """CPU layout: Wᵀ [in, stop - start] for output rows start..stop (`unpack_cpu_layout`'s range)."""
         stop = self.out_features if stop is None else stop
         sz = self._buffers["scale_and_zero"][:, start:stop]
-        scale, zero = sz.float().permute(2, 0, 1).contiguous()  # [groups, n] each
-        q_t = unpack_cpu_layout(self._buffers["qweight"], self.out_features, self.padded_in, self.cpu_block, start,
+        scale, zero = sz.float().permute(2, 0, 1).contiguous()  # [kernel groups, n] each
+        q_t = unpack_cpu_layout(self._buffers["qweight"], self.out_features, self.kernel_in, self.cpu_block, start,
                                 stop)
-        w_t = dequantize_groups(q_t.view(-1, self.group_size, stop - start), scale[:, None], zero[:, None])
-        return w_t.view(self.padded_in, -1)[:self.in_features].to(dtype)
+        w_t = dequantize_groups(q_t.view(-1, self.kernel_group, stop - start), scale[:, None], zero[:, None])
+        return w_t.view(self.kernel_in, -1)[:self.in_features].to(dtype)
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows on a CPU: x [..., in] @ Wᵀ dequantised once per call, in slabs of whole layout blocks of
@@ -173,7 +185,7 @@ class Int4Linear(QuantizedLinear):
         25.9 ms whole against ~5 in slabs (docs/results.md, stop 36)."""
         if self.cpu_block is None:
             return super().forward_dense(x)
-        rows = max(1, CPU_SLAB_ELEMENTS // (self.padded_in * self.cpu_block)) * self.cpu_block
+        rows = max(1, CPU_SLAB_ELEMENTS // (self.kernel_in * self.cpu_block)) * self.cpu_block
         y = slab_product(x, self.out_features, rows,
                          lambda start, stop: self._dequantize_cpu_rows(x.dtype, start, stop).t())
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -194,8 +206,8 @@ class Int4Linear(QuantizedLinear):
             self.dense_above_rows = sys.maxsize
 
     def forward_kernel(self, x2d: torch.Tensor) -> torch.Tensor:
-        if self.padded_in != self.in_features:  # F.pad's op without its Python wrapper (~2.5 us a call)
-            x2d = torch.constant_pad_nd(x2d, (0, self.padded_in - self.in_features))
+        if self.kernel_in != self.in_features:  # F.pad's op without its Python wrapper (~2.5 us a call)
+            x2d = torch.constant_pad_nd(x2d, (0, self.kernel_in - self.in_features))
         return self._mm(x2d.contiguous(), self._buffers["scale_and_zero"])
 
     def _mm(self, x2d: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
@@ -203,25 +215,27 @@ class Int4Linear(QuantizedLinear):
         # (1.4 us in a tight loop, ~10 us a call inside an eager decode step: docs/results.md, stop 33); buffers
         # through `_buffers`: nn.Module.__getattr__ costs ~1 us a lookup (the host overhead bench/quant.py measures)
         mm = torch._weight_int4pack_mm_for_cpu if self.layout == "cpu" else torch._weight_int4pack_mm
-        return mm(x2d, self._buffers["qweight"], self.group_size, sz)
+        return mm(x2d, self._buffers["qweight"], self.kernel_group, sz)
 
     def _inner_k_tiles(self) -> int:
-        return next(t for t in (8, 4, 2) if self.padded_in % (16 * t) == 0)
+        return next(t for t in (8, 4, 2) if self.kernel_in % (16 * t) == 0)
 
     @torch.no_grad()
     def _pack_kernel(self, device_type: str) -> None:
         if self.layout != "plain":
             self._unpack_kernel()
+        k, repeat = self.kernel_in, self.group_size // self.kernel_group  # kernel_width
         if device_type == "cpu":
-            q = unpack_nibbles(self.qweight)
+            q = unpack_nibbles(self.qweight[:, :k // 2])
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             self.cpu_block = next((b for b in CPU_BLOCKS if torch.equal(
-                unpack_cpu_layout(packed, self.out_features, self.padded_in, b).t(), q)), None)
+                unpack_cpu_layout(packed, self.out_features, k, b).t(), q)), None)
         else:  # the CUDA converter takes uint8 [out, in/2] with column 2j in the HIGH nibble (torchao's convention)
-            swapped = (self.qweight << 4) | (self.qweight >> 4)
-            packed = torch.ops.aten._convert_weight_to_int4pack(swapped, self._inner_k_tiles())
-        sz = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous()
-        self.scale_and_zero = sz.to(self.dtype)  # [groups, out, 2] in the activations' dtype: bf16 values, exact
+            swapped = (self.qweight[:, :k // 2] << 4) | (self.qweight[:, :k // 2] >> 4)
+            packed = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), self._inner_k_tiles())
+        sz = torch.stack((self.scales, self.zeros), dim=-1).repeat_interleave(repeat, dim=1)[:, :k // self.kernel_group]
+        # [kernel groups, out, 2] in the activations' dtype: bf16 values, exact
+        self.scale_and_zero = sz.transpose(0, 1).contiguous().to(self.dtype)
         self.qweight, self.scales, self.zeros, self.layout = packed, None, None, device_type
 
     @torch.no_grad()
@@ -229,19 +243,21 @@ class Int4Linear(QuantizedLinear):
         """(q uint8 [out, in_padded] values 0..15, scales, zeros bf16 [out, groups]) from whichever layout."""
         if self.layout == "plain":
             return unpack_nibbles(self.qweight), self.scales, self.zeros
-        sz = self.scale_and_zero
-        scales, zeros = sz[..., 0].t().to(torch.bfloat16), sz[..., 1].t().to(torch.bfloat16)
+        sz, k = self.scale_and_zero, self.kernel_in
+        stored = sz[::self.group_size // self.kernel_group]  # one kernel group of each stored group
+        scales, zeros = stored[..., 0].t().to(torch.bfloat16), stored[..., 1].t().to(torch.bfloat16)
         if self.cpu_block is not None:
-            return unpack_cpu_layout(self.qweight, self.out_features, self.padded_in, self.cpu_block).t(), scales, zeros
-        # rows of the identity through the kernel with scale 1 and zero 8 give q itself (exact: q <= 15)
-        unit = torch.stack((torch.ones_like(sz[..., 0]), torch.full_like(sz[..., 0], 8)), dim=-1)
-        cols = []
-        for k0 in range(0, self.padded_in, _UNPACK_CHUNK):
-            n = min(_UNPACK_CHUNK, self.padded_in - k0)
-            eye = torch.zeros(n, self.padded_in, dtype=sz.dtype, device=sz.device)
-            eye[torch.arange(n), k0 + torch.arange(n)] = 1
-            cols.append(self._mm(eye, unit))  # [n, out] = q[:, k0:k0+n]ᵀ
-        return torch.cat(cols).t().round().to(torch.uint8), scales, zeros
+            q = unpack_cpu_layout(self.qweight, self.out_features, k, self.cpu_block).t()
+        else:  # rows of the identity through the kernel with scale 1 and zero 8 give q itself (exact: q <= 15)
+            unit = torch.stack((torch.ones_like(sz[..., 0]), torch.full_like(sz[..., 0], 8)), dim=-1)
+            cols = []
+            for k0 in range(0, k, _UNPACK_CHUNK):
+                n = min(_UNPACK_CHUNK, k - k0)
+                eye = torch.zeros(n, k, dtype=sz.dtype, device=sz.device)
+                eye[torch.arange(n), k0 + torch.arange(n)] = 1
+                cols.append(self._mm(eye, unit))  # [n, out] = q[:, k0:k0+n]ᵀ
+            q = torch.cat(cols).t().round().to(torch.uint8)
+        return F.pad(q, (0, self.padded_in - k), value=8), scales, zeros  # the columns past K: q = 8
 
     def _portable(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(qweight, scales, zeros) as stored on disk."""
@@ -265,7 +281,7 @@ class Int4Linear(QuantizedLinear):
     def nbytes(self) -> int:
         groups = self.padded_in // self.group_size
         bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
-        return self.out_features * (self.padded_in // 2 + 2 * 2 * groups) + bias
+        return self.out_features * (-(-self.in_features // 2) + 2 * 2 * groups) + bias  # as _save_to_state_dict
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         if self.layout != "plain":
