@@ -456,7 +456,8 @@ def test_int4_stores_no_padded_columns_and_loads_old_padded_files_too():
     lin = torch.nn.Linear(96, 32, bias=False)
     q = Int4Linear.from_linear(lin, group_size=128)
     state = q.state_dict()
-    assert state["qweight"].shape == (32, 48) and q.nbytes() == sum(t.numel() * t.element_size() for t in state.values())
+    assert state["qweight"].shape == (32, 48)
+    assert q.nbytes() == sum(t.numel() * t.element_size() for t in state.values())
     x = torch.randn(3, 96)
     for stored in (state, {**state, "qweight": F.pad(state["qweight"], (0, 16), value=0x88)}):
         fresh = Int4Linear(96, 32, group_size=128, dtype=torch.float32)

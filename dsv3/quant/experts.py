@@ -184,7 +184,10 @@ def stacks_on_cpu(expert: nn.Module) -> bool:
     - fp8: no CPU kernel, so each expert's forward dequantises anyway (FP8_AUTO_PATHS);
     - int8, where every expert's weight stays CPU_ALIGN-aligned as a view of the stack (`_weight_int8pack_mm` reads
       it with aligned vector loads; "auto" keeps running the experts' kernels in eager);
-    - not int4: its stacks hold the portable layout, and the experts would lose tinygemm's."""
+    - not int4: its stacks hold the portable layout, and the experts would lose tinygemm's. Stacked in tinygemm's CPU
+      layout instead, the experts keep their kernels, but inductor dequantises either layout in scalar loops: a
+      bundled-model MoE's 4 gathered experts took 0.27-1.1 ms a token (int8's: 71 µs) and the compiled decode step
+      7.7 ms against 4.1 running every expert's kernel (stop 37, docs/results.md)."""
     layers = [expert._modules.get(p) for p in PROJECTIONS]
     if all(isinstance(layer, FP8Linear) for layer in layers):
         return True
