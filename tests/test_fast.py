@@ -568,6 +568,27 @@ def test_compiled_cpu_decode_step_reads_int8_weights_itself():
     assert "_weight_int8pack_mm" not in "".join(code)
 
 
+def test_compiled_cpu_decode_step_reads_fp8_weights_by_torchs_cast():
+    """An fp8 model's compiled CPU decode step dequantises as the reference does (dsv3.fast.layers.CastFP8): no
+    float16 view of the bit read in the generated code (inductor does not vectorise a node mixing it with bf16), and
+    the eager logits."""
+    from torch._inductor.utils import run_and_get_code
+    from dsv3.fast.matvec import cpu_decode_backend
+    from dsv3.generation import _step
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.tiny(**COMPILE_SIZED)).eval().to(torch.bfloat16)
+    model = dsv3.fast.prepare(dsv3.quantize(model, "fp8"))
+    step = torch.compile(dsv3.fast.static_step, backend=cpu_decode_backend)
+    ids = torch.randint(2, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        cache, ref_cache = model.new_cache(1, 12), model.new_cache(1, 12)
+        model(ids, cache, 0), model(ids, ref_cache, 0)
+        torch._dynamo.reset()
+        logits, code = run_and_get_code(step, model, ids[:, -1], cache, torch.full((1,), 5))
+        torch.testing.assert_close(logits, _step(model, ids[:, -1], ref_cache, 5), rtol=2e-2, atol=2e-2)
+    assert "Half" not in "".join(code)
+
+
 def test_compiled_prefill_is_one_unbroken_graph_for_every_prompt_length(small):
     """On CPU, compile=True also runs the prefill through torch.compile with dynamic shapes: no graph break (the
     MoE's expert stacks are built eagerly first, and its grouped matmuls are an opaque op), the eager logits, and

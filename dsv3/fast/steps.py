@@ -1,6 +1,6 @@
 """Compiled decode and prefill steps, applied from the outside (as gpt-fast compiles `decode_one_token`).
 
-`prepare(model)` swaps the classes of the model's MLP, MLA, RMSNorm, Gate, MoE and Int8Linear modules for
+`prepare(model)` swaps the classes of the model's MLP, MLA, RMSNorm, Gate, MoE, Int8Linear and FP8Linear modules for
 subclasses with the compiled forms of dsv3/fast/layers.py and moe.py (eager, they compute exactly what the base
 classes do) and builds the MoE's expert stacks, which compiled graphs read but cannot build.
 `generate(compile=True)` and `Engine(compile=True)` call it; so does anyone who runs `torch.compile(model)`
@@ -19,13 +19,14 @@ from torch import nn
 from ..attention import MLA
 from ..layers import MLP, RMSNorm
 from ..moe import Gate, MoE
+from ..quant.fp8 import FP8Linear
 from ..quant.int8 import Int8Linear
-from .layers import FewRowInt8, FusedRMSNorm, RealRope, StoredHidden
+from .layers import CastFP8, FewRowInt8, FusedRMSNorm, RealRope, StoredHidden
 from .matvec import cpu_decode_backend
 from .moe import ArgmaxGate, CompiledMoE
 
 MIXINS = ((MLP, StoredHidden), (MLA, RealRope), (RMSNorm, FusedRMSNorm), (Gate, ArgmaxGate), (MoE, CompiledMoE),
-          (Int8Linear, FewRowInt8))
+          (Int8Linear, FewRowInt8), (FP8Linear, CastFP8))
 
 
 @functools.cache
