@@ -441,6 +441,22 @@ def test_int4_kernel_width_pads_to_32_columns_not_to_a_group():
     assert q.qweight.numel() == 64 * 96 // 2  # the kernel layout holds 96 columns, not 128
 
 
+@pytest.mark.parametrize("group_size, in_dim", [(32, 256), (128, 64), (128, 200)])
+def test_int4_kernel_layout_unpacks_through_the_kernel_where_no_inverse_is_known(group_size, in_dim, monkeypatch):
+    """Without a known inverse of the kernel layout (CUDA's tiles always; a CPU whose block size is not in
+    CPU_BLOCKS), the portable tensors come back by running the kernel on rows of the identity: exactly, padded widths
+    included, and the layer keeps its kernel but no dense path."""
+    lin = linear(48, in_dim, torch.float32)
+    fresh = Int4Linear.from_linear(lin, group_size=group_size)
+    fresh._unpack_kernel()  # through the known inverse
+    monkeypatch.setattr(dsv3.quant.int4, "CPU_BLOCKS", ())
+    q = Int4Linear.from_linear(lin, group_size=group_size)
+    assert q.layout == "cpu" and q.cpu_block is None and q.dense_above_rows == sys.maxsize
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in q.state_dict().items())
+    x = torch.randn(4, in_dim)
+    assert rel(q(x), fresh.forward_reference(x)) < 1e-5
+
+
 def test_int4_portable_layout_is_row_major_after_the_cpu_kernel_layout():
     """A CPU-placed int4 layer unpacks from the kernel layout (a transpose) into contiguous nibbles: `.cuda()` packs
     them with aten._convert_weight_to_int4pack, which refuses strided input (seen on an H200)."""
