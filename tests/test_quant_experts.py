@@ -2,13 +2,15 @@
 in memory, and the MoE's gathered / grouped paths (eager, and the compiled graph's formulation) on them equal to
 the per-expert reference."""
 
+import sys
+
 import pytest
 import torch
 
 import dsv3
 from dsv3.fast.moe import fused_gather
 from dsv3.moe import ExpertStacks, MoE
-from dsv3.quant import quantize
+from dsv3.quant import QuantizedLinear, quantize
 from dsv3.quant.experts import PROJECTIONS, QuantizedExpertStacks
 
 SCHEMES = [("int8", {}), ("int4", {"group_size": 32}), ("fp8", {})]
@@ -77,12 +79,20 @@ def test_moe_paths_on_stacked_quantized_experts_match_the_reference(scheme, kwar
 
 
 @pytest.mark.parametrize("scheme,kwargs", SCHEMES[:2])
-def test_unstacked_quantized_experts_on_a_cpu_run_pairs_through_their_modules(scheme, kwargs, monkeypatch):
-    """On a CPU int8 / int4 experts keep their own kernels (no stacks): "auto" runs a few (token, expert) pairs
-    through the expert modules, many pairs and training through the loop; all equal the reference."""
+def test_quantized_experts_on_a_cpu_run_pairs_through_their_modules(scheme, kwargs, monkeypatch):
+    """On a CPU "auto" runs a few (token, expert) pairs of int8 / int4 experts through the expert modules (their own
+    kernels), training through the loop, and many pairs: int4 through the loop, int8 through the grouped matmuls on
+    its stacks where its layers' dense path wins for many rows (AVX-512), else the loop; all equal the reference."""
     moe = quantized_moe(scheme, kwargs, torch.bfloat16)
+    many = "routed_grouped" if scheme == "int8" else "routed_loop"
+
+    def place(dense_above_rows):  # what the layers' placement decides (QuantizedLinear._place)
+        for layer in moe.modules():
+            if isinstance(layer, QuantizedLinear):
+                layer.dense_above_rows = dense_above_rows
+    place(64)  # the dense path above 64 rows, as int8's on an AVX-512 CPU
     called = []
-    for name in ("routed_loop", "routed_pairs"):
+    for name in ("routed_loop", "routed_pairs", "routed_grouped"):
         original = getattr(moe, name)
         monkeypatch.setattr(moe, name, lambda *a, _n=name, _f=original: called.append(_n) or _f(*a))
     for rows in (1, 2, 6):  # 3, 6 and 18 pairs; few_pairs is 16
@@ -91,9 +101,14 @@ def test_unstacked_quantized_experts_on_a_cpu_run_pairs_through_their_modules(sc
             weights, indices, _ = moe.gate(x)
             torch.testing.assert_close(moe.routed(x, weights, indices), moe.routed_reference(x, weights, indices),
                                        **TOL[torch.bfloat16])
-    assert called == ["routed_pairs", "routed_pairs", "routed_loop"]
+    assert called == ["routed_pairs", "routed_pairs", many]
     called.clear()
     moe.routed(x[:1], weights[:1], indices[:1])  # gradients enabled: the loop
+    assert called == ["routed_loop"]
+    place(sys.maxsize)  # the kernel at every row count, as on an AVX2 CPU with bf16
+    called.clear()
+    with torch.no_grad():
+        moe.routed(x, weights, indices)
     assert called == ["routed_loop"]
 
 

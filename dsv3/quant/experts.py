@@ -22,6 +22,7 @@ cannot be gathered by expert); in the per-expert loop (training, LoRA) they dequ
 
 from __future__ import annotations
 
+import sys
 from itertools import chain
 
 import torch
@@ -99,8 +100,8 @@ class GatheredRows:
 
 # The routed path for quantized experts under `MoE.path = "auto"`, by (device is a CPU, torch._grouped_mm runs, N·K <=
 # MoE.few_pairs), as dsv3/moe.py's AUTO_PATHS for plain ones. On a CPU each expert's own kernel (int8/int4 matvec,
-# no host sync to fear) is faster than dequantising its weights: int4 stacks are not built (`get`), int8 ones serve
-# compiled graphs only. On a GPU a few pairs (decoding) gather and dequantise the chosen experts, with no host sync;
+# no host sync to fear) is faster than dequantising its weights for a few rows: int4 stacks are not built (`get`),
+# int8 ones serve compiled graphs and many pairs (CPU_GROUPED_AUTO_PATHS). On a GPU a few pairs (decoding) gather and dequantise the chosen experts, with no host sync;
 # many pairs (a prefill, a large batch) dequantise every expert once per layer and run the grouped matmuls
 # (docs/performance.md §B7).
 QUANTIZED_AUTO_PATHS: dict[tuple[bool, bool, bool], str] = {
@@ -109,12 +110,14 @@ QUANTIZED_AUTO_PATHS: dict[tuple[bool, bool, bool], str] = {
     (False, True, True): "gather", (False, True, False): "grouped",
     (False, False, True): "gather", (False, False, False): "loop",
 }
-# fp8 experts on a CPU, where no fp8 kernel exists and each expert's own forward dequantises its weight anyway: for
-# many pairs the stacks dequantise every expert in one chain of ops per projection, not one per expert, and run the
-# grouped matmuls (bundled model, AVX-512 EPYC, bf16: prefill 1.60x -> 1.35x bf16's time). A few pairs take the
-# expert layers (`get`, `stacks_on_cpu`); under an explicit path, or with `cpu`, a few gather.
-FP8_AUTO_PATHS = QUANTIZED_AUTO_PATHS | {(True, True, True): "gather", (True, True, False): "grouped",
-                                         (True, False, True): "gather"}
+# Experts stacked on a CPU whose layers dequantise for many rows: fp8 (no CPU kernel: each expert's own forward
+# dequantises its weight anyway) and int8 where its dense path beats the kernel for many rows (`dense_above_rows`:
+# AVX-512, not AVX2 with bf16). For many pairs the stacks dequantise every expert in one chain of ops per projection,
+# not one per expert, and run the grouped matmuls (bundled model, AVX-512 EPYC, bf16, 256-token prefill against
+# bf16's: fp8 1.60x -> 1.35x, stop 36; int8 1.22x -> 1.07x, stop 37). A few pairs take the expert layers (`get`,
+# `stacks_on_cpu`); under an explicit path, or with `cpu`, a few gather.
+CPU_GROUPED_AUTO_PATHS = QUANTIZED_AUTO_PATHS | {(True, True, True): "gather", (True, True, False): "grouped",
+                                                 (True, False, True): "gather"}
 
 
 class QuantizedExpertStacks:
@@ -155,7 +158,10 @@ class QuantizedExpertStacks:
     @property
     def auto_paths(self) -> dict[tuple[bool, bool, bool], str]:
         """What `MoE.path = "auto"` runs on these stacks (read once `get` has built them)."""
-        return FP8_AUTO_PATHS if self.projections and self.projections[0].scheme == "fp8" else QUANTIZED_AUTO_PATHS
+        first = self.layers[0][0] if self.layers else None
+        dequantising = first is not None and (first.scheme == "fp8" or first.scheme == "int8"
+                                              and first.dense_above_rows < sys.maxsize)
+        return CPU_GROUPED_AUTO_PATHS if dequantising else QUANTIZED_AUTO_PATHS
 
     def drop(self) -> None:
         self.tensors, self.layers, self.projections = None, [], ()
@@ -181,7 +187,7 @@ def stacks_on_cpu(expert: nn.Module) -> bool:
     """Whether experts like this one stack on a CPU (for many pairs, and for compiled graphs, which then gather the
     chosen experts instead of running all of them; a few pairs in eager keep the expert layers, each dequantising
     only its own weight: 8% faster a bundled-model fp8 step than gathering from the stacks):
-    - fp8: no CPU kernel, so each expert's forward dequantises anyway (FP8_AUTO_PATHS);
+    - fp8: no CPU kernel, so each expert's forward dequantises anyway (CPU_GROUPED_AUTO_PATHS);
     - int8, where every expert's weight stays CPU_ALIGN-aligned as a view of the stack (`_weight_int8pack_mm` reads
       it with aligned vector loads; "auto" keeps running the experts' kernels in eager);
     - not int4: its stacks hold the portable layout, and the experts would lose tinygemm's. Stacked in tinygemm's CPU
