@@ -548,15 +548,20 @@ def test_generate_and_the_engine_arrange_the_weights_on_cpu():
     assert torch.equal(dsv3.generate(made, ids, 5), torch.cat(ref, 1)) and made.lm_head.weight.is_inference()
 
 
-def test_compiled_cpu_decode_step_reads_int8_weights_itself():
-    """An int8 model's compiled CPU decode step at batch 1 takes the cast-and-matmul form (dsv3.fast.layers.FewRowInt8),
-    which the few-row reduction reads as int8 in one loop: no library int8 kernel in the generated code, and the
-    eager logits (the kernel's)."""
+@pytest.mark.parametrize("scheme, dtype, absent, tol", [("int8", torch.float32, "_weight_int8pack_mm", 1e-4),
+                                                       ("fp8", torch.bfloat16, "Half", 2e-2)])
+def test_compiled_cpu_decode_step_reads_quantized_weights_itself(scheme, dtype, absent, tol):
+    """A quantized model's compiled CPU decode step at batch 1 reads its weights in code inductor vectorises, with
+    the eager logits: int8 in the cast-and-matmul form (dsv3.fast.layers.FewRowInt8), which the few-row reduction
+    reads as int8 in one loop, no library int8 kernel in the generated code; fp8 dequantised as the reference does
+    (dsv3.fast.layers.CastFP8), no float16 view of the eager bit read (inductor does not vectorise a node mixing it
+    with bf16)."""
     from torch._inductor.utils import run_and_get_code
     from dsv3.fast.matvec import cpu_decode_backend
     from dsv3.generation import _step
     torch.manual_seed(0)
-    model = dsv3.fast.prepare(dsv3.quantize(Transformer(ModelConfig.tiny(**COMPILE_SIZED)).eval(), "int8"))
+    model = Transformer(ModelConfig.tiny(**COMPILE_SIZED)).eval().to(dtype)
+    model = dsv3.fast.prepare(dsv3.quantize(model, scheme))
     step = torch.compile(dsv3.fast.static_step, backend=cpu_decode_backend)
     ids = torch.randint(2, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -564,29 +569,8 @@ def test_compiled_cpu_decode_step_reads_int8_weights_itself():
         model(ids, cache, 0), model(ids, ref_cache, 0)
         torch._dynamo.reset()
         logits, code = run_and_get_code(step, model, ids[:, -1], cache, torch.full((1,), 5))
-        torch.testing.assert_close(logits, _step(model, ids[:, -1], ref_cache, 5), rtol=1e-4, atol=1e-4)
-    assert "_weight_int8pack_mm" not in "".join(code)
-
-
-def test_compiled_cpu_decode_step_reads_fp8_weights_by_torchs_cast():
-    """An fp8 model's compiled CPU decode step dequantises as the reference does (dsv3.fast.layers.CastFP8): no
-    float16 view of the bit read in the generated code (inductor does not vectorise a node mixing it with bf16), and
-    the eager logits."""
-    from torch._inductor.utils import run_and_get_code
-    from dsv3.fast.matvec import cpu_decode_backend
-    from dsv3.generation import _step
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.tiny(**COMPILE_SIZED)).eval().to(torch.bfloat16)
-    model = dsv3.fast.prepare(dsv3.quantize(model, "fp8"))
-    step = torch.compile(dsv3.fast.static_step, backend=cpu_decode_backend)
-    ids = torch.randint(2, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        cache, ref_cache = model.new_cache(1, 12), model.new_cache(1, 12)
-        model(ids, cache, 0), model(ids, ref_cache, 0)
-        torch._dynamo.reset()
-        logits, code = run_and_get_code(step, model, ids[:, -1], cache, torch.full((1,), 5))
-        torch.testing.assert_close(logits, _step(model, ids[:, -1], ref_cache, 5), rtol=2e-2, atol=2e-2)
-    assert "Half" not in "".join(code)
+        torch.testing.assert_close(logits, _step(model, ids[:, -1], ref_cache, 5), rtol=tol, atol=tol)
+    assert absent not in "".join(code)
 
 
 def test_compiled_prefill_is_one_unbroken_graph_for_every_prompt_length(small):

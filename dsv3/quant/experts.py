@@ -101,9 +101,9 @@ class GatheredRows:
 # The routed path for quantized experts under `MoE.path = "auto"`, by (device is a CPU, torch._grouped_mm runs, N·K <=
 # MoE.few_pairs), as dsv3/moe.py's AUTO_PATHS for plain ones. On a CPU each expert's own kernel (int8/int4 matvec,
 # no host sync to fear) is faster than dequantising its weights for a few rows: int4 stacks are not built (`get`),
-# int8 ones serve compiled graphs and many pairs (CPU_GROUPED_AUTO_PATHS). On a GPU a few pairs (decoding) gather and dequantise the chosen experts, with no host sync;
-# many pairs (a prefill, a large batch) dequantise every expert once per layer and run the grouped matmuls
-# (docs/performance.md §B7).
+# int8 ones serve compiled graphs and many pairs (CPU_GROUPED_AUTO_PATHS). On a GPU a few pairs (decoding) gather
+# and dequantise the chosen experts, with no host sync; many pairs (a prefill, a large batch) dequantise every expert
+# once per layer and run the grouped matmuls (docs/performance.md §B7).
 QUANTIZED_AUTO_PATHS: dict[tuple[bool, bool, bool], str] = {
     # (cpu,  grouped, few)
     (True, True, True): "loop", (True, True, False): "loop", (True, False, True): "loop", (True, False, False): "loop",
