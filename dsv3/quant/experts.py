@@ -189,7 +189,7 @@ def stacks_on_cpu(expert: nn.Module) -> bool:
     only its own weight: 8% faster a bundled-model fp8 step than gathering from the stacks):
     - fp8: no CPU kernel, so each expert's forward dequantises anyway (CPU_GROUPED_AUTO_PATHS);
     - int8, where every expert's weight stays CPU_ALIGN-aligned as a view of the stack (`_weight_int8pack_mm` reads
-      it with aligned vector loads; "auto" keeps running the experts' kernels in eager);
+      it with aligned vector loads; in eager "auto" keeps the experts' kernels for a few pairs);
     - not int4: its stacks hold the portable layout, and the experts would lose tinygemm's. Stacked in tinygemm's CPU
       layout instead, the experts keep their kernels, but inductor dequantises either layout in scalar loops: a
       bundled-model MoE's 4 gathered experts took 0.27-1.1 ms a token (int8's: 71 µs) and the compiled decode step
