@@ -110,6 +110,12 @@ def test_quantized_experts_on_a_cpu_run_pairs_through_their_modules(scheme, kwar
     with torch.no_grad():
         moe.routed(x, weights, indices)
     assert called == ["routed_loop"]
+    place(64)  # experts too large to dequantise all at once (a real checkpoint's): the loop
+    monkeypatch.setattr(dsv3.quant.experts, "CPU_GROUPED_MAX_WEIGHTS", 8 * 3 * 48 * 96 - 1)
+    called.clear()
+    with torch.no_grad():
+        moe.routed(x, weights, indices)
+    assert called == ["routed_loop"]
 
 
 def test_fp8_experts_on_a_cpu_are_stacked_and_read_by_moving_bits(monkeypatch):

@@ -118,6 +118,11 @@ QUANTIZED_AUTO_PATHS: dict[tuple[bool, bool, bool], str] = {
 # `stacks_on_cpu`); under an explicit path, or with `cpu`, a few gather.
 CPU_GROUPED_AUTO_PATHS = QUANTIZED_AUTO_PATHS | {(True, True, True): "gather", (True, True, False): "grouped",
                                                  (True, False, True): "gather"}
+# ... for experts of at most this many weights a layer: every expert dequantised at once is a temporary that size (in
+# the compute dtype), which saves a small model's per-expert ops (the bundled model's: 0.8M). A large model's would
+# take gigabytes (V2-Lite: 0.55G weights a layer, V3: 11G), and there each expert's work dwarfs its ops: the loop,
+# whose layers dequantise their own weights in slabs (CPU_SLAB_ELEMENTS).
+CPU_GROUPED_MAX_WEIGHTS = 1 << 24
 
 
 class QuantizedExpertStacks:
@@ -158,10 +163,12 @@ class QuantizedExpertStacks:
     @property
     def auto_paths(self) -> dict[tuple[bool, bool, bool], str]:
         """What `MoE.path = "auto"` runs on these stacks (read once `get` has built them)."""
-        first = self.layers[0][0] if self.layers else None
-        dequantising = first is not None and (first.scheme == "fp8" or first.scheme == "int8"
-                                              and first.dense_above_rows < sys.maxsize)
-        return CPU_GROUPED_AUTO_PATHS if dequantising else QUANTIZED_AUTO_PATHS
+        if not self.layers:
+            return QUANTIZED_AUTO_PATHS
+        first = self.layers[0][0]
+        dequantising = first.scheme == "fp8" or first.scheme == "int8" and first.dense_above_rows < sys.maxsize
+        weights = len(self.layers) * sum(layer.out_features * layer.in_features for layer in self.layers[0])
+        return CPU_GROUPED_AUTO_PATHS if dequantising and weights <= CPU_GROUPED_MAX_WEIGHTS else QUANTIZED_AUTO_PATHS
 
     def drop(self) -> None:
         self.tensors, self.layers, self.projections = None, [], ()
