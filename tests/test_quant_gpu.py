@@ -3,8 +3,9 @@
 - FP8 (sm90): `FP8Linear` through cuBLAS's blockwise-scaled e4m3 GEMM at every number of rows 1..256 (cuBLAS
   rejected M = 1, 2, 6 before the rows were padded to a multiple of 16), within the e4m3 rounding bound of the
   activations (tests/quant_utils.e4m3_bound; the weight is the same fp8 tensor on both sides).
-- INT4 (tinygemm, sm80+) and INT8 at M in {1, 2, 3, 8, 16, 64, 256}: both sides use the same quantized weight and
-  accumulate in float32; they differ only by summation order and bf16 rounding, ~2^-8 relative.
+- INT4 (tinygemm, sm80+) and INT8 at M in {1, 2, 3, 8, 16, 64, 256} (INT4 also at widths its group does not divide):
+  both sides use the same quantized weight and accumulate in float32; they differ only by summation order and bf16
+  rounding, ~2^-8 relative.
 """
 
 import pytest
@@ -49,3 +50,17 @@ def test_int_kernels_match_reference(cls, kwargs, out_dim, in_dim):
     assert q.impl == "auto" and getattr(q, "layout", "cuda") == "cuda"  # the kernel ran: nothing fell back
     back = q.cpu()  # the portable layout again, exactly
     assert torch.equal(back.dequantize(torch.float32), w.cpu())
+
+
+@pytest.mark.parametrize("in_dim", [200, 64])
+def test_int4_kernel_at_widths_its_group_does_not_divide(in_dim):
+    """A width g128 does not divide runs at its width rounded to 32 in smaller kernel groups (`kernel_width`: 224 in
+    groups of 32, 64 in one of 64): against the reference, and back to the portable layout exactly."""
+    lin = linear(256, in_dim, torch.bfloat16)
+    w = Int4Linear.from_linear(lin, group_size=128).dequantize(torch.float32).cuda()
+    q = Int4Linear.from_linear(lin, group_size=128).cuda()
+    assert q.kernel_ready and q.layout == "cuda" and q.kernel_in < q.padded_in
+    x = torch.randn(64, in_dim, dtype=torch.bfloat16, device="cuda")
+    for m in (1, 3, 64):
+        assert rel(q(x[:m]), x[:m].float() @ w.t()) < 1e-2, f"M = {m}"
+    assert torch.equal(q.cpu().dequantize(torch.float32), w.cpu())
